@@ -1,0 +1,136 @@
+"""Config building blocks shared by `configs/*.py`.
+
+Every number that changes results lives in the ConfigDict; `train.py` writes
+it to `workdir/config.json`. Config files call `parse_arg` for their
+`--config=file.py:key=val,flag` argument and start from `csi_base`.
+"""
+import ml_collections
+
+from jaxad.errors import ConfigError
+
+
+def parse_arg(arg, **defaults):
+    """Parses 'key=val,flag' against typed defaults (big_vision style).
+
+    Commas separate keys, so several normal classes are joined with '+':
+    `normal_class=0+3`.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(','):
+        key, eq, value = item.partition('=')
+        if key not in defaults:
+            raise ConfigError(f'unknown config argument {key!r}; known: {", ".join(sorted(defaults))}')
+        kind = type(defaults[key])
+        if not eq:
+            if kind is not bool:
+                raise ConfigError(f'config argument {key!r} needs a value ({key}=...)')
+            out[key] = True
+        elif kind is bool:
+            out[key] = value.lower() in ('1', 'true', 'yes')
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError as e:
+                raise ConfigError(f'config argument {key}={value!r} is not a {kind.__name__}') from e
+    return out
+
+
+def normal_classes(value):
+    """'3' or '0+3' -> (3,) or (0, 3)."""
+    try:
+        return tuple(int(c) for c in str(value).split('+'))
+    except ValueError as e:
+        raise ConfigError(f'normal_class={value!r}: expected an int or ints joined by "+"') from e
+
+
+def csi_base():
+    """CSI with the paper's defaults (methods.md §2); datasets override `data`."""
+    c = ml_collections.ConfigDict()
+    c.method = 'csi'
+    c.seed = 0
+    c.num_devices = 0  # 0 = all visible devices
+    c.batch_size = 128  # global images per step: 32 per GPU x 4 GPUs; x 4 rotations x 2 views
+    c.total_steps = 0  # 0 = optim.epochs x steps per epoch
+    c.log_every = 50
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = 'folder'
+    c.data.path = ''
+    c.data.image_size = 32
+    c.data.channels = 3
+    c.data.normal_classes = (0,)
+    c.data.tfds_name = ''
+    c.data.tfds_data_dir = ''
+    c.data.label_key = 'label'
+    c.data.test_fraction = 0.5
+    c.data.numpy_path = ''
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'resnet18'
+    c.model.stem = 'cifar'
+    c.model.width = 64
+    c.model.proj_dim = 128
+    c.model.dtype = 'float32'
+
+    c.csi = ml_collections.ConfigDict()
+    c.csi.num_shifts = 4  # rotations 0, 90, 180, 270
+    c.csi.temperature = 0.5  # hard-coded in CSI's simclr_CSI.py
+    c.csi.shift_weight = 1.0  # lambda of L_cls-SI
+    c.csi.eps = 1e-8  # eps inside CSI's NT_xent
+
+    c.augment = ml_collections.ConfigDict()
+    c.augment.crop_scale = (0.08, 1.0)
+    c.augment.crop_ratio = (3 / 4, 4 / 3)
+    c.augment.brightness = 0.4
+    c.augment.contrast = 0.4
+    c.augment.saturation = 0.4
+    c.augment.hue = 0.1
+    c.augment.jitter_p = 0.8
+    c.augment.gray_p = 0.2
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = 'lars'  # torchlars LARS around SGD(momentum)
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-6
+    c.optim.trust_coef = 1e-3
+    c.optim.eps = 1e-8
+    c.optim.schedule = 'csi_warmup_cosine'
+    c.optim.warmup_epochs = 10
+    c.optim.warmup_multiplier = 10.0
+    c.optim.epochs = 1000
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.batch_size = 256
+    c.eval.num_samples = 10  # test-time augmentations T (CSI: --ood_samples 10)
+    c.eval.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
+    c.eval.knn_k = 1
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 1000
+    c.checkpoint.max_to_keep = 3
+    c.checkpoint.use_async = True
+    return c
+
+
+def validate_config(config):
+    """Checks that catch a bad config before any data is loaded."""
+    def positive(name, value):
+        if value <= 0:
+            raise ConfigError(f'{name} must be > 0, got {value}')
+    positive('batch_size', config.batch_size)
+    positive('log_every', config.log_every)
+    positive('checkpoint.every_steps', config.checkpoint.every_steps)
+    positive('eval.batch_size', config.eval.batch_size)
+    positive('eval.num_samples', config.eval.num_samples)
+    if config.total_steps < 0:
+        raise ConfigError(f'total_steps must be >= 0 (0 = from optim.epochs), got {config.total_steps}')
+    if not config.data.normal_classes:
+        raise ConfigError('data.normal_classes is empty: name at least one normal class')
+    if config.method == 'csi':
+        positive('csi.num_shifts', config.csi.num_shifts)
+        positive('csi.temperature', config.csi.temperature)
+        if config.csi.num_shifts > 4:
+            raise ConfigError(f'csi.num_shifts={config.csi.num_shifts}: rotations give at most 4 shifts')

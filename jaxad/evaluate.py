@@ -1,0 +1,123 @@
+"""The evaluator: jitted feature extraction, scoring and metrics.
+
+Separate from training: it needs only the model variables (and, when saved,
+the scoring state), so `--mode=eval` runs it from a checkpoint alone.
+"""
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxad import metrics as metrics_lib
+from jaxad import sharding
+from jaxad.data import pipeline
+from jaxad.writers import Progress
+
+
+def make_feature_fn(method, mesh):
+    """jit(method.features) with the batch sharded and variables replicated."""
+    data, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
+    return jax.jit(method.features, in_shardings=(repl, data, data, repl), out_shardings=data)
+
+
+def extract_features(method, variables, image_set, indices, *, batch_size, mesh, key,
+                     feature_fn=None, label='features'):
+    """Features of `image_set[indices]` as host NumPy arrays (padding removed)."""
+    sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
+    feature_fn = feature_fn or make_feature_fn(method, mesh)
+    n_batches = pipeline.num_eval_batches(len(indices), batch_size)
+    progress = Progress(n_batches, label=label)
+    chunks = []
+    for i, batch in enumerate(pipeline.eval_batches(
+            image_set, indices, batch_size=batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count())):
+        arrays = sharding.to_global({'image': batch['image'], 'index': batch['index']}, mesh)
+        feats = feature_fn(variables, arrays['image'], arrays['index'], key)
+        mask = batch['mask']
+        chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[mask], feats))
+        if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
+            progress.update(i + 1)
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *chunks)
+
+
+def score_features(method, scoring, test_features, block=1024):
+    """Scores in blocks of test rows so the test x bank matrix stays bounded."""
+    score_fn = jax.jit(method.score)
+    n = len(jax.tree_util.tree_leaves(test_features)[0])
+    out = []
+    for start in range(0, n, block):
+        part = jax.tree_util.tree_map(lambda x: x[start:start + block], test_features)
+        out.append(jax.tree_util.tree_map(np.asarray, score_fn(scoring, part)))
+    return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def compute_results(method, score_dict, test_labels, anomaly, normal_classes, class_names):
+    """Metrics for every score, the headline score first, and a per-class breakdown."""
+    results = {'headline_score': method.headline_score, 'scores': {}}
+    for name, s in score_dict.items():
+        results['scores'][name] = metrics_lib.image_metrics(s, anomaly)
+    per_class = metrics_lib.per_class_auroc(score_dict[method.headline_score], anomaly,
+                                            test_labels, normal_classes)
+    results['per_class_image_AUROC'] = {class_names[int(c)]: v for c, v in per_class.items()}
+    results.update(results['scores'][method.headline_score])
+    return results
+
+
+def format_table(results):
+    """A plain-text table of the results for the console."""
+    lines = [f"{'score':<12} {'image_AUROC':>11} {'image_AUPR':>10} {'FPR@95TPR':>9}"]
+    for name, m in results['scores'].items():
+        mark = ' *' if name == results['headline_score'] else ''
+        lines.append(f"{name:<12} {m['image_AUROC']:>11.4f} {m['image_AUPR']:>10.4f} "
+                     f"{m['FPR@95TPR']:>9.4f}{mark}")
+    lines.append('* headline score. FPR@95TPR: anomaly = positive class.')
+    lines.append(f"image_AUROC of the normal class vs each anomalous class "
+                 f"({results['headline_score']} score):")
+    for name, v in results['per_class_image_AUROC'].items():
+        lines.append(f'  {name:<20} {v:.4f}')
+    return '\n'.join(lines)
+
+
+def evaluate(method, variables, scoring, test_set, normal_classes, *, config, mesh, workdir,
+             extra=None):
+    """Scores the whole test split; writes results.json and prints a table."""
+    t0 = time.time()
+    key = jax.random.fold_in(jax.random.key(config.seed), 1)  # eval key: fixed per seed
+    all_idx = np.arange(len(test_set.labels))
+    feats = extract_features(method, variables, test_set, all_idx,
+                             batch_size=config.eval.batch_size, mesh=mesh, key=key,
+                             label='eval test')
+    score_dict = score_features(method, scoring, feats)
+    labels = np.asarray(test_set.labels)
+    anomaly = np.isin(labels, normal_classes, invert=True).astype(np.int64)
+    results = compute_results(method, score_dict, labels, anomaly, normal_classes,
+                              test_set.class_names)
+    results.update({
+        'method': config.method, 'dataset': test_set.name,
+        'normal_classes': [int(c) for c in normal_classes],
+        'normal_class_names': [test_set.class_names[int(c)] for c in normal_classes],
+        'num_test': int(len(labels)), 'num_test_anomalies': int(anomaly.sum()),
+        'eval_seconds': round(time.time() - t0, 2), **(extra or {})})
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'results.json'), 'w') as f:
+            json.dump(results, f, indent=2)
+        print(format_table(results), flush=True)
+        logging.info('results written to %s', os.path.join(workdir, 'results.json'))
+    return results
+
+
+def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
+    """The scoring state (feature bank, weights) from the normal training images."""
+    key = jax.random.fold_in(jax.random.key(config.seed), 2)
+    feats = extract_features(method, variables, train_set, normal_indices,
+                             batch_size=config.eval.batch_size, mesh=mesh, key=key,
+                             label='eval train bank')
+    return jax.tree_util.tree_map(np.asarray, jax.jit(method.fit_scoring)(feats))
+
+
+def as_jnp(tree):
+    return jax.tree_util.tree_map(jnp.asarray, tree)

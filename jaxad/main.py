@@ -1,0 +1,36 @@
+"""Command line: python -m jaxad.main --config=configs/X.py[:k=v,...] --workdir=DIR.
+
+Kept short on purpose: the work is in `jaxad.train`, which notebooks call too.
+"""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxad.errors import JaxadError
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+                          'train: train (resuming if possible) then evaluate; '
+                          'eval: evaluate the latest checkpoint.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    from jaxad import train  # after flag parsing: a bad flag fails fast
+    try:
+        if _MODE.value == 'train':
+            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+        else:
+            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+    except JaxadError as e:
+        logging.flush()
+        print(f'jaxad: error: {e}', file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,245 @@
+"""The shared trainer: `train_and_evaluate(config, workdir)`.
+
+Order of work: validate the config, load and check the data (every input
+error surfaces here, before any compile), build mesh/model/optimizer, resume
+from the latest checkpoint if there is one, train with a jitted donated step,
+then fit the scoring state on the normal training images, save it with the
+final checkpoint and evaluate on the test split.
+"""
+import json
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxad import checkpoint as ckpt_lib
+from jaxad import evaluate as eval_lib
+from jaxad import optim, sharding
+from jaxad.config import validate_config
+from jaxad.data import pipeline, sources
+from jaxad.errors import ConfigError, DataError, TrainingError
+from jaxad.methods import get_method
+from jaxad.writers import MetricWriter, Progress
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+
+
+def make_train_step(method, tx, schedule):
+    """A pure `(state, batch, rng) -> (state, metrics)` step.
+
+    `rng` is the run's base key; the step folds in `state.step`, so a resumed
+    run draws exactly the augmentations an uninterrupted one would.
+    """
+    def train_step(state, batch, rng):
+        key = jax.random.fold_in(rng, state.step)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
+                                                     batch['image'], key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+    return train_step
+
+
+def jit_train_step(train_step, mesh):
+    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+    return jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(repl, {'image': data}, repl), out_shardings=(repl, repl))
+
+
+def init_state(method, tx, key, image_shape, mesh):
+    """Initial TrainState, created directly replicated on the mesh."""
+    def init(key):
+        variables = method.init_variables(key, image_shape)
+        return TrainState(jnp.zeros((), jnp.int32), variables['params'],
+                          variables['batch_stats'], tx.init(variables['params']))
+    return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
+
+
+class Setup:
+    """Everything a run needs that does not depend on the train state."""
+
+    def __init__(self, config, workdir):
+        validate_config(config)
+        self.config, self.workdir = config, workdir
+        self.method = get_method(config)
+        data = config.data
+        self.train_set = sources.load_split(data, 'train')
+        self.test_set = sources.load_split(data, 'test')
+        self.normal_classes = [int(c) for c in data.normal_classes]
+        num_classes = len(self.train_set.class_names)
+        self.normal_indices = sources.one_class_indices(
+            self.train_set.labels, self.normal_classes, num_classes)
+        sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes)
+        self.image_shape = _check_image_shape(self.train_set, data)
+        _check_image_shape(self.test_set, data)
+        self.mesh = sharding.make_mesh(config.num_devices)
+        sharding.check_batch_divides(config.batch_size, self.mesh)
+        self.steps_per_epoch = len(self.normal_indices) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f'batch_size={config.batch_size} is larger than the {len(self.normal_indices)} '
+                f'normal training images of class(es) {self.normal_classes}')
+        self.total_steps = (config.total_steps if config.total_steps > 0
+                            else config.optim.epochs * self.steps_per_epoch)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.optim, self.steps_per_epoch, self.total_steps)
+        self.checkpoints = ckpt_lib.Checkpoints(
+            os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
+            use_async=config.checkpoint.use_async)
+        self.rng = jax.random.key(config.seed)
+
+    def initial_state(self):
+        return init_state(self.method, self.tx, jax.random.fold_in(self.rng, 0),
+                          self.image_shape, self.mesh)
+
+    def restore_latest(self):
+        """(state, step) from the latest checkpoint, or a fresh state and 0."""
+        state = self.initial_state()
+        step = self.checkpoints.latest_step()
+        if step is None:
+            return state, 0
+        logging.info('resuming from %s step %d', self.checkpoints.directory, step)
+        return self.checkpoints.restore_state(step, ckpt_lib.abstract_like(state)), step
+
+
+def _check_image_shape(image_set, data_cfg):
+    """(H, W, C) of the set; DataError unless it is data.image_size / data.channels."""
+    shape = tuple(int(d) for d in np.shape(image_set.images[0]))
+    want = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    if shape != want:
+        raise DataError(f'{image_set.name}: images are {shape[0]}x{shape[1]}x{shape[2]} (HxWxC) '
+                        f'but the config expects {want[0]}x{want[1]}x{want[2]} '
+                        '(data.image_size, data.channels)')
+    return shape
+
+
+def _write_config(config, workdir):
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def _check_finite(step, metrics, last_saved):
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+    if bad:
+        raise TrainingError(
+            f'non-finite training metrics at step {step}: {bad}. Stopping; the last good '
+            f'checkpoint is step {last_saved} (lower optim.lr or check the data).')
+
+
+def train(setup, state, start_step):
+    """The training loop from `start_step` to `setup.total_steps`."""
+    config, mesh = setup.config, setup.mesh
+    step_fn = jit_train_step(make_train_step(setup.method, setup.tx, setup.schedule), mesh)
+    batches = pipeline.train_iterator(
+        setup.train_set, setup.normal_indices, global_batch_size=config.batch_size,
+        seed=config.seed, start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    writer = MetricWriter(setup.workdir)
+    progress = Progress(setup.total_steps, first=start_step)
+    logging.info('training %d steps (%d per epoch), global batch %d images on %d devices',
+                 setup.total_steps, setup.steps_per_epoch, config.batch_size, mesh.devices.size)
+    last_saved, t_last, step_last = start_step, time.time(), start_step
+    for step in range(start_step + 1, setup.total_steps + 1):
+        batch = sharding.to_global(next(batches), mesh)
+        state, metrics = step_fn(state, batch, setup.rng)
+        is_log = step % config.log_every == 0 or step == setup.total_steps
+        is_save = step % config.checkpoint.every_steps == 0 and step < setup.total_steps
+        if is_log or is_save:
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(step, metrics, last_saved)
+        if is_log:
+            dt = time.time() - t_last
+            rate = (step - step_last) / max(dt, 1e-9)
+            metrics.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size,
+                           epoch=step / setup.steps_per_epoch)
+            writer.write(step, metrics)
+            progress.update(step, loss=metrics['loss'], lr=metrics['lr'],
+                            img_s=round(metrics['images_per_sec'], 1))
+            t_last, step_last = time.time(), step
+        if is_save:
+            setup.checkpoints.save(step, state)
+            last_saved = step
+    return state
+
+
+def finish(setup, state, extra=None):
+    """Fits the scoring state, saves the final checkpoint, evaluates."""
+    config = setup.config
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,
+                                   setup.normal_indices, config=config, mesh=setup.mesh)
+    step = int(state.step)
+    setup.checkpoints.save(step, state, scoring=scoring)
+    setup.checkpoints.wait()
+    return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
+                             setup.normal_classes, config=config, mesh=setup.mesh,
+                             workdir=setup.workdir, extra=dict(step=step, **(extra or {})))
+
+
+def train_and_evaluate(config, workdir):
+    """Trains (or resumes) the configured detector and evaluates it.
+
+    Returns the results dict also written to `workdir/results.json`.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.time()
+    setup = Setup(config, workdir)
+    _write_config(config, workdir)
+    try:
+        state, start = setup.restore_latest()
+        if start < setup.total_steps or not setup.checkpoints.has_scoring(start):
+            state = train(setup, state, start)
+        results = finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)))
+    finally:
+        setup.checkpoints.close()
+    return results
+
+
+def evaluate_checkpoint(config, workdir):
+    """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
+    setup = Setup(config, workdir)
+    try:
+        step = setup.checkpoints.latest_step()
+        if step is None:
+            raise TrainingError(f'no checkpoint in {setup.checkpoints.directory}; '
+                                'train first (--mode=train)')
+        state = setup.checkpoints.restore_state(step, ckpt_lib.abstract_like(setup.initial_state()))
+        variables = {'params': state.params, 'batch_stats': state.batch_stats}
+        if setup.checkpoints.has_scoring(step):
+            abstract = jax.eval_shape(
+                lambda: setup.method.fit_scoring(_feature_shapes(setup, variables)))
+            scoring = setup.checkpoints.restore_scoring(step, abstract)
+        else:
+            logging.info('checkpoint step %d has no scoring state; computing it', step)
+            scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,
+                                           setup.normal_indices, config=config, mesh=setup.mesh)
+        return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
+                                 setup.normal_classes, config=config, mesh=setup.mesh,
+                                 workdir=workdir, extra=dict(step=step))
+    finally:
+        setup.checkpoints.close()
+
+
+def _feature_shapes(setup, variables):
+    """Abstract train features for `len(normal_indices)` images (no compute)."""
+    n = len(setup.normal_indices)
+    shapes = jax.eval_shape(
+        setup.method.features, variables,
+        jax.ShapeDtypeStruct((1,) + setup.image_shape, jnp.uint8),
+        jax.ShapeDtypeStruct((1,), jnp.int32), setup.rng)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((n,) + s.shape[1:], s.dtype),
+                                  shapes)

@@ -1,0 +1,29 @@
+"""jaxad: contrastive image anomaly detection in JAX/Flax."""
+from setuptools import find_packages, setup
+
+setup(
+    name='jaxad',
+    version='0.1.0',
+    description='Contrastive image anomaly detection (CSI, MSC, MCL, OECL, ...) in JAX/Flax',
+    long_description=open('README.md').read(),
+    long_description_content_type='text/markdown',
+    python_requires='>=3.11',
+    packages=find_packages(include=['jaxad', 'jaxad.*']),
+    install_requires=[
+        # Ranges, not pins: Python 3.11 resolves jax 0.10.x, newer Pythons (Colab) get newer.
+        'jax>=0.7.0,<0.13',
+        'flax>=0.11.0,<0.14',
+        'optax>=0.2.4,<0.3',
+        'orbax-checkpoint>=0.11.0,<0.14',
+        'grain>=0.2.10,<0.3',
+        'numpy>=1.26,<3',
+        'absl-py>=1.4,<3',
+        'ml_collections>=0.1.1,<2',
+        'pillow>=10.0,<14',
+        'scikit-learn>=1.3,<2',
+    ],
+    extras_require={
+        'tfds': ['tensorflow-datasets>=4.9,<5'],
+        'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4'],
+    },
+)

@@ -1,0 +1,47 @@
+"""Tiny synthetic data and configs shared by the trainer tests."""
+import numpy as np
+
+from jaxad import config as jc
+
+
+def make_npz(path, n_per_class=16, num_classes=3, size=8, seed=0):
+    """Classes differ in mean brightness and a stripe, so CSI can separate them."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (('train', n_per_class), ('test', n_per_class // 2)):
+        images, labels = [], []
+        for c in range(num_classes):
+            x = rng.integers(0, 60, size=(n, size, size, 3)) + 60 * c
+            x[:, :, c % size] = 255
+            images.append(x.astype(np.uint8))
+            labels.append(np.full(n, c))
+        out[f'{split}_images'] = np.concatenate(images)
+        out[f'{split}_labels'] = np.concatenate(labels)
+    np.savez(path, **out)
+    return path
+
+
+def tiny_config(npz_path, **overrides):
+    c = jc.csi_base()
+    c.data.source = 'numpy'
+    c.data.numpy_path = str(npz_path)
+    c.data.image_size = 8
+    c.data.normal_classes = (0,)
+    c.model.width = 4
+    c.model.proj_dim = 8
+    c.batch_size = 8
+    c.total_steps = 4
+    c.log_every = 2
+    c.optim.warmup_epochs = 1
+    c.optim.epochs = 4
+    c.eval.batch_size = 16
+    c.eval.num_samples = 2
+    c.checkpoint.every_steps = 2
+    c.checkpoint.use_async = False
+    for key, value in overrides.items():
+        target = c
+        *parents, leaf = key.split('.')
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c

@@ -1,0 +1,112 @@
+"""Trainer: sharded == single-device, resume == uninterrupted, end to end."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jaxad import sharding, train
+from jaxad.checkpoint import abstract_like
+from tests.helpers import make_npz, tiny_config
+
+
+@pytest.fixture(scope='module')
+def npz(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp('data') / 'tiny.npz')
+
+
+def one_step_on(num_devices, config, workdir, steps=2):
+    config.num_devices = num_devices
+    setup = train.Setup(config, str(workdir))
+    state = setup.initial_state()
+    step_fn = train.jit_train_step(
+        train.make_train_step(setup.method, setup.tx, setup.schedule), setup.mesh)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(steps):
+        images = rng.integers(0, 256, size=(8, 8, 8, 3), dtype=np.uint8)
+        state, metrics = step_fn(state, sharding.to_global({'image': images}, setup.mesh),
+                                 setup.rng)
+        losses.append(float(metrics['loss']))
+    setup.checkpoints.close()
+    return jax.device_get(state), losses
+
+
+def test_train_step_8_devices_equals_1_device(npz, tmp_path):
+    assert jax.device_count() == 8
+    s1, l1 = one_step_on(1, tiny_config(npz), tmp_path / 'a')
+    s8, l8 = one_step_on(8, tiny_config(npz), tmp_path / 'b')
+    np.testing.assert_allclose(l1, l8, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s8)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    # The step must actually move the params, or the comparison says nothing.
+    s0, _ = one_step_on(1, tiny_config(npz), tmp_path / 'c', steps=0)
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(s0.params),
+                                                    jax.tree_util.tree_leaves(s1.params))]
+    assert all(moved)
+
+
+def final_params(config, workdir):
+    setup = train.Setup(config, str(workdir))
+    state, step = setup.restore_latest()
+    setup.checkpoints.close()
+    return step, jax.device_get(state.params)
+
+
+def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
+    full = tmp_path / 'full'
+    r_full = train.train_and_evaluate(tiny_config(npz), str(full))
+
+    resumed = tmp_path / 'resumed'
+    real_write = train.MetricWriter.write
+
+    def crash_after_checkpoint(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 3:
+            raise KeyboardInterrupt('simulated preemption')
+    monkeypatch.setattr(train.MetricWriter, 'write', crash_after_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(tiny_config(npz, log_every=1), str(resumed))
+    assert sorted(os.listdir(resumed / 'checkpoints')) == ['2']
+    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
+    r_resumed = train.train_and_evaluate(tiny_config(npz, log_every=1), str(resumed))
+
+    step_a, pa = final_params(tiny_config(npz), full)
+    step_b, pb = final_params(tiny_config(npz), resumed)
+    assert step_a == step_b == 4
+    for a, b in zip(jax.tree_util.tree_leaves(pa), jax.tree_util.tree_leaves(pb)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert r_full['image_AUROC'] == r_resumed['image_AUROC']
+
+
+def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(npz, tmp_path):
+    workdir = tmp_path / 'run'
+    config = tiny_config(npz)
+    results = train.train_and_evaluate(config, str(workdir))
+    saved = json.loads((workdir / 'results.json').read_text())
+    for key in ('image_AUROC', 'image_AUPR', 'FPR@95TPR'):
+        assert 0.0 <= saved[key] <= 1.0
+    assert set(saved['scores']) == {'csi', 'csi_sim', 'csi_shift', 'knn_cosine'}
+    assert saved['num_test'] == 24 and saved['num_test_anomalies'] == 16
+    assert set(saved['per_class_image_AUROC']) == {'1', '2'}
+    assert json.loads((workdir / 'config.json').read_text())['csi']['temperature'] == 0.5
+    lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
+    assert [x['step'] for x in lines] == [2, 4]
+    assert {'loss', 'lr', 'images_per_sec', 'steps_per_sec'} <= set(lines[0])
+
+    os.remove(workdir / 'results.json')
+    again = train.evaluate_checkpoint(config, str(workdir))
+    assert again['image_AUROC'] == results['image_AUROC']
+    assert (workdir / 'results.json').exists()
+    # A rerun of a finished run trains nothing more and gives the same table.
+    rerun = train.train_and_evaluate(config, str(workdir))
+    assert rerun['image_AUROC'] == results['image_AUROC']
+
+
+def test_nan_loss_stops_with_clear_error(npz, tmp_path):
+    from jaxad.errors import TrainingError
+    config = tiny_config(npz, **{'optim.lr': float('nan')})
+    with pytest.raises(TrainingError, match='non-finite'):
+        train.train_and_evaluate(config, str(tmp_path / 'nan'))
+    assert not os.path.exists(tmp_path / 'nan' / 'checkpoints' / '2')
