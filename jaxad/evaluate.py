@@ -8,7 +8,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -117,7 +116,3 @@ def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
                              batch_size=config.eval.batch_size, mesh=mesh, key=key,
                              label='eval train bank')
     return jax.tree_util.tree_map(np.asarray, jax.jit(method.fit_scoring)(feats))
-
-
-def as_jnp(tree):
-    return jax.tree_util.tree_map(jnp.asarray, tree)

@@ -48,7 +48,7 @@ def make_train_step(method, tx, schedule):
                                                      batch['image'], key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(metrics, grad_norm=optax.global_norm(grads), lr=schedule(state.step))
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
         return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
     return train_step
 
@@ -193,6 +193,7 @@ def finish(setup, state, extra=None):
 def train_and_evaluate(config, workdir):
     """Trains (or resumes) the configured detector and evaluates it.
 
+    Rerunning a finished run trains nothing and rescores from its checkpoint.
     Returns the results dict also written to `workdir/results.json`.
     """
     os.makedirs(workdir, exist_ok=True)
@@ -201,12 +202,13 @@ def train_and_evaluate(config, workdir):
     _write_config(config, workdir)
     try:
         state, start = setup.restore_latest()
-        if start < setup.total_steps or not setup.checkpoints.has_scoring(start):
-            state = train(setup, state, start)
-        results = finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)))
+        if start >= setup.total_steps and setup.checkpoints.has_scoring(start):
+            logging.info('run already finished at step %d; evaluating only', start)
+            return _evaluate_saved(setup, state, start)
+        state = train(setup, state, start)
+        return finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)))
     finally:
         setup.checkpoints.close()
-    return results
 
 
 def evaluate_checkpoint(config, workdir):
@@ -218,20 +220,24 @@ def evaluate_checkpoint(config, workdir):
             raise TrainingError(f'no checkpoint in {setup.checkpoints.directory}; '
                                 'train first (--mode=train)')
         state = setup.checkpoints.restore_state(step, ckpt_lib.abstract_like(setup.initial_state()))
-        variables = {'params': state.params, 'batch_stats': state.batch_stats}
-        if setup.checkpoints.has_scoring(step):
-            abstract = jax.eval_shape(
-                lambda: setup.method.fit_scoring(_feature_shapes(setup, variables)))
-            scoring = setup.checkpoints.restore_scoring(step, abstract)
-        else:
-            logging.info('checkpoint step %d has no scoring state; computing it', step)
-            scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,
-                                           setup.normal_indices, config=config, mesh=setup.mesh)
-        return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
-                                 setup.normal_classes, config=config, mesh=setup.mesh,
-                                 workdir=workdir, extra=dict(step=step))
+        return _evaluate_saved(setup, state, step)
     finally:
         setup.checkpoints.close()
+
+
+def _evaluate_saved(setup, state, step):
+    """Evaluates a restored state, with its saved scoring state when it has one."""
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    if setup.checkpoints.has_scoring(step):
+        abstract = jax.eval_shape(setup.method.fit_scoring, _feature_shapes(setup, variables))
+        scoring = setup.checkpoints.restore_scoring(step, abstract)
+    else:
+        logging.info('checkpoint step %d has no scoring state; computing it', step)
+        scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,
+                                       setup.normal_indices, config=setup.config, mesh=setup.mesh)
+    return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
+                             setup.normal_classes, config=setup.config, mesh=setup.mesh,
+                             workdir=setup.workdir, extra=dict(step=step))
 
 
 def _feature_shapes(setup, variables):

@@ -1,0 +1,112 @@
+"""Host input pipeline (Grain): index the one-class split, shuffle, batch uint8.
+
+Nothing here augments or converts to float: augmentation runs on device
+(`jaxad.data.augment`), so the host only gathers and stacks uint8 images.
+
+Training batches come from a Grain `MapDataset`, which is random access by
+step: batch `s` is a pure function of (seed, s), so resuming at `start_step`
+yields exactly the batches an uninterrupted run would have seen, with no
+iterator state to checkpoint. Each process reads only its own contiguous slice
+of every global batch.
+"""
+import grain
+import numpy as np
+
+from jaxad.errors import ConfigError, DataError
+
+
+class IndexedSource:
+    """Grain random-access source over `image_set[indices]`.
+
+    Index-mapped rather than `MapDataset.filter`, which would leave `None`
+    holes for the ~90% of images a one-class split drops.
+    """
+
+    def __init__(self, image_set, indices):
+        self._images = image_set.images
+        self._indices = np.asarray(indices, np.int64)
+        if self._indices.ndim != 1:
+            raise DataError(f'{image_set.name}: indices must be 1-D, got shape '
+                            f'{self._indices.shape}')
+        if len(self._indices) and not (0 <= self._indices.min()
+                                       and self._indices.max() < len(image_set)):
+            raise DataError(f'{image_set.name}: indices outside 0..{len(image_set) - 1}')
+        self._name = image_set.name
+
+    def __len__(self):
+        return len(self._indices)
+
+    def __getitem__(self, i):
+        index = self._indices[i]
+        return {'image': np.asarray(self._images[index], np.uint8), 'index': index}
+
+    def __repr__(self):
+        return f'IndexedSource({self._name!r}, {len(self)} images)'
+
+
+def _local_batch_size(global_batch_size, process_count, what):
+    if global_batch_size % process_count:
+        raise ConfigError(f'{what}={global_batch_size} does not divide over {process_count} '
+                          'processes')
+    return global_batch_size // process_count
+
+
+def _read_options(read_threads, prefetch):
+    return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
+
+
+def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
+                   process_index=0, process_count=1, read_threads=2, prefetch=4):
+    """Infinite iterator of `{'image': uint8 (global_batch_size // process_count, H, W, C)}`.
+
+    The image stream is a seeded permutation of `indices`, reshuffled every
+    epoch, so each epoch shows every normal image exactly once (batches run
+    across epoch boundaries). Global batch `s` is stream items
+    `[s * B, (s + 1) * B)`; process `p` gets the `p`-th contiguous slice of it.
+    """
+    local = _local_batch_size(global_batch_size, process_count, 'batch_size')
+    if len(indices) < global_batch_size:
+        raise ConfigError(
+            f'{image_set.name}: only {len(indices)} normal training images for a global batch '
+            f'of {global_batch_size}; use batch_size <= {len(indices)}')
+    if seed < 0:
+        raise ConfigError(f'seed must be >= 0 for the data order, got {seed}')
+    stream = (grain.MapDataset.source(IndexedSource(image_set, indices))
+              .seed(seed).shuffle()
+              .repeat(None, reseed_each_epoch=True))
+    # Local batch k is global batch k // P, slice k % P: take every P-th from p.
+    batches = stream.batch(local, drop_remainder=True)[process_index::process_count]
+    batches = batches[start_step:].map(lambda b: {'image': b['image']})
+    return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
+
+
+def num_eval_batches(n, batch_size):
+    """Batches `eval_batches` yields for `n` images (the last one padded)."""
+    return -(-n // batch_size)
+
+
+def eval_batches(image_set, indices=None, *, batch_size, process_index=0, process_count=1,
+                 read_threads=2, prefetch=4):
+    """`image_set[indices]` in order, as batches of `batch_size // process_count` per process.
+
+    Yields `{'image', 'index', 'label', 'mask'}`; the last global batch is
+    padded to full size with repeats of valid images (mask False), so every
+    batch has one shape and the jitted evaluator compiles once.
+    """
+    local = _local_batch_size(batch_size, process_count, 'eval batch_size')
+    indices = (np.arange(len(image_set)) if indices is None
+               else np.asarray(indices, np.int64))
+    total = num_eval_batches(len(indices), batch_size) * batch_size
+    padded = np.resize(indices, total)
+    mask = np.arange(total) < len(indices)
+    # Rows of process p: its contiguous slice of each global batch.
+    rows = np.arange(total).reshape(-1, process_count, local)[:, process_index].ravel()
+    local_mask = mask[rows].reshape(-1, local)
+    labels = np.asarray(image_set.labels, np.int64)
+
+    def finish(b, batch):
+        return dict(batch, label=labels[batch['index']], mask=local_mask[b])
+
+    batches = (grain.MapDataset.source(IndexedSource(image_set, padded[rows]))
+               .batch(local).map_with_index(finish))
+    return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))

@@ -1,0 +1,135 @@
+"""Optimisers and learning-rate schedules, built from `config.optim`.
+
+The default reproduces CSI: torchlars 0.1.2 `LARS(SGD(lr, momentum=0.9, weight_decay=1e-6))`
+under `GradualWarmupScheduler(multiplier=10, total_epoch=10)` + `CosineAnnealingLR(T_max=epochs)`,
+stepped every iteration (methods.md §1.5, §2.4). `optax.lars` is not used: its trust ratio
+divides by ||g + wd*p|| instead of torchlars' ||g|| + wd*||p|| + eps.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxad.errors import ConfigError
+
+OPTIMIZERS = ('lars', 'sgd', 'adam')
+SCHEDULES = ('csi_warmup_cosine', 'cosine', 'constant')
+
+
+def scale_by_torchlars(weight_decay, trust_coef=1e-3, eps=1e-8, mask=None):
+    """torchlars' gradient rewrite, per parameter tensor: g' = (g + wd*p) * a.
+
+    a = trust_coef*||p|| / (||g|| + wd*||p|| + eps) when both norms are positive, else 1, so a
+    zero-initialised tensor or a dead gradient falls back to plain SGD (torchlars'
+    `adaptive_lr.cc`). CSI applies it to every tensor, BN and biases included, hence the default.
+    `mask` (a pytree of bools or a callable on params; True = apply, optax's convention) leaves
+    the other gradients untouched, without decay or adaptation, for large-batch recipes.
+    """
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError('scale_by_torchlars needs params: call update(grads, state, params)')
+
+        def one(g, p):
+            p_norm = jnp.linalg.norm(p.ravel())
+            g_norm = jnp.linalg.norm(g.ravel())
+            ratio = trust_coef * p_norm / (g_norm + weight_decay * p_norm + eps)
+            a = jnp.where((p_norm > 0) & (g_norm > 0), ratio, 1.0)
+            return ((g + weight_decay * p) * a).astype(g.dtype)
+
+        return jax.tree_util.tree_map(one, updates, params), state
+
+    tx = optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def torchlars_sgd(learning_rate, momentum=0.9, weight_decay=1e-6, trust_coef=1e-3, eps=1e-8,
+                  mask=None):
+    """torchlars LARS around torch SGD: the LARS rewrite, then buf = m*buf + g' (buf = g' on the
+    first step, which optax.trace's zero init gives), then p -= lr*buf."""
+    return optax.chain(
+        scale_by_torchlars(weight_decay, trust_coef, eps, mask),
+        optax.trace(decay=momentum),
+        optax.scale_by_learning_rate(learning_rate))
+
+
+def csi_warmup_cosine(base_lr, steps_per_epoch, total_epochs, warmup_epochs=10, multiplier=10.0):
+    """CSI's per-iteration learning rate at fractional epoch e = step / steps_per_epoch.
+
+    e <= warmup: base*((multiplier-1)*e/warmup + 1), from base up to base*multiplier; at
+    e = warmup exactly the warm-up branch applies (GradualWarmupScheduler tests
+    `last_epoch > total_epoch`), and both branches give base*multiplier there. multiplier == 1
+    follows the scheduler's special case, base*e/warmup, a ramp from 0.
+    e > warmup: base*multiplier*(1 + cos(pi*(e - warmup)/total_epochs))/2. T_max is
+    total_epochs, not total_epochs - warmup, so the last rate is still
+    base*multiplier*(1 + cos(pi*(1 - warmup/total_epochs)))/2 (2.5e-4 with CSI's defaults).
+    warmup_epochs=0, which makes the torch scheduler divide by zero, means pure cosine from
+    base*multiplier.
+
+    CSI differs by at most one iteration or float32 resolution: torch's first post-warm-up call
+    returns base*multiplier instead of the cosine at 1/steps_per_epoch, and CSI calls
+    `scheduler.step(epoch - 1 + n/len(loader))` after `optimizer.step()`, so its iteration i uses
+    the rate at e = (i-1)/steps_per_epoch (iterations 0 and 1 both use base).
+    """
+    if steps_per_epoch <= 0 or total_epochs <= 0:
+        raise ConfigError(f'csi_warmup_cosine needs steps_per_epoch > 0 and epochs > 0, '
+                          f'got {steps_per_epoch} and {total_epochs}')
+    if warmup_epochs < 0:
+        raise ConfigError(f'warmup_epochs must be >= 0, got {warmup_epochs}')
+    if multiplier < 1.0:
+        raise ConfigError(f'warmup multiplier must be >= 1 (GradualWarmupScheduler), '
+                          f'got {multiplier}')
+    peak = base_lr * multiplier
+
+    def schedule(step):
+        e = jnp.asarray(step, jnp.float32) / steps_per_epoch
+        # (1 + cos x)/2 as cos(x/2)^2 keeps float32 precision where the rate is small.
+        lr = peak * jnp.cos(math.pi * (e - warmup_epochs) / (2 * total_epochs)) ** 2
+        if warmup_epochs > 0:
+            if multiplier == 1.0:
+                warm = base_lr * e / warmup_epochs
+            else:
+                warm = base_lr * ((multiplier - 1.0) * e / warmup_epochs + 1.0)
+            lr = jnp.where(e <= warmup_epochs, warm, lr)
+        return lr.astype(jnp.float32)
+
+    return schedule
+
+
+def make_schedule(optim_cfg, steps_per_epoch, total_steps):
+    """The learning-rate schedule named by `optim_cfg.schedule`, a function of the update count."""
+    if optim_cfg.schedule == 'csi_warmup_cosine':
+        # T_max comes from optim.epochs as in CSI, so a shorter total_steps truncates the curve.
+        return csi_warmup_cosine(optim_cfg.lr, steps_per_epoch, optim_cfg.epochs,
+                                 optim_cfg.warmup_epochs, optim_cfg.warmup_multiplier)
+    if optim_cfg.schedule == 'cosine':
+        return optax.cosine_decay_schedule(optim_cfg.lr, max(total_steps, 1))
+    if optim_cfg.schedule == 'constant':
+        return optax.constant_schedule(optim_cfg.lr)
+    raise ConfigError(f'unknown optim.schedule {optim_cfg.schedule!r}; '
+                      f'choose one of {", ".join(SCHEDULES)}')
+
+
+def make_optimizer(optim_cfg, steps_per_epoch, total_steps):
+    """(optax transformation, schedule) from `config.optim`.
+
+    'lars' is CSI's torchlars SGD. 'sgd' and 'adam' mirror torch's SGD(momentum, weight_decay)
+    and Adam(weight_decay), which add wd*p to the gradient (coupled L2, not AdamW); `eps` is
+    LARS's or Adam's epsilon.
+    """
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
+                          f'choose one of {", ".join(OPTIMIZERS)}')
+    schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps)
+    if optim_cfg.name == 'lars':
+        tx = torchlars_sgd(schedule, optim_cfg.momentum, optim_cfg.weight_decay,
+                           optim_cfg.trust_coef, optim_cfg.eps)
+    elif optim_cfg.name == 'sgd':
+        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),
+                         optax.trace(decay=optim_cfg.momentum),
+                         optax.scale_by_learning_rate(schedule))
+    else:
+        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),
+                         optax.scale_by_adam(eps=optim_cfg.eps),
+                         optax.scale_by_learning_rate(schedule))
+    return tx, schedule

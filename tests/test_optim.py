@@ -1,0 +1,212 @@
+"""Optimisers against NumPy written from torchlars 0.1.2 and torch SGD/Adam; CSI's schedule."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from jaxad import optim
+from jaxad.errors import ConfigError
+
+WD, TRUST, EPS, MOMENTUM = 1e-2, 1e-3, 1e-8, 0.9
+LRS = (0.5, 0.3, 0.1)
+
+
+def torch_reference(params, grads_per_step, lrs, lars, apply_lars=None):
+    """torchlars LARS(SGD(momentum, wd)) when lars, else plain torch SGD(momentum, wd); float64.
+
+    torchlars hides wd from SGD and rewrites each grad: if ||p|| > 0 and ||g|| > 0,
+    a = trust*||p|| / (||g|| + wd*||p|| + eps), else a = 1; g <- (g + wd*p)*a.
+    torch SGD: d = g (+ wd*p if not LARS); buf = d on the first step, then momentum*buf + d;
+    p -= lr*buf.
+    """
+    params = {k: v.astype(np.float64) for k, v in params.items()}
+    bufs = {}
+    for grads, lr in zip(grads_per_step, lrs):
+        for k, p in params.items():
+            g = grads[k].astype(np.float64)
+            if lars and (apply_lars is None or apply_lars[k]):
+                p_norm, g_norm = np.linalg.norm(p), np.linalg.norm(g)
+                a = 1.0
+                if p_norm > 0 and g_norm > 0:
+                    a = TRUST * p_norm / (g_norm + WD * p_norm + EPS)
+                g = (g + WD * p) * a
+            elif not lars:
+                g = g + WD * p
+            bufs[k] = g if k not in bufs else MOMENTUM * bufs[k] + g
+            params[k] = p - lr * bufs[k]
+    return params
+
+
+def make_problem(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {'kernel': rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+              'bias': rng.normal(size=(4,)).astype(np.float32),
+              'zero_init': np.zeros((5,), np.float32),    # ||p|| = 0 on the first step -> a = 1
+              'dead': rng.normal(size=(2, 3)).astype(np.float32)}  # ||g|| = 0 -> a = 1
+    grads = []
+    for _ in LRS:
+        g = {k: (0.1 * rng.normal(size=v.shape)).astype(np.float32) for k, v in params.items()}
+        g['dead'] = np.zeros_like(g['dead'])
+        grads.append(g)
+    return params, grads
+
+
+def run_optax(tx, params, grads_per_step):
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    for grads in grads_per_step:
+        params, state = step(params, state, grads)
+    return params
+
+
+def lr_schedule(count):
+    return jnp.asarray(LRS)[count]
+
+
+def assert_trees_close(got, want, atol=1e-7):
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(np.asarray(got[k]), want[k], rtol=2e-5, atol=atol, err_msg=k)
+
+
+def test_torchlars_sgd_matches_reference():
+    params, grads = make_problem()
+    got = run_optax(optim.torchlars_sgd(lr_schedule, MOMENTUM, WD, TRUST, EPS), params, grads)
+    assert_trees_close(got, torch_reference(params, grads, LRS, lars=True))
+    # The trust ratio matters: plain SGD ends elsewhere.
+    plain = torch_reference(params, grads, LRS, lars=False)
+    assert not np.allclose(got['kernel'], plain['kernel'])
+
+
+def test_torchlars_sgd_constant_lr():
+    params, grads = make_problem(1)
+    got = run_optax(optim.torchlars_sgd(0.2, MOMENTUM, WD, TRUST, EPS), params, grads)
+    assert_trees_close(got, torch_reference(params, grads, (0.2,) * 3, lars=True))
+
+
+def test_mask_leaves_excluded_gradients_plain():
+    params, grads = make_problem(2)
+    apply = {'kernel': True, 'bias': False, 'zero_init': True, 'dead': False}
+    want = torch_reference(params, grads, LRS, lars=True, apply_lars=apply)
+    by_tree = optim.torchlars_sgd(lr_schedule, MOMENTUM, WD, TRUST, EPS, mask=apply)
+    assert_trees_close(run_optax(by_tree, params, grads), want)
+    by_fn = optim.torchlars_sgd(lr_schedule, MOMENTUM, WD, TRUST, EPS,
+                                mask=lambda p: {k: k in ('kernel', 'zero_init') for k in p})
+    assert_trees_close(run_optax(by_fn, params, grads), want)
+
+
+def test_scale_by_torchlars_needs_params():
+    tx = optim.scale_by_torchlars(WD)
+    g = {'w': jnp.ones(3)}
+    with pytest.raises(ValueError, match='needs params'):
+        tx.update(g, tx.init(g))
+
+
+def csi_lr(step, base, steps, total, warmup, mult):
+    """GradualWarmupScheduler + CosineAnnealingLR at e = step/steps (methods.md §2.4)."""
+    e = step / steps
+    if warmup > 0 and e <= warmup:
+        return base * e / warmup if mult == 1.0 else base * ((mult - 1) * e / warmup + 1)
+    return base * mult * (1 + math.cos(math.pi * (e - warmup) / total)) / 2
+
+
+@pytest.mark.parametrize('warmup,mult', [(10, 10.0), (3, 2.5), (0, 10.0), (4, 1.0)])
+def test_csi_warmup_cosine_formula(warmup, mult):
+    base, steps, total = 0.1, 7, 50
+    sched = optim.csi_warmup_cosine(base, steps, total, warmup, mult)
+    jitted = jax.jit(sched)
+    for step in [0, 1, 3, 6, 7, 13, warmup * steps - 1, warmup * steps, warmup * steps + 1,
+                 200, total * steps - 1, total * steps]:
+        step = max(step, 0)
+        want = csi_lr(step, base, steps, total, warmup, mult)
+        got = jitted(jnp.int32(step))
+        assert got.dtype == jnp.float32
+        for value in (got, sched(step)):
+            np.testing.assert_allclose(float(value), want, rtol=1e-5, atol=1e-8,
+                                       err_msg=f'step {step}')
+
+
+def test_csi_warmup_cosine_landmarks():
+    base, steps, total, warmup, mult = 0.1, 390, 1000, 10, 10.0
+    sched = optim.csi_warmup_cosine(base, steps, total, warmup, mult)
+    assert float(sched(0)) == pytest.approx(base)
+    assert float(sched(warmup * steps)) == pytest.approx(base * mult)  # the peak, 1.0 for CSI
+    assert float(sched(warmup * steps + 1)) == pytest.approx(base * mult, rel=1e-6)  # continuous
+    end = base * mult * (1 + math.cos(math.pi * (total - warmup) / total)) / 2
+    assert float(sched(total * steps)) == pytest.approx(end, rel=1e-3)
+    assert 2e-4 < end < 3e-4  # never 0: T_max = epochs, evaluated at e - warmup
+    no_warmup = optim.csi_warmup_cosine(base, steps, total, 0, mult)
+    assert float(no_warmup(0)) == pytest.approx(base * mult)
+    assert float(optim.csi_warmup_cosine(base, steps, total, warmup, 1.0)(0)) == 0.0
+
+
+@pytest.mark.parametrize('args,match', [((0.1, 0, 10), 'steps_per_epoch'),
+                                        ((0.1, 5, 10, -1), 'warmup_epochs'),
+                                        ((0.1, 5, 10, 2, 0.5), 'multiplier')])
+def test_csi_warmup_cosine_errors(args, match):
+    with pytest.raises(ConfigError, match=match):
+        optim.csi_warmup_cosine(*args)
+
+
+def optim_cfg(**overrides):
+    c = ml_collections.ConfigDict(dict(
+        name='lars', lr=0.1, momentum=MOMENTUM, weight_decay=WD, trust_coef=TRUST, eps=EPS,
+        schedule='constant', warmup_epochs=10, warmup_multiplier=10.0, epochs=100))
+    c.update(overrides)
+    return c
+
+
+def test_make_optimizer_lars_and_sgd():
+    params, grads = make_problem(3)
+    tx, sched = optim.make_optimizer(optim_cfg(name='lars'), 10, 1000)
+    assert float(sched(5)) == pytest.approx(0.1)
+    assert_trees_close(run_optax(tx, params, grads),
+                       torch_reference(params, grads, (0.1,) * 3, lars=True))
+    tx, _ = optim.make_optimizer(optim_cfg(name='sgd'), 10, 1000)
+    assert_trees_close(run_optax(tx, params, grads),
+                       torch_reference(params, grads, (0.1,) * 3, lars=False))
+
+
+def test_make_optimizer_schedules():
+    _, sched = optim.make_optimizer(optim_cfg(schedule='csi_warmup_cosine'), 10, 1000)
+    assert float(sched(100)) == pytest.approx(1.0)  # e = warmup = 10 -> base * multiplier
+    _, sched = optim.make_optimizer(optim_cfg(schedule='cosine', name='adam'), 10, 1000)
+    assert float(sched(0)) == pytest.approx(0.1)
+    assert float(sched(500)) == pytest.approx(0.05)
+    assert float(sched(1000)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_adam_is_torch_adam_with_l2():
+    """torch Adam(weight_decay): g += wd*p; p -= lr*m_hat/(sqrt(v_hat) + eps)."""
+    params, grads = make_problem(4)
+    tx, _ = optim.make_optimizer(optim_cfg(name='adam'), 10, 1000)
+    want = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: 0.0 for k in want}
+    v = {k: 0.0 for k in want}
+    for t, g_step in enumerate(grads, start=1):
+        for k in want:
+            g = g_step[k] + WD * want[k]
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v[k] = 0.999 * v[k] + 0.001 * g * g
+            m_hat, v_hat = m[k] / (1 - 0.9 ** t), v[k] / (1 - 0.999 ** t)
+            want[k] = want[k] - 0.1 * m_hat / (np.sqrt(v_hat) + EPS)
+    # Adam's first steps are ~lr*sign(g): float32 rounding shows at 1e-6 absolute.
+    assert_trees_close(run_optax(tx, params, grads), want, atol=1e-5)
+
+
+@pytest.mark.parametrize('field,value,choices', [
+    ('name', 'lamb', 'lars, sgd, adam'),
+    ('schedule', 'step', 'csi_warmup_cosine, cosine, constant')])
+def test_make_optimizer_unknown_choice(field, value, choices):
+    with pytest.raises(ConfigError, match=f"optim.{field} '{value}'.*{choices}"):
+        optim.make_optimizer(optim_cfg(**{field: value}), 10, 1000)
