@@ -2,6 +2,7 @@
 
 Kept short on purpose: the work is in `jaxad.train`, which notebooks call too.
 """
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -17,9 +18,17 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietOrbax(py_logging.Filter):
+    """Orbax logs every save at INFO; keep its warnings, drop the chatter."""
+
+    def filter(self, record):
+        return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     from jaxad import train  # after flag parsing: a bad flag fails fast
     try:
         if _MODE.value == 'train':
