@@ -64,7 +64,8 @@ def csi_base():
     c.data.tfds_name = ''
     c.data.tfds_data_dir = ''
     c.data.label_key = 'label'
-    c.data.test_fraction = 0.5
+    c.data.test_fraction = 0.5  # digits: held-out fraction
+    c.data.split_seed = 0  # digits: seed of the stratified train/test split
     c.data.numpy_path = ''
 
     c.model = ml_collections.ConfigDict()

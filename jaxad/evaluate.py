@@ -63,6 +63,7 @@ def compute_results(method, score_dict, test_labels, anomaly, normal_classes, cl
                                             test_labels, normal_classes)
     results['per_class_image_AUROC'] = {class_names[int(c)]: v for c, v in per_class.items()}
     results.update(results['scores'][method.headline_score])
+    results['FPR@95TPR_positive_class'] = 'anomaly'
     return results
 
 

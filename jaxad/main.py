@@ -25,6 +25,25 @@ class _QuietOrbax(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
 
 
+def _fail(message):
+    print(f'jaxad: error: {message}', file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def _parse_flags(argv):
+    """absl flag parsing with one-line errors for bad configs and overrides."""
+    try:
+        return flags.FLAGS(argv)
+    except JaxadError as e:  # raised by a config file's get_config
+        _fail(e)
+    except flags.Error as e:
+        _fail(e)
+    except (AttributeError, KeyError) as e:  # lock_config: the field does not exist
+        overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
+        field = str(e).strip('"\'')
+        _fail(f'unknown config field {field!r} (in {overrides}); lock_config forbids new fields')
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -37,9 +56,8 @@ def main(argv):
             train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
     except JaxadError as e:
         logging.flush()
-        print(f'jaxad: error: {e}', file=sys.stderr, flush=True)
-        sys.exit(1)
+        _fail(e)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -81,8 +81,9 @@ class Setup:
         self.normal_classes = [int(c) for c in data.normal_classes]
         num_classes = len(self.train_set.class_names)
         self.normal_indices = sources.one_class_indices(
-            self.train_set.labels, self.normal_classes, num_classes)
-        sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes)
+            self.train_set.labels, self.normal_classes, num_classes, self.train_set.name)
+        sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes,
+                                  self.test_set.name)
         self.image_shape = _check_image_shape(self.train_set, data)
         _check_image_shape(self.test_set, data)
         self.mesh = sharding.make_mesh(config.num_devices)

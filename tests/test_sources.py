@@ -279,7 +279,7 @@ def test_load_split_unknown_source():
 def test_load_split_reads_only_documented_fields(tmp_path):
     # A locked ConfigDict with just the documented fields is enough for every source.
     fields = dict(source='digits', path='', image_size=8, channels=3, test_fraction=0.5,
-                  tfds_name='', tfds_data_dir='', label_key='label', numpy_path='')
+                  split_seed=0, tfds_name='', tfds_data_dir='', label_key='label', numpy_path='')
     cfg = ml_collections.ConfigDict(fields)
     cfg.lock()
     assert sources.load_split(cfg, 'test').images.shape[1:] == (8, 8, 3)

@@ -54,6 +54,10 @@ def final_params(config, workdir):
     return step, jax.device_get(state.params)
 
 
+class Preempted(Exception):
+    """Stands in for a job killed mid-run."""
+
+
 def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
     full = tmp_path / 'full'
     r_full = train.train_and_evaluate(tiny_config(npz), str(full))
@@ -64,9 +68,9 @@ def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
     def crash_after_checkpoint(self, step, metrics):
         real_write(self, step, metrics)
         if step == 3:
-            raise KeyboardInterrupt('simulated preemption')
+            raise Preempted('simulated preemption')
     monkeypatch.setattr(train.MetricWriter, 'write', crash_after_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Preempted):
         train.train_and_evaluate(tiny_config(npz, log_every=1), str(resumed))
     assert sorted(os.listdir(resumed / 'checkpoints')) == ['2']
     monkeypatch.setattr(train.MetricWriter, 'write', real_write)

@@ -12,6 +12,7 @@ the images.
   image_size     expected side (folder; checked per image) / output side (digits)
   channels       1 or 3: decode to (folder) or repeat grey to (idx, fashion_mnist)
   test_fraction  held-out fraction of the digits split
+  split_seed     seed of the digits train/test split
   tfds_name, tfds_data_dir, label_key   TFDS dataset, its data dir, label feature
   numpy_path     .npz with `{split}_images`, `{split}_labels` (numpy)
 """
@@ -367,7 +368,8 @@ def load_split(data_cfg, split):
     elif source == 'fashion_mnist':
         image_set = load_fashion_mnist(data_cfg.path, split)
     elif source == 'digits':
-        image_set = load_digits(split, data_cfg.image_size, data_cfg.test_fraction)
+        image_set = load_digits(split, data_cfg.image_size, data_cfg.test_fraction,
+                                data_cfg.split_seed)
     elif source == 'tfds':
         return load_tfds(data_cfg.tfds_name, split, data_cfg.tfds_data_dir or None,
                          data_cfg.label_key)
@@ -401,7 +403,7 @@ def _with_channels(image_set, channels):
 # ------------------------------------------------------------------- one-class
 
 
-def one_class_indices(labels, normal_classes, num_classes):
+def one_class_indices(labels, normal_classes, num_classes, where='this split'):
     """Indices of the images of the normal class(es), in data set order."""
     labels = np.asarray(labels)
     for c in np.atleast_1d(normal_classes):
@@ -409,7 +411,7 @@ def one_class_indices(labels, normal_classes, num_classes):
             raise DataError(f'normal class {c} is out of range: the data set has {num_classes} '
                             f'classes (0..{num_classes - 1})')
         if not np.any(labels == c):
-            raise DataError(f'normal class {c} has no images in this split')
+            raise DataError(f'normal class {c} has no images in {where}')
     return np.flatnonzero(np.isin(labels, normal_classes)).astype(np.int64)
 
 
