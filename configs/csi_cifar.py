@@ -34,7 +34,7 @@ def get_config(arg=None):
     c.data.image_size = 32
     if arg.dataset == 'cifar10_jpg':
         c.data.source = 'folder'
-        c.data.path = arg.path or os.path.normpath(DEFAULT_JPG)
+        c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
     elif arg.dataset in TFDS:
         # cifar100 uses the 20 coarse superclasses, as in CSI's Table 1(b).
         c.data.source = 'tfds'
