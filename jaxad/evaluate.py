@@ -13,7 +13,7 @@ from absl import logging
 
 from jaxad import metrics as metrics_lib
 from jaxad import sharding
-from jaxad.data import pipeline
+from jaxad.data import pipeline, sources
 from jaxad.writers import Progress
 
 
@@ -93,7 +93,7 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
                              label='eval test')
     score_dict = score_features(method, scoring, feats)
     labels = np.asarray(test_set.labels)
-    anomaly = np.isin(labels, normal_classes, invert=True).astype(np.int64)
+    anomaly = sources.anomaly_labels(labels, normal_classes)
     results = compute_results(method, score_dict, labels, anomaly, normal_classes,
                               test_set.class_names)
     results.update({

@@ -6,7 +6,6 @@ from the latest checkpoint if there is one, train with a jitted donated step,
 then fit the scoring state on the normal training images, save it with the
 final checkpoint and evaluate on the test split.
 """
-import json
 import os
 import time
 

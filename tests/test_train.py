@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from jaxad import sharding, train
-from jaxad.checkpoint import abstract_like
 from tests.helpers import make_npz, tiny_config
 
 
