@@ -3,6 +3,7 @@
 Separate from training: it needs only the model variables (and, when saved,
 the scoring state), so `--mode=eval` runs it from a checkpoint alone.
 """
+import functools
 import json
 import os
 import time
@@ -17,30 +18,37 @@ from jaxad.data import pipeline, sources
 from jaxad.writers import Progress
 
 
+@functools.lru_cache(maxsize=None)
 def make_feature_fn(method, mesh):
-    """jit(method.features) with the batch sharded and variables replicated."""
+    """jit(method.features) with the batch sharded and variables replicated.
+
+    Cached so the train-bank and test passes share one traced program.
+    """
     data, repl = sharding.data_sharding(mesh), sharding.replicated(mesh)
     return jax.jit(method.features, in_shardings=(repl, data, data, repl), out_shardings=data)
 
 
 def extract_features(method, variables, image_set, indices, *, batch_size, mesh, key,
-                     feature_fn=None, label='features'):
+                     label='features'):
     """Features of `image_set[indices]` as host NumPy arrays (padding removed)."""
     sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
-    feature_fn = feature_fn or make_feature_fn(method, mesh)
+    feature_fn = make_feature_fn(method, mesh)
     n_batches = pipeline.num_eval_batches(len(indices), batch_size)
     progress = Progress(n_batches, label=label)
-    chunks = []
+    outputs, masks = [], []
     for i, batch in enumerate(pipeline.eval_batches(
             image_set, indices, batch_size=batch_size,
             process_index=jax.process_index(), process_count=jax.process_count())):
         arrays = sharding.to_global({'image': batch['image'], 'index': batch['index']}, mesh)
-        feats = feature_fn(variables, arrays['image'], arrays['index'], key)
-        mask = batch['mask']
-        chunks.append(jax.tree_util.tree_map(lambda x: np.asarray(x)[mask], feats))
+        # Left on device: fetching every batch would stall the dispatch pipeline.
+        outputs.append(feature_fn(variables, arrays['image'], arrays['index'], key))
+        masks.append(batch['mask'])
         if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
+            jax.block_until_ready(outputs[-1])
             progress.update(i + 1)
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *chunks)
+    mask = np.concatenate(masks)
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(jax.device_get(xs))[mask],
+                                  *outputs)
 
 
 def score_features(method, scoring, test_features, block=1024):

@@ -215,11 +215,10 @@ def evaluate_checkpoint(config, workdir):
     """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
     setup = Setup(config, workdir)
     try:
-        step = setup.checkpoints.latest_step()
-        if step is None:
+        state, step = setup.restore_latest()
+        if step == 0:
             raise TrainingError(f'no checkpoint in {setup.checkpoints.directory}; '
                                 'train first (--mode=train)')
-        state = setup.checkpoints.restore_state(step, ckpt_lib.abstract_like(setup.initial_state()))
         return _evaluate_saved(setup, state, step)
     finally:
         setup.checkpoints.close()

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxad.data import augment as A
+from tests.helpers import import_torch
 
 
 def _image(seed, shape=(12, 12, 3)):
@@ -129,7 +130,7 @@ def test_grid_sample_matches_numpy_reference():
 
 
 def test_grid_sample_matches_torch():
-    torch = pytest.importorskip('torch')
+    torch = import_torch()
     functional = torch.nn.functional
     image = _image(9, (7, 10, 3))
     theta = np.array([[0.7, 0.4, 0.9], [-0.3, 1.2, -0.5]], np.float32)

@@ -14,7 +14,7 @@ from sklearn import datasets
 from jaxad import config as jc
 from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
-from tests.helpers import make_npz
+from tests.helpers import make_npz, skip_unless_on_ci
 
 CIFAR_TAR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
                          'cifar10-jpg.tar.gz')
@@ -141,7 +141,7 @@ def test_archive_errors(tmp_path):
         sources.load_image_folder(tmp_path / 'junk.tar.gz', 'train')
 
 
-@pytest.mark.skipif(not os.path.exists(CIFAR_TAR), reason='CIFAR-10 JPEG tar not present')
+@skip_unless_on_ci(not os.path.exists(CIFAR_TAR), reason='../shared/data CIFAR-10 tar not present')
 def test_real_cifar10_test_split():
     s = sources.load_image_folder(CIFAR_TAR, 'test', image_size=32)
     assert s.images.shape == (10000, 32, 32, 3)
@@ -203,8 +203,8 @@ def test_fashion_mnist_missing_gives_apt_hint(tmp_path):
         sources.load_fashion_mnist(tmp_path, 'test')
 
 
-@pytest.mark.skipif(not os.path.isdir(sources.FASHION_MNIST_ROOT),
-                    reason='dataset-fashion-mnist not installed')
+@skip_unless_on_ci(not os.path.isdir(sources.FASHION_MNIST_ROOT),
+                   reason='apt package dataset-fashion-mnist not installed')
 def test_real_fashion_mnist_test_split():
     s = sources.load_fashion_mnist(split='test')
     assert s.images.shape == (10000, 28, 28, 1)
