@@ -3,7 +3,8 @@
 python -m jaxad.main --config=configs/csi_cifar.py:normal_class=0 --workdir=/tmp/csi_c10_0
 
 Arguments (after ':', comma separated):
-  normal_class  int, or ints joined by '+' (default 0 = airplane)
+  normal_class  int, or ints joined by '+' (default 0 = airplane); 'all' or a comma
+                list (0,3,5) trains the one-class table, one detector per item
   dataset       cifar10_jpg (default: ../shared/data/cifar10-jpg.tar.gz or `path`),
                 cifar10 | cifar100 | svhn_cropped (prepared TFDS data)
   path          the CIFAR-10 JPEG folder or .tar.gz (dataset=cifar10_jpg)
@@ -30,7 +31,7 @@ def get_config(arg=None):
     c = jc.csi_base()
     c.seed = arg.seed
     c.optim.epochs = arg.epochs
-    c.data.normal_classes = jc.normal_classes(arg.normal_class)
+    jc.set_normal_classes(c, arg.normal_class)
     c.data.image_size = 32
     if arg.dataset == 'cifar10_jpg':
         c.data.source = 'folder'

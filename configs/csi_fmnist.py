@@ -5,7 +5,8 @@ python -m jaxad.main --config=configs/csi_fmnist.py:normal_class=0 --workdir=/tm
 
 28x28 grayscale, repeated to 3 channels so the SimCLR colour augmentations
 and the CIFAR ResNet-18 apply unchanged (colour jitter then acts on
-brightness/contrast only). Arguments: normal_class, epochs, width, path, seed.
+brightness/contrast only). Arguments: normal_class (an index, 'all' or a comma list
+for the one-class table), epochs, width, path, seed.
 """
 from jaxad import config as jc
 
@@ -18,7 +19,7 @@ def get_config(arg=None):
     c.data.source = 'fashion_mnist'
     c.data.path = arg.path
     c.data.image_size = 28
-    c.data.normal_classes = jc.normal_classes(arg.normal_class)
+    jc.set_normal_classes(c, arg.normal_class)
     c.model.width = arg.width
     c.optim.epochs = arg.epochs
     return c

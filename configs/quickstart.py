@@ -2,6 +2,7 @@
 
 python -m jaxad.main --config=configs/quickstart.py --workdir=/tmp/jaxad_quickstart
 python -m jaxad.main --config=configs/quickstart.py:normal_class=3 --workdir=/tmp/qs3
+python -m jaxad.main --config=configs/quickstart.py:normal_class=all --workdir=/tmp/qs_all
 
 One-class: train on the digit `normal_class`, test on the whole held-out half
 (label 1 = any other digit). A tiny ResNet-18 (width 16) on 16x16 images.
@@ -15,7 +16,7 @@ def get_config(arg=None):
     c.seed = arg.seed
     c.data.source = 'digits'
     c.data.image_size = 16
-    c.data.normal_classes = jc.normal_classes(arg.normal_class)
+    jc.set_normal_classes(c, arg.normal_class)
     c.model.width = 16
     c.batch_size = 32
     c.log_every = 25

@@ -12,14 +12,21 @@ from jaxad.errors import ConfigError
 def parse_arg(arg, **defaults):
     """Parses 'key=val,flag' against typed defaults (big_vision style).
 
-    Commas separate keys, so several normal classes are joined with '+':
-    `normal_class=0+3`.
+    Commas separate keys. An item with no '=' that is not a known key
+    continues the previous string value, so `normal_class=0,3,5` is one value
+    '0,3,5' (three one-class detectors); '+' joins the normal classes of one
+    detector: `normal_class=0+3`.
     """
     out = ml_collections.ConfigDict(defaults)
     if not arg:
         return out
+    previous = None
     for item in arg.split(','):
         key, eq, value = item.partition('=')
+        if not eq and key not in defaults and previous is not None:
+            out[previous] = f'{out[previous]},{key}'
+            continue
+        previous = key if eq and isinstance(defaults.get(key), str) else None
         if key not in defaults:
             raise ConfigError(f'unknown config argument {key!r}; known: {", ".join(sorted(defaults))}')
         kind = type(defaults[key])
@@ -45,6 +52,25 @@ def normal_classes(value):
         raise ConfigError(f'normal_class={value!r}: expected an int or ints joined by "+"') from e
 
 
+def set_normal_classes(c, value):
+    """Applies a config file's `normal_class` argument.
+
+    '3' or '0+3': one detector (data.normal_classes). 'all' or '0,3,5': a
+    one-class table, one detector per listed item (table.classes), trained
+    as stacks by `jaxad.table`.
+    """
+    value = str(value)
+    if value == 'all' or ',' in value:
+        for item in value.split(','):
+            if item != 'all':
+                normal_classes(item)  # fail now on a typo, not after loading data
+        c.table.classes = value
+        c.data.normal_classes = ()
+    else:
+        c.table.classes = ''
+        c.data.normal_classes = normal_classes(value)
+
+
 def csi_base():
     """CSI with the paper's defaults (methods.md §2); datasets override `data`."""
     c = ml_collections.ConfigDict()
@@ -54,6 +80,14 @@ def csi_base():
     c.batch_size = 128  # global images per step: 32 per GPU x 4 GPUs; x 4 rotations x 2 views
     c.total_steps = 0  # 0 = optim.epochs x steps per epoch
     c.log_every = 50
+
+    # One-class table (jaxad.table): '' = a single detector on data.normal_classes;
+    # 'all' or '0,3,5' = one detector per class (items may be '0+3'), trained
+    # stack_size at a time under jax.vmap (0 = all of a group at once).
+    c.table = ml_collections.ConfigDict()
+    c.table.classes = ''
+    c.table.stack_size = 0
+    c.table.stack_mode = 'auto'  # vmap | unroll | auto (unroll on CPU): jaxad.stacking
 
     c.data = ml_collections.ConfigDict()
     c.data.source = 'folder'
@@ -128,8 +162,11 @@ def validate_config(config):
     positive('eval.num_samples', config.eval.num_samples)
     if config.total_steps < 0:
         raise ConfigError(f'total_steps must be >= 0 (0 = from optim.epochs), got {config.total_steps}')
-    if not config.data.normal_classes:
-        raise ConfigError('data.normal_classes is empty: name at least one normal class')
+    if config.table.stack_size < 0:
+        raise ConfigError(f'table.stack_size must be >= 0 (0 = no bound), got {config.table.stack_size}')
+    if not config.data.normal_classes and not config.table.classes:
+        raise ConfigError('data.normal_classes is empty: name at least one normal class '
+                          '(or set table.classes, e.g. normal_class=all)')
     if config.method == 'csi':
         positive('csi.num_shifts', config.csi.num_shifts)
         positive('csi.temperature', config.csi.temperature)

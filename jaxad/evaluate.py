@@ -13,7 +13,7 @@ import numpy as np
 from absl import logging
 
 from jaxad import metrics as metrics_lib
-from jaxad import sharding
+from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
 from jaxad.writers import Progress
 
@@ -28,27 +28,97 @@ def make_feature_fn(method, mesh):
     return jax.jit(method.features, in_shardings=(repl, data, data, repl), out_shardings=data)
 
 
+@functools.lru_cache(maxsize=None)
+def make_stacked_feature_fn(method, mesh, shared_images, mode):
+    """jit of method.features over a stack of K models' variables.
+
+    shared_images: every model sees the same (B, ...) batch (the test set);
+    otherwise model k gets its own row of a (K, B, ...) batch (its train bank).
+    `mode`: 'vmap' or 'unroll' (jaxad.stacking).
+    """
+    models, repl = sharding.model_sharding(mesh), sharding.replicated(mesh)
+    stacked = sharding.stacked_data_sharding(mesh)
+    if shared_images:
+        fn = stacking.stacked(method.features, mode, in_axes=(0, None, None, None))
+        data = sharding.data_sharding(mesh)
+        return jax.jit(fn, in_shardings=(models, data, data, repl), out_shardings=stacked)
+    fn = stacking.stacked(method.features, mode, in_axes=(0, 0, 0, None))
+    return jax.jit(fn, in_shardings=(models, stacked, stacked, repl), out_shardings=stacked)
+
+
+def _feature_pass(apply, batches, n_batches, label):
+    """`apply(batch)` on every batch; (device outputs, host masks) in order."""
+    progress = Progress(n_batches, label=label)
+    outputs, masks = [], []
+    for i, batch in enumerate(batches):
+        # Left on device: fetching every batch would stall the dispatch pipeline.
+        outputs.append(apply(batch))
+        masks.append(batch['mask'])
+        if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
+            jax.block_until_ready(outputs[-1])
+            progress.update(i + 1)
+    return outputs, masks
+
+
+def _concat(outputs, axis):
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(jax.device_get(xs), axis=axis),
+                                  *outputs)
+
+
 def extract_features(method, variables, image_set, indices, *, batch_size, mesh, key,
                      label='features'):
     """Features of `image_set[indices]` as host NumPy arrays (padding removed)."""
     sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
     feature_fn = make_feature_fn(method, mesh)
-    n_batches = pipeline.num_eval_batches(len(indices), batch_size)
-    progress = Progress(n_batches, label=label)
-    outputs, masks = [], []
-    for i, batch in enumerate(pipeline.eval_batches(
-            image_set, indices, batch_size=batch_size,
-            process_index=jax.process_index(), process_count=jax.process_count())):
+
+    def apply(batch):
         arrays = sharding.to_global({'image': batch['image'], 'index': batch['index']}, mesh)
-        # Left on device: fetching every batch would stall the dispatch pipeline.
-        outputs.append(feature_fn(variables, arrays['image'], arrays['index'], key))
-        masks.append(batch['mask'])
-        if (i + 1) % max(1, n_batches // 10) == 0 or i + 1 == n_batches:
-            jax.block_until_ready(outputs[-1])
-            progress.update(i + 1)
+        return feature_fn(variables, arrays['image'], arrays['index'], key)
+
+    batches = pipeline.eval_batches(image_set, indices, batch_size=batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+    outputs, masks = _feature_pass(apply, batches,
+                                   pipeline.num_eval_batches(len(indices), batch_size), label)
     mask = np.concatenate(masks)
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(jax.device_get(xs))[mask],
-                                  *outputs)
+    return jax.tree_util.tree_map(lambda x: x[mask], _concat(outputs, 0))
+
+
+def extract_stacked_features(method, variables, image_set, index_lists, *, batch_size, mesh,
+                             key, mode, label='features'):
+    """Features of K stacked models, one pass over the images.
+
+    index_lists None: all models score `image_set` in full (the test split);
+    returns one tree with leading axis K. Otherwise model k reads
+    `image_set[index_lists[k]]` (its own train bank); returns a list of K trees.
+    """
+    sharding.check_batch_divides(batch_size, mesh, 'eval.batch_size')
+    shared = index_lists is None
+    feature_fn = make_stacked_feature_fn(method, mesh, shared, mode)
+    where = sharding.data_sharding(mesh) if shared else sharding.stacked_data_sharding(mesh)
+
+    def apply(batch):
+        arrays = sharding.to_global({'image': batch['image'], 'index': batch['index']}, mesh,
+                                    where)
+        return feature_fn(variables, arrays['image'], arrays['index'], key)
+
+    proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if shared:
+        n = len(image_set)
+        batches = pipeline.eval_batches(image_set, None, batch_size=batch_size, **proc)
+    else:
+        n = max(len(ix) for ix in index_lists)
+        batches = pipeline.stacked_eval_batches(image_set, index_lists, batch_size=batch_size,
+                                                **proc)
+    outputs, masks = _feature_pass(apply, batches, pipeline.num_eval_batches(n, batch_size),
+                                   label)
+    feats = _concat(outputs, 1)  # (K, N_padded, ...)
+    if shared:
+        mask = np.concatenate(masks)
+        return jax.tree_util.tree_map(lambda x: x[:, mask], feats)
+    mask = np.concatenate(masks, axis=1)
+    return [jax.tree_util.tree_map(lambda x, k=k: x[k][mask[k]], feats)
+            for k in range(len(index_lists))]
 
 
 def score_features(method, scoring, test_features, block=1024):
@@ -90,26 +160,41 @@ def format_table(results):
     return '\n'.join(lines)
 
 
-def evaluate(method, variables, scoring, test_set, normal_classes, *, config, mesh, workdir,
-             extra=None):
-    """Scores the whole test split; writes results.json and prints a table."""
-    t0 = time.time()
-    key = jax.random.fold_in(jax.random.key(config.seed), 1)  # eval key: fixed per seed
-    all_idx = np.arange(len(test_set.labels))
-    feats = extract_features(method, variables, test_set, all_idx,
-                             batch_size=config.eval.batch_size, mesh=mesh, key=key,
-                             label='eval test')
-    score_dict = score_features(method, scoring, feats)
+def results_for(method, score_dict, test_set, normal_classes, method_name):
+    """The results dict of one detector: metrics plus what was evaluated."""
     labels = np.asarray(test_set.labels)
     anomaly = sources.anomaly_labels(labels, normal_classes)
     results = compute_results(method, score_dict, labels, anomaly, normal_classes,
                               test_set.class_names)
     results.update({
-        'method': config.method, 'dataset': test_set.name,
+        'method': method_name, 'dataset': test_set.name,
         'normal_classes': [int(c) for c in normal_classes],
         'normal_class_names': [test_set.class_names[int(c)] for c in normal_classes],
-        'num_test': int(len(labels)), 'num_test_anomalies': int(anomaly.sum()),
-        'eval_seconds': round(time.time() - t0, 2), **(extra or {})})
+        'num_test': int(len(labels)), 'num_test_anomalies': int(anomaly.sum())})
+    return results
+
+
+def eval_test_key(seed):
+    """The test-time augmentation key: fixed per seed, shared by single and stacked runs."""
+    return jax.random.fold_in(jax.random.key(seed), 1)
+
+
+def eval_bank_key(seed):
+    """The key of the train-bank features."""
+    return jax.random.fold_in(jax.random.key(seed), 2)
+
+
+def evaluate(method, variables, scoring, test_set, normal_classes, *, config, mesh, workdir,
+             extra=None):
+    """Scores the whole test split; writes results.json and prints a table."""
+    t0 = time.time()
+    all_idx = np.arange(len(test_set.labels))
+    feats = extract_features(method, variables, test_set, all_idx,
+                             batch_size=config.eval.batch_size, mesh=mesh,
+                             key=eval_test_key(config.seed), label='eval test')
+    score_dict = score_features(method, scoring, feats)
+    results = results_for(method, score_dict, test_set, normal_classes, config.method)
+    results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'results.json'), 'w') as f:
             json.dump(results, f, indent=2)
@@ -118,10 +203,19 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
     return results
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_fit_scoring(method):
+    return jax.jit(method.fit_scoring)
+
+
+def scoring_from_features(method, train_features):
+    """The scoring state (host NumPy) from train-bank features."""
+    return jax.tree_util.tree_map(np.asarray, _jit_fit_scoring(method)(train_features))
+
+
 def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
     """The scoring state (feature bank, weights) from the normal training images."""
-    key = jax.random.fold_in(jax.random.key(config.seed), 2)
     feats = extract_features(method, variables, train_set, normal_indices,
-                             batch_size=config.eval.batch_size, mesh=mesh, key=key,
-                             label='eval train bank')
-    return jax.tree_util.tree_map(np.asarray, jax.jit(method.fit_scoring)(feats))
+                             batch_size=config.eval.batch_size, mesh=mesh,
+                             key=eval_bank_key(config.seed), label='eval train bank')
+    return scoring_from_features(method, feats)

@@ -58,13 +58,34 @@ def jit_train_step(train_step, mesh):
                    in_shardings=(repl, {'image': data}, repl), out_shardings=(repl, repl))
 
 
-def init_state(method, tx, key, image_shape, mesh):
-    """Initial TrainState, created directly replicated on the mesh."""
+def make_init_fn(method, tx, image_shape):
+    """key -> initial TrainState (pure, so a stack is `jax.vmap` of it)."""
     def init(key):
         variables = method.init_variables(key, image_shape)
         return TrainState(jnp.zeros((), jnp.int32), variables['params'],
                           variables['batch_stats'], tx.init(variables['params']))
-    return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
+    return init
+
+
+def init_state(method, tx, key, image_shape, mesh):
+    """Initial TrainState, created directly replicated on the mesh."""
+    return jax.jit(make_init_fn(method, tx, image_shape),
+                   out_shardings=sharding.replicated(mesh))(key)
+
+
+def init_key(seed):
+    """The params init key of a run with `seed` (single and stacked runs alike)."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def step_budget(config, num_normal, what):
+    """(steps_per_epoch, total_steps) for `num_normal` normal training images."""
+    steps_per_epoch = num_normal // config.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f'batch_size={config.batch_size} is larger than the {num_normal} '
+                          f'normal training images of {what}')
+    total = config.total_steps if config.total_steps > 0 else config.optim.epochs * steps_per_epoch
+    return steps_per_epoch, total
 
 
 class Setup:
@@ -83,17 +104,12 @@ class Setup:
             self.train_set.labels, self.normal_classes, num_classes, self.train_set.name)
         sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes,
                                   self.test_set.name)
-        self.image_shape = _check_image_shape(self.train_set, data)
-        _check_image_shape(self.test_set, data)
+        self.image_shape = check_image_shape(self.train_set, data)
+        check_image_shape(self.test_set, data)
         self.mesh = sharding.make_mesh(config.num_devices)
         sharding.check_batch_divides(config.batch_size, self.mesh)
-        self.steps_per_epoch = len(self.normal_indices) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f'batch_size={config.batch_size} is larger than the {len(self.normal_indices)} '
-                f'normal training images of class(es) {self.normal_classes}')
-        self.total_steps = (config.total_steps if config.total_steps > 0
-                            else config.optim.epochs * self.steps_per_epoch)
+        self.steps_per_epoch, self.total_steps = step_budget(
+            config, len(self.normal_indices), f'class(es) {self.normal_classes}')
         self.tx, self.schedule = optim.make_optimizer(
             config.optim, self.steps_per_epoch, self.total_steps)
         self.checkpoints = ckpt_lib.Checkpoints(
@@ -102,8 +118,8 @@ class Setup:
         self.rng = jax.random.key(config.seed)
 
     def initial_state(self):
-        return init_state(self.method, self.tx, jax.random.fold_in(self.rng, 0),
-                          self.image_shape, self.mesh)
+        return init_state(self.method, self.tx, init_key(self.config.seed), self.image_shape,
+                          self.mesh)
 
     def restore_latest(self):
         """(state, step) from the latest checkpoint, or a fresh state and 0."""
@@ -115,7 +131,7 @@ class Setup:
         return self.checkpoints.restore_state(step, ckpt_lib.abstract_like(state)), step
 
 
-def _check_image_shape(image_set, data_cfg):
+def check_image_shape(image_set, data_cfg):
     """(H, W, C) of the set; DataError unless it is data.image_size / data.channels."""
     shape = tuple(int(d) for d in np.shape(image_set.images[0]))
     want = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
@@ -126,14 +142,15 @@ def _check_image_shape(image_set, data_cfg):
     return shape
 
 
-def _write_config(config, workdir):
+def write_config(config, workdir):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def _check_finite(step, metrics, last_saved):
-    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
+def check_finite(step, metrics, last_saved):
+    """TrainingError if any metric (a float or an array of per-model floats) is not finite."""
+    bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
     if bad:
         raise TrainingError(
             f'non-finite training metrics at step {step}: {bad}. Stopping; the last good '
@@ -160,7 +177,7 @@ def train(setup, state, start_step):
         is_save = step % config.checkpoint.every_steps == 0 and step < setup.total_steps
         if is_log or is_save:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(step, metrics, last_saved)
+            check_finite(step, metrics, last_saved)
         if is_log:
             dt = time.time() - t_last
             rate = (step - step_last) / max(dt, 1e-9)
@@ -194,12 +211,16 @@ def train_and_evaluate(config, workdir):
     """Trains (or resumes) the configured detector and evaluates it.
 
     Rerunning a finished run trains nothing and rescores from its checkpoint.
-    Returns the results dict also written to `workdir/results.json`.
+    Returns the results dict also written to `workdir/results.json`. With
+    `table.classes` set this trains the one-class table (`jaxad.table`).
     """
+    if config.table.classes:
+        from jaxad import table
+        return table.train_table(config, workdir)
     os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
     setup = Setup(config, workdir)
-    _write_config(config, workdir)
+    write_config(config, workdir)
     try:
         state, start = setup.restore_latest()
         if start >= setup.total_steps and setup.checkpoints.has_scoring(start):
@@ -213,6 +234,9 @@ def train_and_evaluate(config, workdir):
 
 def evaluate_checkpoint(config, workdir):
     """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
+    if config.table.classes:
+        from jaxad import table
+        return table.evaluate_table(config, workdir)
     setup = Setup(config, workdir)
     try:
         state, step = setup.restore_latest()
@@ -228,7 +252,8 @@ def _evaluate_saved(setup, state, step):
     """Evaluates a restored state, with its saved scoring state when it has one."""
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     if setup.checkpoints.has_scoring(step):
-        abstract = jax.eval_shape(setup.method.fit_scoring, _feature_shapes(setup, variables))
+        abstract = scoring_shapes(setup.method, variables, setup.image_shape,
+                                  len(setup.normal_indices), setup.rng)
         scoring = setup.checkpoints.restore_scoring(step, abstract)
     else:
         logging.info('checkpoint step %d has no scoring state; computing it', step)
@@ -239,12 +264,11 @@ def _evaluate_saved(setup, state, step):
                              workdir=setup.workdir, extra=dict(step=step))
 
 
-def _feature_shapes(setup, variables):
-    """Abstract train features for `len(normal_indices)` images (no compute)."""
-    n = len(setup.normal_indices)
+def scoring_shapes(method, variables, image_shape, num_bank, rng):
+    """Abstract scoring state for a bank of `num_bank` images (no compute)."""
     shapes = jax.eval_shape(
-        setup.method.features, variables,
-        jax.ShapeDtypeStruct((1,) + setup.image_shape, jnp.uint8),
-        jax.ShapeDtypeStruct((1,), jnp.int32), setup.rng)
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct((n,) + s.shape[1:], s.dtype),
-                                  shapes)
+        method.features, variables, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
+        jax.ShapeDtypeStruct((1,), jnp.int32), rng)
+    bank = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((num_bank,) + s.shape[1:], s.dtype), shapes)
+    return jax.eval_shape(method.fit_scoring, bank)

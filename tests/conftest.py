@@ -9,3 +9,13 @@ import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)
 
+
+# Tests build many identical tiny programs from fresh closures (each run a new
+# Setup); a persistent compilation cache shared by the xdist workers of one
+# pytest run turns the repeats into cache hits.
+import tempfile  # noqa: E402
+
+_run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(tempfile.gettempdir(), f"jaxad-test-xla-cache-{_run_id}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)

@@ -110,3 +110,39 @@ def eval_batches(image_set, indices=None, *, batch_size, process_index=0, proces
     batches = (grain.MapDataset.source(IndexedSource(image_set, padded[rows]))
                .batch(local).map_with_index(finish))
     return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
+
+
+def stacked_eval_batches(image_set, index_lists, *, batch_size, process_index=0,
+                         process_count=1, read_threads=2, prefetch=4):
+    """Batches for K models at once, model k reading `image_set[index_lists[k]]`.
+
+    Yields `{'image': (K, b, H, W, C), 'index': (K, b), 'mask': (K, b)}` with
+    b = batch_size // process_count: the per-model equivalent of
+    `eval_batches`, so a stack of one-class detectors fits its train banks in
+    one pass. Shorter lists are padded with repeats (mask False) up to the
+    longest, in whole batches.
+    """
+    local = _local_batch_size(batch_size, process_count, 'eval batch_size')
+    lists = [np.asarray(ix, np.int64) for ix in index_lists]
+    if not lists or min(len(ix) for ix in lists) == 0:
+        raise DataError(f'{image_set.name}: every model of a stack needs at least one image')
+    n_batches = num_eval_batches(max(len(ix) for ix in lists), batch_size)
+    total = n_batches * batch_size
+    padded = np.stack([np.resize(ix, total) for ix in lists])  # (K, total)
+    mask = np.stack([np.arange(total) < len(ix) for ix in lists])
+    k = len(lists)
+
+    def local_rows(a):
+        # (K, n_batches, P, local) -> process p's (n_batches, K, local) slice.
+        return a.reshape(k, n_batches, process_count, local)[:, :, process_index].swapaxes(0, 1)
+
+    order = local_rows(padded)
+    local_mask = local_rows(mask)
+
+    def finish(b, batch):
+        return {'image': batch['image'].reshape((k, local) + batch['image'].shape[1:]),
+                'index': batch['index'].reshape(k, local), 'mask': local_mask[b]}
+
+    batches = (grain.MapDataset.source(IndexedSource(image_set, order.reshape(-1)))
+               .batch(k * local).map_with_index(finish))
+    return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
