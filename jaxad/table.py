@@ -161,7 +161,7 @@ class TableSetup:
             g.checkpoints.close()
 
 
-def _train_group(setup, group, state, start_step, progress, done_before):
+def _train_group(setup, group, state, start_step, progress, done_before, classes_done):
     """Trains one stack from `start_step` to its total; returns the stacked state."""
     config, mesh = setup.config, group.mesh
     step_fn = jit_stacked_step(
@@ -194,7 +194,7 @@ def _train_group(setup, group, state, start_step, progress, done_before):
             record.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size * group.k,
                           epoch=step / group.steps_per_epoch)
             writer.write(step, record)
-            progress.update(done_before + step, classes=progress.classes_done,
+            progress.update(done_before + step, classes=classes_done,
                             group=group.name, loss=record['loss'],
                             img_s=round(record['images_per_sec'], 1))
             t_last, step_last = time.time(), step
@@ -285,15 +285,15 @@ def train_table(config, workdir):
     t0 = time.time()
     setup = TableSetup(config, workdir)
     train_lib.write_config(config, workdir)
-    total_work = sum(g.total_steps for g in setup.groups)
+    # One bar for the whole table; steps already in checkpoints count as done for the ETA.
+    progress = Progress(sum(g.total_steps for g in setup.groups), label='table',
+                        first=sum(min(g.checkpoints.latest_step() or 0, g.total_steps)
+                                  for g in setup.groups))
     try:
         results, done_before = [], 0
-        progress = None
         for group in setup.groups:
             state, start = group.restore_latest(setup.method, setup.image_shape, config.seed)
-            if progress is None:
-                progress = Progress(total_work, first=done_before + start, label='table')
-                progress.classes_done = '0/%d' % len(setup.members)
+            classes_done = f'{len(results)}/{len(setup.members)}'
             finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
             saved = _saved_group_results(group, start) if finished else None
             if saved is not None:
@@ -304,7 +304,8 @@ def train_table(config, workdir):
                 scorings = _restore_group_scoring(setup, group, state, start)
                 group_results = _evaluate_group(setup, group, state, scorings, start)
             else:
-                state = _train_group(setup, group, state, start, progress, done_before)
+                state = _train_group(setup, group, state, start, progress, done_before,
+                                     classes_done)
                 scorings = _fit_group_scoring(setup, group, state)
                 group.checkpoints.save(group.total_steps, state, scoring=scorings)
                 group.checkpoints.wait()
@@ -312,8 +313,7 @@ def train_table(config, workdir):
             _save_group_results(group, group_results)
             results.extend(group_results)
             done_before += group.total_steps
-            progress.classes_done = f'{len(results)}/{len(setup.members)}'
-            progress.update(done_before, classes=progress.classes_done)
+            progress.update(done_before, classes=f'{len(results)}/{len(setup.members)}')
         return write_table(setup, results, extra=dict(wall_seconds=round(time.time() - t0, 2)))
     finally:
         setup.close()
