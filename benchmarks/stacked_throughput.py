@@ -13,7 +13,6 @@ pixel values. Never part of the test pass/fail.
 """
 import json
 import platform
-import statistics
 import time
 
 import jax
@@ -23,6 +22,8 @@ from ml_collections import config_flags
 
 from jaxad import optim, sharding, stacking, table, train
 from jaxad.methods import get_method
+
+import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/csi_cifar.py', 'Config file.')
 _KS = flags.DEFINE_list('ks', ['1', '10'], 'Stack sizes K to time.')
@@ -36,28 +37,6 @@ PEAK_TFLOPS = {('NVIDIA H100 80GB HBM3', 'bfloat16'): 989.0,
                ('NVIDIA H100 80GB HBM3', 'float32'): 494.0,  # TF32 tensor cores
                ('NVIDIA H200', 'bfloat16'): 989.0,
                ('NVIDIA H200', 'float32'): 494.0}
-
-
-def _time(compiled, state, batch, rng, steps, warmup):
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _flops(compiled):
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get('flops', 0.0)) or None
-    except Exception:  # cost analysis is best effort on some backends
-        return None
 
 
 def measure(config, k, mode, steps, warmup):
@@ -84,8 +63,8 @@ def measure(config, k, mode, steps, warmup):
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
-    step_s = _time(compiled, state, batch, rng, steps, warmup)
-    flops = _flops(compiled)
+    step_s = timing.median_step_seconds(compiled, state, batch, rng, steps, warmup)
+    flops = timing.compiled_flops(compiled)
     device = jax.devices()[0].device_kind
     peak = _PEAK.value or PEAK_TFLOPS.get((device, config.model.dtype))
     return {'config': config.method, 'k': k, 'mode': mode, 'batch_per_model': b,

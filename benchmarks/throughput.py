@@ -9,7 +9,6 @@ Never part of the test pass/fail.
 """
 import json
 import platform
-import statistics
 import time
 
 import jax
@@ -19,6 +18,8 @@ from ml_collections import config_flags
 
 from jaxad import optim, sharding, train
 from jaxad.methods import get_method
+
+import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/csi_cifar.py', 'Config file.')
 _BATCHES = flags.DEFINE_list('batch_sizes', ['32'], 'Global batch sizes (images per step).')
@@ -41,16 +42,7 @@ def measure(config, batch_size, steps, warmup):
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        state, metrics = compiled(state, batch, rng)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch, rng)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
+    step_s = timing.median_step_seconds(compiled, state, batch, rng, steps, warmup)
     views = batch_size * 2 * config.csi.num_shifts
     return {'config': _CONFIG.value.method, 'global_batch': batch_size, 'views_per_step': views,
             'image_size': config.data.image_size, 'width': config.model.width,

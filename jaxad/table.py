@@ -181,8 +181,7 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
         images = np.stack([next(s)['image'] for s in streams])
         state, metrics = step_fn(state, sharding.to_global({'image': images}, mesh, where),
                                  group.rngs)
-        is_log = step % config.log_every == 0 or step == group.total_steps
-        is_save = step % config.checkpoint.every_steps == 0 and step < group.total_steps
+        is_log, is_save = train_lib.log_and_save_flags(step, group.total_steps, config)
         if is_log or is_save:
             metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
             _check_members_finite(group, step, metrics, last_saved)

@@ -148,9 +148,15 @@ def write_config(config, workdir):
             f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
+def log_and_save_flags(step, total_steps, config):
+    """(log this step?, save a periodic checkpoint now?); the final save is the caller's."""
+    is_log = step % config.log_every == 0 or step == total_steps
+    is_save = step % config.checkpoint.every_steps == 0 and step < total_steps
+    return is_log, is_save
+
+
 def check_finite(step, metrics, last_saved):
-    """TrainingError if any metric (a float or an array of per-model floats) is not finite."""
-    bad = {k: v for k, v in metrics.items() if not np.all(np.isfinite(v))}
+    bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if bad:
         raise TrainingError(
             f'non-finite training metrics at step {step}: {bad}. Stopping; the last good '
@@ -173,8 +179,7 @@ def train(setup, state, start_step):
     for step in range(start_step + 1, setup.total_steps + 1):
         batch = sharding.to_global(next(batches), mesh)
         state, metrics = step_fn(state, batch, setup.rng)
-        is_log = step % config.log_every == 0 or step == setup.total_steps
-        is_save = step % config.checkpoint.every_steps == 0 and step < setup.total_steps
+        is_log, is_save = log_and_save_flags(step, setup.total_steps, config)
         if is_log or is_save:
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             check_finite(step, metrics, last_saved)
