@@ -127,13 +127,17 @@ def csi_base():
 
     c.optim = ml_collections.ConfigDict()
     c.optim.name = 'lars'  # torchlars LARS around SGD(momentum)
-    c.optim.lr = 0.1
+    c.optim.lr = 0.1  # base rate; the peak is lr x warmup_multiplier under csi_warmup_cosine
+    c.optim.lr_rule = 'none'  # 'linear': lr*B/lr_base_batch, 'sqrt': lr*sqrt(B/lr_base_batch)
+    c.optim.lr_base_batch = 256
+    c.optim.exclude_bn_bias = False  # True: no decay/LARS on BN and biases (SimCLR); CSI: False
     c.optim.momentum = 0.9
     c.optim.weight_decay = 1e-6
     c.optim.trust_coef = 1e-3
     c.optim.eps = 1e-8
-    c.optim.schedule = 'csi_warmup_cosine'
+    c.optim.schedule = 'csi_warmup_cosine'  # | warmup_cosine | cosine | constant
     c.optim.warmup_epochs = 10
+    c.optim.warmup_steps = 0  # > 0 overrides warmup_epochs
     c.optim.warmup_multiplier = 10.0
     c.optim.epochs = 1000
 

@@ -4,6 +4,12 @@ The default reproduces CSI: torchlars 0.1.2 `LARS(SGD(lr, momentum=0.9, weight_d
 under `GradualWarmupScheduler(multiplier=10, total_epoch=10)` + `CosineAnnealingLR(T_max=epochs)`,
 stepped every iteration (methods.md §1.5, §2.4). `optax.lars` is not used: its trust ratio
 divides by ||g + wd*p|| instead of torchlars' ||g|| + wd*||p|| + eps.
+
+Large-batch knobs (jax-stack.md §3, SimCLR's recipe): `optim.lr_rule` scales the base rate
+with the global batch, `optim.exclude_bn_bias` keeps BN parameters and biases out of weight
+decay and out of the LARS adaptation, `optim.warmup_steps` gives the warm-up in steps
+instead of epochs, and the 'warmup_cosine' schedule is SimCLR's linear warm-up from 0 then
+cosine to 0.
 """
 import math
 
@@ -14,7 +20,30 @@ import optax
 from jaxad.errors import ConfigError
 
 OPTIMIZERS = ('lars', 'sgd', 'adam')
-SCHEDULES = ('csi_warmup_cosine', 'cosine', 'constant')
+SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine', 'cosine', 'constant')
+LR_RULES = ('none', 'linear', 'sqrt')
+
+
+def scaled_lr(base_lr, global_batch, rule, base_batch=256):
+    """The peak rate for a global batch: 'linear' base*B/base_batch (Goyal et al.),
+    'sqrt' base*sqrt(B/base_batch), 'none' base. Both rules agree at B = base_batch;
+    SimCLR's sqrt form 0.075*sqrt(B) is 'sqrt' with base = 0.075*sqrt(base_batch)."""
+    if rule not in LR_RULES:
+        raise ConfigError(f'unknown optim.lr_rule {rule!r}; choose one of {", ".join(LR_RULES)}')
+    if rule != 'none' and (not global_batch or global_batch <= 0 or base_batch <= 0):
+        raise ConfigError(f'optim.lr_rule={rule!r} needs a global batch and optim.lr_base_batch '
+                          f'> 0, got {global_batch} and {base_batch}')
+    if rule == 'linear':
+        return base_lr * global_batch / base_batch
+    if rule == 'sqrt':
+        return base_lr * math.sqrt(global_batch / base_batch)
+    return base_lr
+
+
+def decay_mask(params):
+    """True for weight matrices and conv kernels, False for BN scales/offsets and biases:
+    the tensors with one dimension (SimCLR and BYOL exclude exactly these)."""
+    return jax.tree_util.tree_map(lambda p: jnp.ndim(p) > 1, params)
 
 
 def scale_by_torchlars(weight_decay, trust_coef=1e-3, eps=1e-8, mask=None):
@@ -96,40 +125,63 @@ def csi_warmup_cosine(base_lr, steps_per_epoch, total_epochs, warmup_epochs=10, 
     return schedule
 
 
-def make_schedule(optim_cfg, steps_per_epoch, total_steps):
-    """The learning-rate schedule named by `optim_cfg.schedule`, a function of the update count."""
+def warmup_steps(optim_cfg, steps_per_epoch):
+    """Warm-up length in steps: optim.warmup_steps when > 0, else warmup_epochs epochs."""
+    steps = optim_cfg.get('warmup_steps', 0)
+    if steps < 0:
+        raise ConfigError(f'optim.warmup_steps must be >= 0, got {steps}')
+    return steps if steps > 0 else round(optim_cfg.warmup_epochs * steps_per_epoch)
+
+
+def make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
+    """The learning-rate schedule named by `optim_cfg.schedule`, a function of the update count.
+
+    Its base rate is `optim.lr` scaled by `optim.lr_rule` for `global_batch`.
+    """
+    lr = scaled_lr(optim_cfg.lr, global_batch, optim_cfg.get('lr_rule', 'none'),
+                   optim_cfg.get('lr_base_batch', 256))
     if optim_cfg.schedule == 'csi_warmup_cosine':
         # T_max comes from optim.epochs as in CSI, so a shorter total_steps truncates the curve.
-        return csi_warmup_cosine(optim_cfg.lr, steps_per_epoch, optim_cfg.epochs,
-                                 optim_cfg.warmup_epochs, optim_cfg.warmup_multiplier)
+        warmup = optim_cfg.warmup_epochs
+        if optim_cfg.get('warmup_steps', 0) > 0:
+            warmup = optim_cfg.warmup_steps / steps_per_epoch
+        return csi_warmup_cosine(lr, steps_per_epoch, optim_cfg.epochs, warmup,
+                                 optim_cfg.warmup_multiplier)
+    if optim_cfg.schedule == 'warmup_cosine':
+        total = max(total_steps, 1)
+        warmup = min(warmup_steps(optim_cfg, steps_per_epoch), total)
+        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.0)
     if optim_cfg.schedule == 'cosine':
-        return optax.cosine_decay_schedule(optim_cfg.lr, max(total_steps, 1))
+        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
     if optim_cfg.schedule == 'constant':
-        return optax.constant_schedule(optim_cfg.lr)
+        return optax.constant_schedule(lr)
     raise ConfigError(f'unknown optim.schedule {optim_cfg.schedule!r}; '
                       f'choose one of {", ".join(SCHEDULES)}')
 
 
-def make_optimizer(optim_cfg, steps_per_epoch, total_steps):
+def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
     """(optax transformation, schedule) from `config.optim`.
 
     'lars' is CSI's torchlars SGD. 'sgd' and 'adam' mirror torch's SGD(momentum, weight_decay)
     and Adam(weight_decay), which add wd*p to the gradient (coupled L2, not AdamW); `eps` is
-    LARS's or Adam's epsilon.
+    LARS's or Adam's epsilon. `global_batch` feeds `optim.lr_rule`.
+    With `optim.exclude_bn_bias` the one-dimensional tensors get neither weight decay nor the
+    LARS trust ratio (their update is the plain momentum step).
     """
     if optim_cfg.name not in OPTIMIZERS:
         raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
                           f'choose one of {", ".join(OPTIMIZERS)}')
-    schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps)
+    schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch)
+    mask = decay_mask if optim_cfg.get('exclude_bn_bias', False) else None
     if optim_cfg.name == 'lars':
         tx = torchlars_sgd(schedule, optim_cfg.momentum, optim_cfg.weight_decay,
-                           optim_cfg.trust_coef, optim_cfg.eps)
+                           optim_cfg.trust_coef, optim_cfg.eps, mask=mask)
     elif optim_cfg.name == 'sgd':
-        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),
+        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
                          optax.trace(decay=optim_cfg.momentum),
                          optax.scale_by_learning_rate(schedule))
     else:
-        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay),
+        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
                          optax.scale_by_adam(eps=optim_cfg.eps),
                          optax.scale_by_learning_rate(schedule))
     return tx, schedule

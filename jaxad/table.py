@@ -94,7 +94,7 @@ class Group:
                                        num_models=self.k if self.mode == 'vmap' else 1)
         sharding.check_batch_divides(config.batch_size, self.mesh)
         self.tx, self.schedule = optim.make_optimizer(config.optim, self.steps_per_epoch,
-                                                      self.total_steps)
+                                                      self.total_steps, config.batch_size)
         self.name = 'classes_' + '_'.join('+'.join(map(str, m.normal_classes)) for m in members)
         self.directory = os.path.join(workdir, 'groups', self.name)
         os.makedirs(self.directory, exist_ok=True)
@@ -176,6 +176,7 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
     logging.info('group %s: %d models (%s) x %d steps, %d images per model per step, mesh %s',
                  group.name, group.k, group.mode, group.total_steps, config.batch_size,
                  dict(mesh.shape))
+    geometry = train_lib.batch_geometry(config, mesh, group.schedule, group.steps_per_epoch)
     last_saved, t_last, step_last = start_step, time.time(), start_step
     for step in range(start_step + 1, group.total_steps + 1):
         images = np.stack([next(s)['image'] for s in streams])
@@ -191,7 +192,7 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
             record.update({f'{k}/{m.name}': float(v[i]) for k, v in metrics.items()
                            if k.startswith('loss') for i, m in enumerate(group.members)})
             record.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size * group.k,
-                          epoch=step / group.steps_per_epoch)
+                          epoch=step / group.steps_per_epoch, **geometry)
             writer.write(step, record)
             progress.update(done_before + step, classes=classes_done,
                             group=group.name, loss=record['loss'],

@@ -111,7 +111,7 @@ class Setup:
         self.steps_per_epoch, self.total_steps = step_budget(
             config, len(self.normal_indices), f'class(es) {self.normal_classes}')
         self.tx, self.schedule = optim.make_optimizer(
-            config.optim, self.steps_per_epoch, self.total_steps)
+            config.optim, self.steps_per_epoch, self.total_steps, config.batch_size)
         self.checkpoints = ckpt_lib.Checkpoints(
             os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)
@@ -155,6 +155,20 @@ def log_and_save_flags(step, total_steps, config):
     return is_log, is_save
 
 
+def batch_geometry(config, mesh, schedule, steps_per_epoch):
+    """What a scaling study needs to know about a run's batch, logged once and per line."""
+    per_device = config.batch_size // sharding.data_size(mesh)
+    geometry = dict(global_batch=config.batch_size, per_device_batch=per_device,
+                    data_devices=sharding.data_size(mesh), process_count=jax.process_count())
+    logging.info('global batch %d images = %d per device x %d devices (%d processes); '
+                 'lr rule %s: base lr %g -> %g at step 0, %g after warm-up',
+                 config.batch_size, per_device, geometry['data_devices'],
+                 geometry['process_count'], config.optim.lr_rule, config.optim.lr,
+                 float(schedule(0)), float(schedule(optim.warmup_steps(config.optim,
+                                                                        steps_per_epoch))))
+    return geometry
+
+
 def check_finite(step, metrics, last_saved):
     bad = {k: v for k, v in metrics.items() if not np.isfinite(v)}
     if bad:
@@ -173,8 +187,8 @@ def train(setup, state, start_step):
         process_count=jax.process_count())
     writer = MetricWriter(setup.workdir)
     progress = Progress(setup.total_steps, first=start_step)
-    logging.info('training %d steps (%d per epoch), global batch %d images on %d devices',
-                 setup.total_steps, setup.steps_per_epoch, config.batch_size, mesh.devices.size)
+    logging.info('training %d steps (%d per epoch)', setup.total_steps, setup.steps_per_epoch)
+    geometry = batch_geometry(config, mesh, setup.schedule, setup.steps_per_epoch)
     last_saved, t_last, step_last = start_step, time.time(), start_step
     for step in range(start_step + 1, setup.total_steps + 1):
         batch = sharding.to_global(next(batches), mesh)
@@ -187,7 +201,7 @@ def train(setup, state, start_step):
             dt = time.time() - t_last
             rate = (step - step_last) / max(dt, 1e-9)
             metrics.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size,
-                           epoch=step / setup.steps_per_epoch)
+                           epoch=step / setup.steps_per_epoch, **geometry)
             writer.write(step, metrics)
             progress.update(step, loss=metrics['loss'], lr=metrics['lr'],
                             img_s=round(metrics['images_per_sec'], 1))

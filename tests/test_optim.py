@@ -206,7 +206,90 @@ def test_adam_is_torch_adam_with_l2():
 
 @pytest.mark.parametrize('field,value,choices', [
     ('name', 'lamb', 'lars, sgd, adam'),
-    ('schedule', 'step', 'csi_warmup_cosine, cosine, constant')])
+    ('schedule', 'step', 'csi_warmup_cosine, warmup_cosine, cosine, constant')])
 def test_make_optimizer_unknown_choice(field, value, choices):
     with pytest.raises(ConfigError, match=f"optim.{field} '{value}'.*{choices}"):
         optim.make_optimizer(optim_cfg(**{field: value}), 10, 1000)
+
+
+@pytest.mark.parametrize('rule,batch,want', [('none', 4096, 0.3), ('linear', 256, 0.3),
+                                             ('linear', 4096, 0.3 * 16), ('sqrt', 4096, 0.3 * 4),
+                                             ('sqrt', 64, 0.3 / 2), ('linear', 128, 0.15)])
+def test_lr_rules(rule, batch, want):
+    assert optim.scaled_lr(0.3, batch, rule) == pytest.approx(want)
+    _, sched = optim.make_optimizer(optim_cfg(lr=0.3, lr_rule=rule, lr_base_batch=256), 10, 100,
+                                    global_batch=batch)
+    assert float(sched(7)) == pytest.approx(want)
+
+
+def test_lr_rule_errors():
+    with pytest.raises(ConfigError, match='lr_rule'):
+        optim.scaled_lr(0.1, 256, 'cubic')
+    with pytest.raises(ConfigError, match='global batch'):
+        optim.make_optimizer(optim_cfg(lr_rule='linear', lr_base_batch=256), 10, 100)
+
+
+def test_exclude_bn_bias_masks_decay_and_lars():
+    """exclude_bn_bias: 1-d tensors take the plain momentum step (no wd, no trust ratio)."""
+    params, grads = make_problem(5)
+    cfg = optim_cfg(name='lars', exclude_bn_bias=True)
+    tx, _ = optim.make_optimizer(cfg, 10, 1000)
+    got = run_optax(tx, params, grads)
+    apply = {k: v.ndim > 1 for k, v in params.items()}
+    assert apply == {'kernel': True, 'bias': False, 'zero_init': False, 'dead': True}
+    want = torch_reference(params, grads, (0.1,) * 3, lars=True, apply_lars=apply)
+    assert_trees_close(got, want)
+    # Without the flag the bias gets the LARS rewrite: a different end point.
+    tx_all, _ = optim.make_optimizer(optim_cfg(name='lars'), 10, 1000)
+    assert not np.allclose(run_optax(tx_all, params, grads)['bias'], want['bias'])
+    # SGD: the bias is not decayed; the kernel is.
+    tx, _ = optim.make_optimizer(optim_cfg(name='sgd', exclude_bn_bias=True), 10, 1000)
+    got = run_optax(tx, params, grads)
+    ref = {k: v.astype(np.float64) for k, v in params.items()}
+    bufs = {}
+    for g_step in grads:
+        for k in ref:
+            g = g_step[k] + (WD * ref[k] if apply[k] else 0.0)
+            bufs[k] = g if k not in bufs else MOMENTUM * bufs[k] + g
+            ref[k] = ref[k] - 0.1 * bufs[k]
+    assert_trees_close(got, ref)
+
+
+def test_decay_mask_on_resnet_params():
+    from jaxad.config import csi_base
+    from jaxad.methods import get_method
+    c = csi_base()
+    c.model.width = 4
+    variables = get_method(c).init_variables(jax.random.key(0), (8, 8, 3))
+    mask = jax.tree_util.tree_leaves_with_path(optim.decay_mask(variables['params']))
+    names = {jax.tree_util.keystr(path): m for path, m in mask}
+    assert all(m for n, m in names.items() if n.endswith("['kernel']"))
+    assert not any(m for n, m in names.items() if n.endswith("['bias']") or
+                   n.endswith("['scale']"))
+
+
+def test_warmup_steps_override_epochs():
+    # csi_warmup_cosine: 25 warm-up steps at 10 steps/epoch = 2.5 epochs.
+    cfg = optim_cfg(schedule='csi_warmup_cosine', warmup_steps=25, warmup_epochs=10)
+    _, sched = optim.make_optimizer(cfg, 10, 1000)
+    ref = optim.csi_warmup_cosine(0.1, 10, 100, 2.5, 10.0)
+    for step in (0, 10, 24, 25, 26, 300):
+        assert float(sched(step)) == pytest.approx(float(ref(step)), rel=1e-6)
+    assert float(sched(25)) == pytest.approx(1.0)
+    assert optim.warmup_steps(cfg, 10) == 25
+    assert optim.warmup_steps(optim_cfg(warmup_epochs=3), 10) == 30
+
+
+def test_warmup_cosine_schedule():
+    """SimCLR: linear 0 -> peak over the warm-up, then cosine to 0 at the last step."""
+    cfg = optim_cfg(schedule='warmup_cosine', lr=0.2, warmup_steps=10, lr_rule='linear',
+                    lr_base_batch=256)
+    _, sched = optim.make_optimizer(cfg, 5, 110, global_batch=512)
+    peak = 0.4
+    assert float(sched(0)) == pytest.approx(0.0, abs=1e-9)
+    assert float(sched(5)) == pytest.approx(peak / 2)
+    assert float(sched(10)) == pytest.approx(peak)
+    assert float(sched(60)) == pytest.approx(peak * (1 + math.cos(math.pi * 0.5)) / 2, rel=1e-5)
+    assert float(sched(110)) == pytest.approx(0.0, abs=1e-7)
+    with pytest.raises(ConfigError, match='warmup_steps'):
+        optim.make_optimizer(optim_cfg(schedule='warmup_cosine', warmup_steps=-1), 5, 10)

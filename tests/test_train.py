@@ -97,6 +97,9 @@ def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(npz, tmp_path
     lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
     assert [x['step'] for x in lines] == [2, 4]
     assert {'loss', 'lr', 'images_per_sec', 'steps_per_sec'} <= set(lines[0])
+    # The batch geometry a scaling study reads: 8 images over the 8 test devices.
+    assert (lines[0]['global_batch'], lines[0]['per_device_batch']) == (8, 1)
+    assert lines[0]['data_devices'] == 8
 
     os.remove(workdir / 'results.json')
     again = train.evaluate_checkpoint(config, str(workdir))
