@@ -7,6 +7,7 @@ it to `workdir/config.json`. Config files call `parse_arg` for their
 import ml_collections
 
 from jaxad.errors import ConfigError
+from jaxad.losses import NT_XENT_IMPLS
 
 
 def parse_arg(arg, **defaults):
@@ -107,13 +108,21 @@ def csi_base():
     c.model.stem = 'cifar'
     c.model.width = 64
     c.model.proj_dim = 128
-    c.model.dtype = 'float32'
+    c.model.dtype = 'float32'  # compute dtype; params stay float32
+    c.model.bn_mode = 'batch'  # 'batch': global-batch statistics; 'frozen': running stats (MSC)
+    c.model.bn_groups = 1  # > 1: statistics per contiguous group (G GPUs without SyncBN)
 
     c.csi = ml_collections.ConfigDict()
     c.csi.num_shifts = 4  # rotations 0, 90, 180, 270
     c.csi.temperature = 0.5  # hard-coded in CSI's simclr_CSI.py
     c.csi.shift_weight = 1.0  # lambda of L_cls-SI
     c.csi.eps = 1e-8  # eps inside CSI's NT_xent
+
+    # Shared contrastive-loss implementation: 'dense' forms the (N, N) logits; 'chunked'
+    # shards queries over 'data' and streams key blocks (large global batches, losses.py).
+    c.loss = ml_collections.ConfigDict()
+    c.loss.nt_xent = 'dense'
+    c.loss.key_block = 2048
 
     c.augment = ml_collections.ConfigDict()
     c.augment.crop_scale = (0.08, 1.0)
@@ -171,6 +180,10 @@ def validate_config(config):
     if not config.data.normal_classes and not config.table.classes:
         raise ConfigError('data.normal_classes is empty: name at least one normal class '
                           '(or set table.classes, e.g. normal_class=all)')
+    if config.loss.nt_xent not in NT_XENT_IMPLS:
+        raise ConfigError(f'unknown loss.nt_xent {config.loss.nt_xent!r}; '
+                          f'choose one of {", ".join(NT_XENT_IMPLS)}')
+    positive('loss.key_block', config.loss.key_block)
     if config.method == 'csi':
         positive('csi.num_shifts', config.csi.num_shifts)
         positive('csi.temperature', config.csi.temperature)

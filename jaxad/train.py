@@ -53,8 +53,14 @@ def make_train_step(method, tx, schedule):
 
 
 def jit_train_step(train_step, mesh):
+    """The step jitted on `mesh`, traced with the mesh as ambient context so that explicit
+    collectives (the chunked NT-Xent's `shard_map`) find its axes."""
     repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-    return jax.jit(train_step, donate_argnums=(0,),
+
+    def step_on_mesh(state, batch, rng):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch, rng)
+    return jax.jit(step_on_mesh, donate_argnums=(0,),
                    in_shardings=(repl, {'image': data}, repl), out_shardings=(repl, repl))
 
 

@@ -46,6 +46,18 @@ def test_train_step_8_devices_equals_1_device(npz, tmp_path):
     assert all(moved)
 
 
+def test_chunked_nt_xent_step_equals_dense(npz, tmp_path):
+    """loss.nt_xent='chunked' (shard_map over the 8 devices, key blocks of 16 of the 64
+    views) trains exactly as the dense loss does."""
+    dense, l_dense = one_step_on(8, tiny_config(npz), tmp_path / 'dense', steps=1)
+    chunked, l_chunked = one_step_on(
+        8, tiny_config(npz, **{'loss.nt_xent': 'chunked', 'loss.key_block': 16}),
+        tmp_path / 'chunked', steps=1)
+    np.testing.assert_allclose(l_chunked, l_dense, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(chunked), jax.tree_util.tree_leaves(dense)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
 def final_params(config, workdir):
     setup = train.Setup(config, str(workdir))
     state, step = setup.restore_latest()

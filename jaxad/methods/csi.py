@@ -69,10 +69,12 @@ def train_views(key, images, num_shifts, aug_kwargs):
     return views.reshape((-1,) + views.shape[3:])
 
 
-def loss_and_aux(outputs, batch_size, num_shifts, temperature, shift_weight, eps=1e-8):
+def loss_and_aux(outputs, batch_size, num_shifts, temperature, shift_weight, eps=1e-8,
+                 nt_xent_impl='dense', key_block=2048):
     """CSI loss from the model outputs on `train_views`."""
-    loss_con = losses.nt_xent(outputs['proj'], positive_index(batch_size, num_shifts),
-                              temperature, eps=eps)
+    loss_con = losses.nt_xent_by_name(nt_xent_impl, outputs['proj'],
+                                      positive_index(batch_size, num_shifts), temperature,
+                                      eps=eps, block_size=key_block)
     loss_cls = losses.softmax_cross_entropy(outputs['shift_logits'],
                                             shift_labels(batch_size, num_shifts))
     loss = loss_con + shift_weight * loss_cls
@@ -187,6 +189,7 @@ class CSI:
     def __init__(self, config):
         from jaxad.models.resnet import build_model
         self.cfg = config.csi
+        self.loss_cfg = config.loss
         self.num_shifts = config.csi.num_shifts
         self.model = build_model(config.model, num_shifts=self.num_shifts)
         self.proj_dim = config.model.proj_dim
@@ -208,7 +211,8 @@ class CSI:
         out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, views,
                                         train=True, mutable=['batch_stats'])
         loss, metrics = loss_and_aux(out, images.shape[0], self.num_shifts,
-                                     self.cfg.temperature, self.cfg.shift_weight, self.cfg.eps)
+                                     self.cfg.temperature, self.cfg.shift_weight, self.cfg.eps,
+                                     self.loss_cfg.nt_xent, self.loss_cfg.key_block)
         return loss, (metrics, mutated['batch_stats'])
 
     def features(self, variables, images, indices, key):
