@@ -32,16 +32,11 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per setting.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for MFU (0: by device kind).')
 
-# Dense peaks per device (TFLOP/s) for the dtypes the step computes in.
-PEAK_TFLOPS = {('NVIDIA H100 80GB HBM3', 'bfloat16'): 989.0,
-               ('NVIDIA H100 80GB HBM3', 'float32'): 494.0,  # TF32 tensor cores
-               ('NVIDIA H200', 'bfloat16'): 989.0,
-               ('NVIDIA H200', 'float32'): 494.0}
-
 
 def measure(config, k, mode, steps, warmup):
     method = get_method(config)
-    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000)
+    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000,
+                                        global_batch=config.batch_size)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     b = config.batch_size
     images = np.random.default_rng(0).integers(0, 256, (k, b) + shape, dtype=np.uint8)
@@ -66,7 +61,7 @@ def measure(config, k, mode, steps, warmup):
     step_s = timing.median_step_seconds(compiled, state, batch, rng, steps, warmup)
     flops = timing.compiled_flops(compiled)
     device = jax.devices()[0].device_kind
-    peak = _PEAK.value or PEAK_TFLOPS.get((device, config.model.dtype))
+    peak = timing.peak_tflops(device, config.model.dtype, _PEAK.value)
     return {'config': config.method, 'k': k, 'mode': mode, 'batch_per_model': b,
             'image_size': config.data.image_size, 'width': config.model.width,
             'dtype': config.model.dtype, 'compile_s': round(compile_s, 2),

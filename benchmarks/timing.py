@@ -30,3 +30,50 @@ def compiled_flops(compiled):
         return float(cost.get('flops', 0.0)) or None
     except Exception:  # cost analysis is best effort on some backends
         return None
+
+
+# Dense peaks per device (TFLOP/s) for the dtypes the step computes in, keyed by
+# (jax device_kind, config.model.dtype). float32 on NVIDIA GPUs counts TF32 tensor cores,
+# which XLA uses for float32 convolutions and matmuls by default. Devices not listed
+# (the CPU among them) need --peak_tflops for an MFU.
+PEAK_TFLOPS = {('NVIDIA H100 80GB HBM3', 'bfloat16'): 989.0,
+               ('NVIDIA H100 80GB HBM3', 'float32'): 494.0,
+               ('NVIDIA H100 PCIe', 'bfloat16'): 756.0,
+               ('NVIDIA H100 PCIe', 'float32'): 378.0,
+               ('NVIDIA H200', 'bfloat16'): 989.0,
+               ('NVIDIA H200', 'float32'): 494.0,
+               ('NVIDIA A100-SXM4-80GB', 'bfloat16'): 312.0,
+               ('NVIDIA A100-SXM4-80GB', 'float32'): 156.0,
+               ('NVIDIA A100-SXM4-40GB', 'bfloat16'): 312.0,
+               ('NVIDIA A100-SXM4-40GB', 'float32'): 156.0}
+
+
+def peak_tflops(device_kind, dtype, override=0.0):
+    """Peak TFLOP/s of one device: `override` when > 0, else PEAK_TFLOPS, else None."""
+    return override if override and override > 0 else PEAK_TFLOPS.get((device_kind, dtype))
+
+
+def mfu(flops, step_seconds, peak_tflops_per_device, num_devices=1):
+    """Model FLOP utilisation: XLA's FLOPs of the step / step time / the devices' peak.
+
+    `flops` is XLA's cost analysis of the whole (global) program; None where unknown.
+    """
+    if not flops or not peak_tflops_per_device:
+        return None
+    return flops / step_seconds / (peak_tflops_per_device * 1e12 * num_devices)
+
+
+def peak_memory_bytes(devices):
+    """The largest `peak_bytes_in_use` over `devices`, or None where a backend has no stats.
+
+    The peak is the process's high-water mark since start-up, not per measurement.
+    """
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # not implemented on some backends
+            stats = None
+        if stats and 'peak_bytes_in_use' in stats:
+            peaks.append(int(stats['peak_bytes_in_use']))
+    return max(peaks) if peaks else None
