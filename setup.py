@@ -24,6 +24,8 @@ setup(
     ],
     extras_require={
         'tfds': ['tensorflow-datasets>=4.9,<5'],
-        'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4'],
+        'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',
+                 'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8'],
+        'plots': ['matplotlib>=3.7,<4'],
     },
 )
