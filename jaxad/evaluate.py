@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from jaxad import distributed
 from jaxad import metrics as metrics_lib
 from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
@@ -61,8 +62,16 @@ def _feature_pass(apply, batches, n_batches, label):
 
 
 def _concat(outputs, axis):
-    return jax.tree_util.tree_map(lambda *xs: np.concatenate(jax.device_get(xs), axis=axis),
+    # to_host: with several processes each batch's rows live on all of them.
+    return jax.tree_util.tree_map(lambda *xs: np.concatenate(distributed.to_host(xs), axis=axis),
                                   *outputs)
+
+
+def _global_masks(masks, mesh, where):
+    """Each process's batch masks -> the global batches' masks (laid out as the features)."""
+    if jax.process_count() == 1:
+        return masks
+    return [distributed.to_host(sharding.to_global(m, mesh, where)) for m in masks]
 
 
 def extract_features(method, variables, image_set, indices, *, batch_size, mesh, key,
@@ -80,7 +89,7 @@ def extract_features(method, variables, image_set, indices, *, batch_size, mesh,
                                     process_count=jax.process_count())
     outputs, masks = _feature_pass(apply, batches,
                                    pipeline.num_eval_batches(len(indices), batch_size), label)
-    mask = np.concatenate(masks)
+    mask = np.concatenate(_global_masks(masks, mesh, sharding.data_sharding(mesh)))
     return jax.tree_util.tree_map(lambda x: x[mask], _concat(outputs, 0))
 
 
@@ -112,6 +121,7 @@ def extract_stacked_features(method, variables, image_set, index_lists, *, batch
                                                 **proc)
     outputs, masks = _feature_pass(apply, batches, pipeline.num_eval_batches(n, batch_size),
                                    label)
+    masks = _global_masks(masks, mesh, where)
     feats = _concat(outputs, 1)  # (K, N_padded, ...)
     if shared:
         mask = np.concatenate(masks)
@@ -121,14 +131,29 @@ def extract_stacked_features(method, variables, image_set, index_lists, *, batch
             for k in range(len(index_lists))]
 
 
+@functools.lru_cache(maxsize=None)
+def _jit_score(method):
+    return jax.jit(method.score)
+
+
 def score_features(method, scoring, test_features, block=1024):
-    """Scores in blocks of test rows so the test x bank matrix stays bounded."""
-    score_fn = jax.jit(method.score)
+    """Scores in blocks of test rows so the test x bank matrix stays bounded.
+
+    Every block has the same shape (the last is padded; scores are per row), so the
+    scorer compiles once per (method, block) and repeated evaluations reuse it.
+    """
+    score_fn = _jit_score(method)
     n = len(jax.tree_util.tree_leaves(test_features)[0])
+    block = max(min(block, n), 1)
     out = []
     for start in range(0, n, block):
-        part = jax.tree_util.tree_map(lambda x: x[start:start + block], test_features)
-        out.append(jax.tree_util.tree_map(np.asarray, score_fn(scoring, part)))
+        def rows(x):
+            part = np.asarray(x[start:start + block])
+            pad = block - len(part)
+            return np.pad(part, [(0, pad)] + [(0, 0)] * (part.ndim - 1)) if pad else part
+        scores = score_fn(scoring, jax.tree_util.tree_map(rows, test_features))
+        out.append(jax.tree_util.tree_map(lambda s: np.asarray(s)[:min(block, n - start)],
+                                          scores))
     return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
 
 

@@ -16,6 +16,15 @@ _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
                           'train: train (resuming if possible) then evaluate; '
                           'eval: evaluate the latest checkpoint.')
 flags.mark_flags_as_required(['config', 'workdir'])
+# Multi-process runs (jaxad.distributed); unset flags fall back to JAXAD_* env vars.
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'host:port of process 0, for a multi-process run.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1.')
+_DISTRIBUTED = flags.DEFINE_enum(
+    'distributed', 'env', ['env', 'auto', 'off'],
+    'env: multi-process when the flags above or JAXAD_* env vars say so; auto: also '
+    "JAX's cluster auto-detection (SLURM, TPU pods); off: single process.")
 
 
 class _QuietOrbax(py_logging.Filter):
@@ -48,6 +57,12 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    from jaxad import distributed
+    try:  # before anything touches a device
+        distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               mode=_DISTRIBUTED.value)
+    except JaxadError as e:
+        _fail(e)
     from jaxad import train  # after flag parsing: a bad flag fails fast
     try:
         if _MODE.value == 'train':

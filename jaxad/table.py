@@ -31,6 +31,7 @@ from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
+from jaxad import distributed
 from jaxad import optim, sharding, stacking
 from jaxad import train as train_lib
 from jaxad.config import normal_classes as parse_normal_classes
@@ -90,8 +91,9 @@ class Group:
         self.total_steps = members[0].total_steps
         self.mode = stacking.resolve_mode(config.table.stack_mode)
         # Unrolled models index the model axis one by one: keep it whole on every device.
-        self.mesh = sharding.make_mesh(config.num_devices,
-                                       num_models=self.k if self.mode == 'vmap' else 1)
+        # Several processes: likewise (each process feeds all K models' batch slices).
+        by_model = self.mode == 'vmap' and jax.process_count() == 1
+        self.mesh = sharding.make_mesh(config.num_devices, num_models=self.k if by_model else 1)
         sharding.check_batch_divides(config.batch_size, self.mesh)
         self.tx, self.schedule = optim.make_optimizer(config.optim, self.steps_per_epoch,
                                                       self.total_steps, config.batch_size)
@@ -184,7 +186,8 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
                                  group.rngs)
         is_log, is_save = train_lib.log_and_save_flags(step, group.total_steps, config)
         if is_log or is_save:
-            metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+            metrics = {k: np.asarray(v, np.float64)
+                       for k, v in distributed.to_host(metrics).items()}
             _check_members_finite(group, step, metrics, last_saved)
         if is_log:
             rate = (step - step_last) / max(time.time() - t_last, 1e-9)

@@ -1,0 +1,197 @@
+"""Two CPU processes (jax.distributed on localhost, Gloo collectives) == one process, 2 devices.
+
+Each run is `python -m jaxad.main` in a subprocess with its own device count
+(XLA_FLAGS here would be the 8 devices conftest sets). The two-process run
+shares one workdir, as hosts share a file system; it must log the same losses,
+write one set of files (process 0) and save a checkpoint that a second
+two-process run resumes from.
+"""
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import orbax.checkpoint as ocp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = ['--config=configs/quickstart.py:epochs=2', '--config.total_steps=4',
+          '--config.log_every=1', '--config.checkpoint.every_steps=2',
+          '--config.eval.num_samples=1', '--config.eval.batch_size=64']
+TIMEOUT_S = 420  # generous: a loaded 2-core CI machine compiles ResNet-18 three times
+COMPARED = ('loss', 'loss_cls', 'loss_con', 'grad_norm', 'lr')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def child_env(num_devices, cache_dir):
+    env = {k: v for k, v in os.environ.items() if not k.startswith('JAXAD_')}
+    xla = re.sub(r'--xla_force_host_platform_device_count=\S+', '', env.get('XLA_FLAGS', ''))
+    env.update(
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS=f'{xla} --xla_force_host_platform_device_count={num_devices}'.strip(),
+        # One cache for every run of this test: the resumed run compiles nothing.
+        # (Not JAX_SHARE_BINARY_BETWEEN_HOSTS: on CPU each process's cache key
+        # differs, so process 1 would wait forever for process 0's binary.)
+        JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+        PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p))
+    return env
+
+
+class Run:
+    """A `jaxad.main` subprocess whose stdout/stderr go to files (no pipe deadlocks)."""
+
+    def __init__(self, name, args, env, log_dir):
+        self.name = name
+        self.out_path = os.path.join(log_dir, f'{name}.out')
+        self.err_path = os.path.join(log_dir, f'{name}.err')
+        with open(self.out_path, 'w') as out, open(self.err_path, 'w') as err:
+            self.proc = subprocess.Popen([sys.executable, '-m', 'jaxad.main', *args], cwd=REPO,
+                                         env=env, stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+
+    def stdout(self):
+        with open(self.out_path) as f:
+            return f.read()
+
+    def stderr(self):
+        with open(self.err_path) as f:
+            return f.read()
+
+    def report(self):
+        return (f'--- {self.name}: exit {self.proc.returncode}\n--- stdout:\n{self.stdout()[-3000:]}'
+                f'\n--- stderr:\n{self.stderr()[-6000:]}')
+
+
+def wait_all(runs, timeout=TIMEOUT_S):
+    """Waits for every run; one failing ends the others (its peer would hang in a collective)."""
+    deadline = time.time() + timeout
+    while any(r.proc.poll() is None for r in runs):
+        failed = any(r.proc.returncode not in (None, 0) for r in runs)
+        if failed or time.time() > deadline:
+            for r in runs:
+                if r.proc.poll() is None:
+                    r.proc.kill()
+                    r.proc.wait()
+            why = 'a run failed' if failed else f'timed out after {timeout} s'
+            raise AssertionError(f'{why}\n' + '\n'.join(r.report() for r in runs))
+        time.sleep(0.2)
+    assert all(r.proc.returncode == 0 for r in runs), '\n'.join(r.report() for r in runs)
+
+
+def start_two_processes(name, workdir, env, log_dir):
+    address = f'localhost:{free_port()}'
+    return [Run(f'{name}_p{pid}', [*CONFIG, f'--workdir={workdir}',
+                                   f'--coordinator_address={address}', '--num_processes=2',
+                                   f'--process_id={pid}'], env, log_dir)
+            for pid in (0, 1)]
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_results(workdir):
+    with open(os.path.join(workdir, 'results.json')) as f:
+        return json.load(f)
+
+
+def assert_same_metrics(got, want):
+    assert [r['step'] for r in got] == [r['step'] for r in want]
+    for g, w in zip(got, want):
+        for key in COMPARED:
+            np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-7,
+                                       err_msg=f'step {w["step"]} {key}')
+
+
+def assert_same_results(got, want):
+    assert got['step'] == want['step']
+    for name, metrics in want['scores'].items():
+        for key, value in metrics.items():
+            np.testing.assert_allclose(got['scores'][name][key], value, atol=1e-4,
+                                       err_msg=f'{name} {key}')
+
+
+def load_state(path):
+    """A checkpoint's train state as host arrays, whatever the mesh that saved it."""
+    ckpt = ocp.StandardCheckpointer()
+    tree = ckpt.metadata(path).item_metadata.tree
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return jax.device_get(ckpt.restore(path, abstract))
+
+
+def test_two_processes_match_one_process_two_devices(tmp_path):
+    logs, cache = tmp_path / 'logs', tmp_path / 'xla_cache'
+    logs.mkdir()
+    single_dir, multi_dir = tmp_path / 'single', tmp_path / 'multi'
+
+    # The reference and the two-process run side by side (different programs to compile).
+    single = Run('single', [*CONFIG, f'--workdir={single_dir}'], child_env(2, cache), logs)
+    multi = start_two_processes('multi', multi_dir, child_env(1, cache), logs)
+    wait_all([single, *multi])
+
+    want, got = read_metrics(single_dir), read_metrics(multi_dir)
+    assert [r['step'] for r in want] == [1, 2, 3, 4]
+    assert_same_metrics(got, want)  # one line per step: process 1 wrote none
+    assert_same_results(read_results(multi_dir), read_results(single_dir))
+    assert sorted(os.listdir(multi_dir)) == ['checkpoints', 'config.json', 'metrics.jsonl',
+                                             'results.json']
+    assert 'image_AUROC' in multi[0].stdout() and 'image_AUROC' not in multi[1].stdout()
+    assert 'train 4/4' in multi[0].stderr() and 'train 4/4' not in multi[1].stderr()
+
+    state_1p = load_state(str(single_dir / 'checkpoints' / '4' / 'state'))
+    state_2p = load_state(str(multi_dir / 'checkpoints' / '4' / 'state'))
+    leaves_1p, leaves_2p = jax.tree_util.tree_leaves(state_1p), jax.tree_util.tree_leaves(state_2p)
+    assert len(leaves_1p) == len(leaves_2p)
+    for a, b in zip(leaves_1p, leaves_2p):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+    # Resume: drop the final checkpoint, so a new two-process run restores step 2
+    # (saved by both processes) and retrains steps 3 and 4 to the same numbers.
+    shutil.rmtree(multi_dir / 'checkpoints' / '4')
+    first_results = read_results(multi_dir)
+    resumed = start_two_processes('resumed', multi_dir, child_env(1, cache), logs)
+    wait_all(resumed)
+    for r in resumed:
+        assert re.search(r'resuming from \S+ step 2\b', r.stderr()), r.report()
+    after = read_metrics(multi_dir)
+    assert [r['step'] for r in after] == [1, 2, 3, 4, 3, 4]
+    assert_same_metrics(after[4:], want[2:])
+    assert_same_results(read_results(multi_dir), first_results)
+
+
+def test_initialize_checks_values_before_starting(monkeypatch):
+    from jaxad import distributed
+    from jaxad.errors import ConfigError
+    for key in distributed.ENV.values():
+        monkeypatch.delenv(key, raising=False)
+    assert distributed.initialize() is False  # nothing asked: one process
+    assert distributed.initialize('localhost:1234', 1, 0) is False  # one process: nothing to join
+    assert distributed.initialize('localhost:1234', 2, 0, mode='off') is False
+    bad = [(dict(coordinator_address='localhost:1234'), 'also set --num_processes'),
+           (dict(coordinator_address='localhost', num_processes=2, process_id=0), 'host:port'),
+           (dict(coordinator_address='h:1', num_processes=2, process_id=2), r'in 0\.\.1'),
+           (dict(coordinator_address='h:1', num_processes=0, process_id=0), '>= 1'),
+           (dict(mode='sometimes'), 'expected one of')]
+    for kwargs, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            distributed.initialize(**kwargs)
+    monkeypatch.setenv('JAXAD_COORDINATOR_ADDRESS', 'h:1')
+    monkeypatch.setenv('JAXAD_NUM_PROCESSES', 'two')
+    monkeypatch.setenv('JAXAD_PROCESS_ID', '0')
+    with pytest.raises(ConfigError, match=r"num_processes='two' \(env JAXAD_NUM_PROCESSES\)"):
+        distributed.initialize()
