@@ -1,0 +1,84 @@
+"""A convolution whose weight gradient is a sum of matmuls (fast on XLA:CPU).
+
+Profiling the CSI step on the 2-core CPU (BENCHMARKS.md) showed 59% of forward+backward
+time in the kernel gradient: XLA:CPU lowers it as a convolution over transposed
+activations (copies into a batch-minor layout, then a conv with a 32x32 window), about 3x
+the forward convolution. Written directly,
+    dW[i, j] = sum_{n, h, w} x_pad[n, i + s*h, j + s*w, :]^T g[n, h, w, :],
+it is kh*kw matmuls over strided views of the NHWC input with no layout change; on that
+CPU the whole forward+backward ran 1.5x faster with identical gradients (to float32
+rounding). The input gradient stays XLA's. GPUs and TPUs keep XLA's convolution
+(cuDNN/TPU kernels do the weight gradient well): `model.conv_impl='auto'` picks this only
+on the CPU backend.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+
+CONV_IMPLS = ('auto', 'xla', 'matmul_dw')
+_DIMS = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _conv(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_matmul_dw(x, w, strides, padding):
+    """NHWC x HWIO convolution (explicit padding) with the matmul weight gradient."""
+    return _conv(x, w, strides, padding)
+
+
+def _forward(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _backward(strides, padding, residuals, g):
+    x, w = residuals
+    dx = jax.vjp(lambda x: _conv(x, w, strides, padding), x)[1](g)[0]
+    kh, kw, c, f = w.shape
+    sh, sw = strides
+    ho, wo = g.shape[1], g.shape[2]
+    x_pad = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    g_rows = g.reshape(-1, f)
+    taps = []
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(x_pad, (0, i, j, 0),
+                                   (x.shape[0], i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+                                   (1, sh, sw, 1))
+            taps.append(jax.lax.dot_general(window.reshape(-1, c), g_rows,
+                                            (((0,), (0,)), ((), ())),
+                                            preferred_element_type=jnp.float32))
+    dw = jnp.stack(taps).reshape(kh, kw, c, f).astype(w.dtype)
+    return dx, dw
+
+
+conv_matmul_dw.defvjp(_forward, _backward)
+
+
+def _flax_adapter(only_on_cpu):
+    """A `flax.linen.Conv(conv_general_dilated=...)` function; anything unusual (groups,
+    dilation, string padding) and, with `only_on_cpu`, any other backend goes to XLA."""
+    def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+             dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+        plain = (feature_group_count == 1 and not kwargs and not isinstance(padding, str)
+                 and all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation)))
+        if not plain or (only_on_cpu and jax.default_backend() != 'cpu'):
+            return jax.lax.conv_general_dilated(
+                lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                dimension_numbers, feature_group_count, precision=precision, **kwargs)
+        return conv_matmul_dw(lhs, rhs, tuple(window_strides),
+                              tuple(tuple(int(v) for v in p) for p in padding))
+    return conv
+
+
+def conv_fn(impl):
+    """The `conv_general_dilated` for flax's Conv under `model.conv_impl`:
+    'xla' always XLA's, 'matmul_dw' always ours, 'auto' ours on the CPU backend only."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f'unknown model.conv_impl {impl!r}; choose one of {CONV_IMPLS}')
+    if impl == 'xla':
+        return jax.lax.conv_general_dilated
+    return _flax_adapter(only_on_cpu=impl == 'auto')
