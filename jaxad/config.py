@@ -7,6 +7,7 @@ it to `workdir/config.json`. Config files call `parse_arg` for their
 import ml_collections
 
 from jaxad.errors import ConfigError
+from jaxad import density
 from jaxad.losses import NT_XENT_IMPLS
 
 
@@ -111,6 +112,12 @@ def csi_base():
     c.model.dtype = 'float32'  # compute dtype; params stay float32
     c.model.bn_mode = 'batch'  # 'batch': global-batch statistics; 'frozen': running stats (MSC)
     c.model.bn_groups = 1  # > 1: statistics per contiguous group (G GPUs without SyncBN)
+    c.model.conv_impl = 'auto'  # auto: matmul weight gradients on CPU (models/conv.py)
+    # name: resnet18/34/50/101/152, wide_resnet50_2/101_2 (torchvision layouts).
+    c.model.input_norm = 'csi'  # 'csi': (x-0.5)/0.5; 'imagenet': torchvision mean/std
+    # A DIR written by `python -m jaxad.models.convert --in W.pth --out DIR`: the encoder
+    # starts from it (needs stem='imagenet', width=64; heads stay random). '' = random init.
+    c.model.init_from = ''
 
     c.csi = ml_collections.ConfigDict()
     c.csi.num_shifts = 4  # rotations 0, 90, 180, 270
@@ -155,11 +162,32 @@ def csi_base():
     c.eval.num_samples = 10  # test-time augmentations T (CSI: --ood_samples 10)
     c.eval.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
     c.eval.knn_k = 1
+    # Density evaluators (jaxad.density) on the method's bank features, reported beside its
+    # own scores: any of 'knn', 'gde', 'kde', 'mahalanobis', evaluated together in one pass.
+    c.eval.density = ()
+    c.eval.knn_metric = 'cosine'  # cosine (1 - cos) | l2 | sql2 (MSC: sql2, sum, normalised, k=2)
+    c.eval.knn_reduce = 'mean'  # mean | sum | kth of the k nearest distances
+    c.eval.knn_normalize = False  # l2/sql2 on l2-normalised features
+    c.eval.gde_ridge = 1e-6
+    c.eval.kde_temperature = 0.1
+    c.eval.maha_ridge = 1e-6
+    c.eval.maha_shared_cov = True
+    c.eval.density_test_block = 1024
+    c.eval.density_bank_block = 4096
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
     c.checkpoint.max_to_keep = 3
     c.checkpoint.use_async = True
+
+    # Decision threshold on the headline score (jaxad.thresholds), saved as
+    # workdir/threshold.json. holdout_fraction > 0 keeps that fraction of the normal
+    # training images (seeded split) out of training and out of the scoring bank and
+    # calibrates on them after training; 0 = the paper protocol (all of them train).
+    c.threshold = ml_collections.ConfigDict()
+    c.threshold.holdout_fraction = 0.0
+    c.threshold.quantile = 0.95  # rule 'normal_quantile': this quantile of normal scores
+    c.threshold.value = ml_collections.config_dict.placeholder(float)  # set: rule 'fixed'
     return c
 
 
@@ -184,8 +212,66 @@ def validate_config(config):
         raise ConfigError(f'unknown loss.nt_xent {config.loss.nt_xent!r}; '
                           f'choose one of {", ".join(NT_XENT_IMPLS)}')
     positive('loss.key_block', config.loss.key_block)
+    for name in config.eval.density:
+        if name not in density.DENSITY_SCORERS:
+            raise ConfigError(f'unknown eval.density {name!r}; choose from '
+                              f'{", ".join(density.DENSITY_SCORERS)}')
+    if config.eval.density:
+        if config.eval.knn_metric not in density.KNN_METRICS:
+            raise ConfigError(f'eval.knn_metric must be one of {density.KNN_METRICS}')
+        if config.eval.knn_reduce not in density.KNN_REDUCES:
+            raise ConfigError(f'eval.knn_reduce must be one of {density.KNN_REDUCES}')
+        positive('eval.kde_temperature', config.eval.kde_temperature)
     if config.method == 'csi':
         positive('csi.num_shifts', config.csi.num_shifts)
         positive('csi.temperature', config.csi.temperature)
         if config.csi.num_shifts > 4:
             raise ConfigError(f'csi.num_shifts={config.csi.num_shifts}: rotations give at most 4 shifts')
+
+
+def load_run_config(workdir):
+    """The ConfigDict of the run in `workdir`, rebuilt from its `config.json`.
+
+    Fields are laid over `csi_base()`, so a config.json written before a field
+    existed still gets its default; JSON lists become tuples where the default
+    is a tuple. Raises ConfigError when `workdir` holds no run.
+    """
+    import json
+    import os
+
+    path = os.path.join(os.fspath(workdir), 'config.json')
+    if not os.path.isfile(path):
+        what = 'does not exist' if not os.path.isdir(workdir) else 'has no config.json'
+        raise ConfigError(f'workdir {workdir} {what}: it holds no training run (train one with '
+                          '--mode=train, or pass the run\'s --config)')
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f'cannot read {path}: {e}') from e
+    if not isinstance(saved, dict):
+        raise ConfigError(f'{path} does not hold a config (a JSON object)')
+
+    def merge(base, new):
+        out = dict(base)
+        for key, value in new.items():
+            old = base.get(key)
+            if isinstance(old, dict) and isinstance(value, dict):
+                out[key] = merge(old, value)
+            elif isinstance(old, tuple) and isinstance(value, list):
+                out[key] = _as_tuple(value)
+            else:
+                out[key] = value
+        return out
+
+    merged = merge(csi_base().to_dict(), saved)
+    config = ml_collections.ConfigDict(merged)
+    if config.threshold.value is None:  # keep it typed, as csi_base has it
+        with config.unlocked():
+            del config.threshold['value']
+            config.threshold.value = ml_collections.config_dict.placeholder(float)
+    return config
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) if isinstance(v, list) else v for v in value)

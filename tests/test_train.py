@@ -97,12 +97,17 @@ def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
 
 def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(npz, tmp_path):
     workdir = tmp_path / 'run'
-    config = tiny_config(npz)
+    # The shared density evaluators ride along: fitted, checkpointed, restored, scored.
+    config = tiny_config(npz, **{'eval.density': ('knn', 'gde', 'kde', 'mahalanobis')})
     results = train.train_and_evaluate(config, str(workdir))
     saved = json.loads((workdir / 'results.json').read_text())
     for key in ('image_AUROC', 'image_AUPR', 'FPR@95TPR'):
         assert 0.0 <= saved[key] <= 1.0
-    assert set(saved['scores']) == {'csi', 'csi_sim', 'csi_shift', 'knn_cosine'}
+    assert set(saved['scores']) == {'csi', 'csi_sim', 'csi_shift', 'knn_cosine', 'knn', 'gde',
+                                    'kde', 'mahalanobis'}
+    # k = 1 cosine kNN on the same features is CSI's own knn_cosine score.
+    assert saved['scores']['knn']['image_AUROC'] == pytest.approx(
+        saved['scores']['knn_cosine']['image_AUROC'], abs=1e-6)
     assert saved['num_test'] == 24 and saved['num_test_anomalies'] == 16
     assert set(saved['per_class_image_AUROC']) == {'1', '2'}
     assert json.loads((workdir / 'config.json').read_text())['csi']['temperature'] == 0.5

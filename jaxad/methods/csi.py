@@ -192,6 +192,7 @@ class CSI:
         self.loss_cfg = config.loss
         self.num_shifts = config.csi.num_shifts
         self.model = build_model(config.model, num_shifts=self.num_shifts)
+        self.init_from = config.model.get('init_from', '')  # converted encoder DIR or ''
         self.proj_dim = config.model.proj_dim
         self.train_aug = augment_kwargs(config.augment, config.augment.crop_scale)
         # Test-time crops use a fixed scale (CSI: --resize_factor 0.54 --resize_fix).
@@ -203,7 +204,10 @@ class CSI:
     def init_variables(self, key, image_shape):
         x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
         variables = self.model.init(key, x, train=False)
-        return {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+        # model.init_from: the encoder starts from converted torchvision weights.
+        from jaxad.models.convert import init_encoder_from
+        return init_encoder_from(variables, self.init_from)
 
     def loss(self, params, batch_stats, images, key):
         """(loss, (metrics, new_batch_stats)) for a uint8 batch, BN in train mode."""

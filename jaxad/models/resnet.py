@@ -1,4 +1,10 @@
-"""ResNet-18/34 encoders (CIFAR and ImageNet stems) with the CSI heads.
+"""ResNet encoders (CIFAR and ImageNet stems) with the CSI heads.
+
+Depths 18/34 (BasicBlock) and 50/101/152 (torchvision's v1.5 Bottleneck: the
+stride sits on the 3x3 conv; 1x1-conv+BN shortcut; expansion 4), and
+`width_per_group` 128 for wide_resnet50_2 / wide_resnet101_2. With stem='imagenet'
+and input_norm='imagenet' the layout and arithmetic are torchvision's, so weights
+imported by `jaxad.models.convert` give torchvision's features.
 
 Layout follows the CSI code (methods.md §2.2): inputs in [0, 1] are normalised
 inside the network with (x - 0.5) / 0.5, BasicBlocks [2,2,2,2] or [3,4,6,3],
@@ -6,7 +12,19 @@ global average pooling to the penultimate features f(x). Heads:
 projection 512 -> 512 -> 128 (no BN; hidden = feature width) and the shift classifier 512 -> K.
 
 Convolutions use explicit symmetric padding (torch semantics) so that strided
-layers match PyTorch; 'SAME' would pad (0, 1) for stride 2.
+layers match PyTorch; 'SAME' would pad (0, 1) for stride 2. The ImageNet stem's
+3x3/2 max-pool pads 1 with -inf (flax's `max_pool` pads with its -inf init value),
+as torch does.
+
+Input normalisation (config.model.input_norm): 'csi' = (x - 0.5) / 0.5 (CSI, the
+default); 'imagenet' = (x - mean) / std with torchvision's ImageNet statistics, which
+pretrained torchvision weights expect. Inputs are in [0, 1] either way.
+
+Parameter names (the converter's mapping, `convert.py`): stem `conv1`, `bn1`; block
+b (0-based) of stage s (1..4) is `layer{s}_{b}` with `conv1`, `bn1`, `conv2`, `bn2`
+(+ `conv3`, `bn3` in a Bottleneck) and `shortcut_conv`, `shortcut_bn` for
+torchvision's `downsample.0`, `downsample.1`.
+
 Params are always float32; `dtype` is the compute dtype (bfloat16 on
 accelerators). Everything the loss sees is cast back to float32.
 
@@ -23,9 +41,26 @@ import jax
 import jax.numpy as jnp
 
 from jaxad.errors import ConfigError
+from jaxad.models.conv import CONV_IMPLS, conv_fn
 
-STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
+STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # BasicBlock
+BOTTLENECK_STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BN_MODES = ('batch', 'frozen')
+# config.model.name -> (depth, width_per_group), torchvision's names.
+ARCHS = {'resnet18': (18, 64), 'resnet34': (34, 64), 'resnet50': (50, 64),
+         'resnet101': (101, 64), 'resnet152': (152, 64),
+         'wide_resnet50_2': (50, 128), 'wide_resnet101_2': (101, 128)}
+# (mean, std) per channel of inputs in [0, 1]; 'csi' works for any number of channels.
+INPUT_NORMS = {'csi': ((0.5,), (0.5,)),
+               'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+
+
+def arch_name(depth, width_per_group=64):
+    """The config.model.name of (depth, width_per_group), e.g. 'wide_resnet50_2'."""
+    for name, arch in ARCHS.items():
+        if arch == (depth, width_per_group):
+            return name
+    return f'resnet{depth}_w{width_per_group}'
 
 
 class GroupedBatchNorm(nn.Module):
@@ -84,12 +119,13 @@ class BasicBlock(nn.Module):
     bn_momentum: float
     bn_mode: str = 'batch'
     bn_groups: int = 1
+    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train):
         conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
             f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-            dtype=self.dtype, name=name)
+            dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl), name=name)
         norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
                                        self.bn_mode, self.bn_groups, name)
         y = nn.relu(norm('bn1')(conv(self.features, 3, self.strides, 1, 'conv1')(x)))
@@ -99,41 +135,111 @@ class BasicBlock(nn.Module):
         return nn.relu(x + y)
 
 
+class Bottleneck(nn.Module):
+    """torchvision's v1.5 Bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4), 1x1-conv+BN shortcut.
+
+    `features` is torchvision's `planes`; the block outputs 4 * features channels and
+    its inner width is int(features * width_per_group / 64) (128: wide ResNets).
+    """
+    features: int
+    strides: int
+    dtype: Any
+    bn_momentum: float
+    bn_mode: str = 'batch'
+    bn_groups: int = 1
+    width_per_group: int = 64
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
+            f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
+            dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl), name=name)
+        norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
+                                       self.bn_mode, self.bn_groups, name)
+        inner = int(self.features * (self.width_per_group / 64.0))
+        out = self.features * 4
+        y = nn.relu(norm('bn1')(conv(inner, 1, 1, 0, 'conv1')(x)))
+        y = nn.relu(norm('bn2')(conv(inner, 3, self.strides, 1, 'conv2')(y)))
+        y = norm('bn3')(conv(out, 1, 1, 0, 'conv3')(y))
+        if self.strides != 1 or x.shape[-1] != out:
+            x = norm('shortcut_bn')(conv(out, 1, self.strides, 0, 'shortcut_conv')(x))
+        return nn.relu(x + y)
+
+
+def normalize_input(x, input_norm):
+    """Inputs in [0, 1] -> the network's input scale (`INPUT_NORMS`)."""
+    if input_norm == 'csi':
+        return (x - 0.5) / 0.5
+    if input_norm not in INPUT_NORMS:
+        raise ConfigError(f'unknown model.input_norm {input_norm!r}; choose from {sorted(INPUT_NORMS)}')
+    mean, std = (jnp.asarray(v, jnp.float32) for v in INPUT_NORMS[input_norm])
+    if x.shape[-1] != mean.shape[0]:
+        raise ConfigError(f'model.input_norm={input_norm!r} needs {mean.shape[0]} input '
+                          f'channels, got {x.shape[-1]}')
+    return (x - mean) / std
+
+
 class ResNet(nn.Module):
-    """ResNet encoder returning the pooled penultimate features (float32)."""
+    """ResNet encoder returning the pooled penultimate features (float32).
+
+    return_stages=True returns {'layer1'..'layer4': stage outputs (B, H, W, C),
+    'pooled': the pooled features}, all float32 (multi-scale taps, e.g. ReContrast).
+    """
     depth: int = 18
     stem: str = 'cifar'  # 'cifar': 3x3 s1, no max-pool; 'imagenet': 7x7 s2 + max-pool
-    width: int = 64      # channels of the first stage (64 in the papers)
+    width: int = 64      # channels of the stem and of torchvision's `planes` in stage 1
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9  # = PyTorch momentum 0.1
     bn_mode: str = 'batch'
     bn_groups: int = 1
+    width_per_group: int = 64  # Bottleneck inner width per 64 planes (128: wide ResNets)
+    input_norm: str = 'csi'    # 'csi' | 'imagenet' (module docstring)
+    return_stages: bool = False
+    conv_impl: str = 'auto'    # jaxad.models.conv: matmul weight gradients on CPU
 
     @nn.compact
     def __call__(self, x, train):
-        if self.depth not in STAGE_SIZES:
-            raise ConfigError(f'ResNet depth {self.depth} is not supported; choose from {sorted(STAGE_SIZES)}')
-        x = ((x - 0.5) / 0.5).astype(self.dtype)
+        if self.depth in STAGE_SIZES:
+            if self.width_per_group != 64:
+                raise ConfigError(f'width_per_group={self.width_per_group} needs a Bottleneck '
+                                  f'ResNet (depth 50/101/152), not depth {self.depth}')
+            stage_sizes, block_cls, extra = STAGE_SIZES[self.depth], BasicBlock, {}
+        elif self.depth in BOTTLENECK_STAGE_SIZES:
+            stage_sizes, block_cls = BOTTLENECK_STAGE_SIZES[self.depth], Bottleneck
+            extra = {'width_per_group': self.width_per_group}
+        else:
+            raise ConfigError(f'ResNet depth {self.depth} is not supported; choose from '
+                              f'{sorted(STAGE_SIZES) + sorted(BOTTLENECK_STAGE_SIZES)}')
+        x = normalize_input(x, self.input_norm).astype(self.dtype)
         norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
                                        self.bn_mode, self.bn_groups, name)
         if self.stem == 'cifar':
             x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        dtype=self.dtype, name='conv1')(x)
+                        dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl),
+                        name='conv1')(x)
             x = nn.relu(norm('bn1')(x))
         elif self.stem == 'imagenet':
             x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                        dtype=self.dtype, name='conv1')(x)
+                        dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl),
+                        name='conv1')(x)
             x = nn.relu(norm('bn1')(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         else:
             raise ConfigError(f"unknown ResNet stem {self.stem!r}; choose 'cifar' or 'imagenet'")
-        for stage, num_blocks in enumerate(STAGE_SIZES[self.depth]):
+        stages = {}
+        for stage, num_blocks in enumerate(stage_sizes):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
-                x = BasicBlock(self.width * 2 ** stage, strides, self.dtype, self.bn_momentum,
-                               self.bn_mode, self.bn_groups,
-                               name=f'layer{stage + 1}_{block}')(x, train)
-        return jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+                x = block_cls(self.width * 2 ** stage, strides, self.dtype, self.bn_momentum,
+                              self.bn_mode, self.bn_groups, conv_impl=self.conv_impl, **extra,
+                              name=f'layer{stage + 1}_{block}')(x, train)
+            if self.return_stages:
+                stages[f'layer{stage + 1}'] = x.astype(jnp.float32)
+        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+        if self.return_stages:
+            return dict(stages, pooled=pooled)
+        return pooled
 
 
 class CSINet(nn.Module):
@@ -146,13 +252,19 @@ class CSINet(nn.Module):
     dtype: Any = jnp.float32
     bn_mode: str = 'batch'
     bn_groups: int = 1
+    width_per_group: int = 64
+    input_norm: str = 'csi'
+    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, x, train):
         feats = ResNet(self.depth, self.stem, self.width, self.dtype, bn_mode=self.bn_mode,
-                       bn_groups=self.bn_groups, name='encoder')(x, train)
+                       bn_groups=self.bn_groups, width_per_group=self.width_per_group,
+                       input_norm=self.input_norm, conv_impl=self.conv_impl,
+                       name='encoder')(x, train)
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
-        # Hidden width = feature width (512 at width 64), as in CSI's simclr_layer.
+        # Hidden width = feature width (512 at width 64; 2048 for Bottlenecks), as in CSI's
+        # simclr_layer.
         h = nn.relu(dense(feats.shape[-1], 'proj_hidden')(feats))
         z = dense(self.proj_dim, 'proj_out')(h)
         shift_logits = dense(self.num_shifts, 'shift_cls')(feats)
@@ -162,10 +274,14 @@ class CSINet(nn.Module):
 
 
 def build_model(model_cfg, num_shifts: int) -> nn.Module:
-    """CSINet from `config.model` (fields: name, stem, width, proj_dim, dtype)."""
-    depths = {'resnet18': 18, 'resnet34': 34}
-    if model_cfg.name not in depths:
-        raise ConfigError(f'unknown model {model_cfg.name!r}; choose from {sorted(depths)}')
+    """CSINet from `config.model` (fields: name, stem, width, proj_dim, dtype, bn_mode,
+    bn_groups, input_norm; `init_from` is applied by the method's init)."""
+    if model_cfg.name not in ARCHS:
+        raise ConfigError(f'unknown model {model_cfg.name!r}; choose from {sorted(ARCHS)}')
+    depth, width_per_group = ARCHS[model_cfg.name]
+    input_norm = model_cfg.get('input_norm', 'csi')
+    if input_norm not in INPUT_NORMS:
+        raise ConfigError(f'unknown model.input_norm {input_norm!r}; choose from {sorted(INPUT_NORMS)}')
     dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
     if model_cfg.dtype not in dtypes:
         raise ConfigError(f'unknown model dtype {model_cfg.dtype!r}; choose from {sorted(dtypes)}')
@@ -173,10 +289,14 @@ def build_model(model_cfg, num_shifts: int) -> nn.Module:
         raise ConfigError(f'unknown model.bn_mode {model_cfg.bn_mode!r}; choose from {BN_MODES}')
     if model_cfg.bn_groups < 1:
         raise ConfigError(f'model.bn_groups must be >= 1, got {model_cfg.bn_groups}')
-    return CSINet(depth=depths[model_cfg.name], stem=model_cfg.stem, width=model_cfg.width,
+    conv_impl = model_cfg.get('conv_impl', 'auto')
+    if conv_impl not in CONV_IMPLS:
+        raise ConfigError(f'unknown model.conv_impl {conv_impl!r}; choose from {CONV_IMPLS}')
+    return CSINet(depth=depth, stem=model_cfg.stem, width=model_cfg.width,
                   proj_dim=model_cfg.proj_dim, num_shifts=num_shifts,
                   dtype=dtypes[model_cfg.dtype], bn_mode=model_cfg.bn_mode,
-                  bn_groups=model_cfg.bn_groups)
+                  bn_groups=model_cfg.bn_groups, width_per_group=width_per_group,
+                  input_norm=input_norm, conv_impl=conv_impl)
 
 
 def count_params(params) -> int:
