@@ -21,6 +21,7 @@ setup(
         'ml_collections>=0.1.1,<2',
         'pillow>=10.0,<14',
         'scikit-learn>=1.3,<2',
+        'flatbuffers>=24,<26',  # jax.export serialisation (jaxad.export)
     ],
     extras_require={
         'tfds': ['tensorflow-datasets>=4.9,<5'],

@@ -212,11 +212,11 @@ def validate_config(config):
         raise ConfigError(f'unknown loss.nt_xent {config.loss.nt_xent!r}; '
                           f'choose one of {", ".join(NT_XENT_IMPLS)}')
     positive('loss.key_block', config.loss.key_block)
-    for name in config.eval.density:
+    for name in density.config_names(config.eval):
         if name not in density.DENSITY_SCORERS:
             raise ConfigError(f'unknown eval.density {name!r}; choose from '
                               f'{", ".join(density.DENSITY_SCORERS)}')
-    if config.eval.density:
+    if density.config_names(config.eval):
         if config.eval.knn_metric not in density.KNN_METRICS:
             raise ConfigError(f'eval.knn_metric must be one of {density.KNN_METRICS}')
         if config.eval.knn_reduce not in density.KNN_REDUCES:

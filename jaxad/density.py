@@ -435,6 +435,14 @@ DENSITY_SCORERS = {
 }
 
 
+def config_names(eval_cfg):
+    """The evaluator names of `eval.density`, however given: ('knn', 'gde'), 'knn,gde', or
+    ('knn,gde',), which is what `--config.eval.density=knn,gde` parses to."""
+    names = eval_cfg.get('density', ()) or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(part.strip() for n in names for part in n.split(',') if part.strip())
+
+
 def _names(names):
     names = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in DENSITY_SCORERS]
@@ -565,9 +573,7 @@ def with_density(method, eval_cfg, feature_fn):
 
     feature_fn(features tree) -> (N, D) array: the features the evaluators see.
     """
-    names = eval_cfg.get('density', ()) or ()
-    names = tuple(n.strip() for n in names.split(',') if n.strip()) if isinstance(
-        names, str) else tuple(names)
+    names = config_names(eval_cfg)
     if not names:
         return method
     return WithDensity(method, names, DensityConfig.from_config(eval_cfg), feature_fn)

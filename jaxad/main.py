@@ -12,10 +12,20 @@ from jaxad.errors import JaxadError
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
+_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'calibrate', 'export'],
                           'train: train (resuming if possible) then evaluate; '
-                          'eval: evaluate the latest checkpoint.')
-flags.mark_flags_as_required(['config', 'workdir'])
+                          'eval: evaluate the latest checkpoint; '
+                          'predict: score --input images; '
+                          'calibrate: threshold from --input normal (and --anomalies) images; '
+                          'export: write a jax.export scoring artifact.')
+flags.mark_flags_as_required(['workdir'])
+_INPUT = flags.DEFINE_string('input', None, 'predict/calibrate: a folder, glob, list file, '
+                             'image or .npz of images (calibrate: normal images).')
+_ANOMALIES = flags.DEFINE_string('anomalies', None, 'calibrate: labelled anomalous images '
+                                 '(same forms as --input); the threshold rule becomes f1_max.')
+_OUTPUT = flags.DEFINE_string('output', None, 'predict: output folder (default '
+                              'WORKDIR/predictions); export: artifact folder (default '
+                              'WORKDIR/export).')
 # Multi-process runs (jaxad.distributed); unset flags fall back to JAXAD_* env vars.
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for a multi-process run.')
@@ -63,12 +73,26 @@ def main(argv):
                                mode=_DISTRIBUTED.value)
     except JaxadError as e:
         _fail(e)
+    mode = _MODE.value
+    if mode in ('train', 'eval') and _CONFIG.value is None:
+        _fail(f'--config is required for --mode={mode}')
+    if mode in ('predict', 'calibrate') and not _INPUT.value:
+        _fail(f'--input is required for --mode={mode} (a folder, glob, list file, image or .npz)')
     from jaxad import train  # after flag parsing: a bad flag fails fast
     try:
-        if _MODE.value == 'train':
+        if mode == 'train':
             train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-        else:
+        elif mode == 'eval':
             train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
+        else:  # the run's config.json unless --config is given
+            from jaxad import export, predict
+            config = _CONFIG.value
+            if mode == 'predict':
+                predict.predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, config=config)
+            elif mode == 'calibrate':
+                predict.calibrate(_WORKDIR.value, _INPUT.value, _ANOMALIES.value, config=config)
+            else:
+                export.export_run(_WORKDIR.value, _OUTPUT.value, config=config)
     except JaxadError as e:
         logging.flush()
         _fail(e)

@@ -18,7 +18,7 @@ from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import optim, sharding
+from jaxad import optim, predict, sharding, thresholds
 from jaxad.config import validate_config
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
@@ -108,6 +108,10 @@ class Setup:
         num_classes = len(self.train_set.class_names)
         self.normal_indices = sources.one_class_indices(
             self.train_set.labels, self.normal_classes, num_classes, self.train_set.name)
+        # threshold.holdout_fraction > 0: kept out of training and the scoring bank,
+        # calibrates the decision threshold in `finish` (jaxad.thresholds).
+        self.normal_indices, self.holdout_indices = thresholds.holdout_split(
+            self.normal_indices, thresholds.holdout_fraction(config), config.seed)
         sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes,
                                   self.test_set.name)
         self.image_shape = check_image_shape(self.train_set, data)
@@ -227,9 +231,11 @@ def finish(setup, state, extra=None):
     step = int(state.step)
     setup.checkpoints.save(step, state, scoring=scoring)
     setup.checkpoints.wait()
+    threshold = predict.calibrate_after_training(setup, variables, scoring, step)
+    extra = dict(extra or {}, **({'threshold': threshold} if threshold else {}))
     return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
                              setup.normal_classes, config=config, mesh=setup.mesh,
-                             workdir=setup.workdir, extra=dict(step=step, **(extra or {})))
+                             workdir=setup.workdir, extra=dict(step=step, **extra))
 
 
 def train_and_evaluate(config, workdir):

@@ -287,3 +287,10 @@ def test_config_and_method_wrapper(data):
     np.testing.assert_allclose(np.asarray(scores['knn']),
                                np.asarray(density.knn_scores(test, bank, 2, **BLOCKS)),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_config_names_accept_the_cli_forms():
+    import ml_collections
+    for value, want in [((), ()), (('knn', 'gde'), ('knn', 'gde')),
+                        (('knn,gde',), ('knn', 'gde')), ('kde, mahalanobis', ('kde', 'mahalanobis'))]:
+        assert density.config_names(ml_collections.ConfigDict({'density': value})) == want

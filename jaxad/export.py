@@ -1,0 +1,197 @@
+"""A self-contained scoring artifact: `jax.export` StableHLO of predict's score function.
+
+`--mode=export --workdir=DIR [--output=OUT]` (default OUT = DIR/export) writes
+
+  score_fn.jax_export  the serialized `jax.export.Exported` of
+                       `jaxad.predict.make_score_fn(...)`: uint8 (B, H, W, C) ->
+                       {score name: (B,) float32}. The model variables, the
+                       scoring state (feature bank, weights) and the test-time
+                       augmentation key are constants inside it; uint8 -> float
+                       conversion and the test-time augmentations run inside it.
+                       B is symbolic when the method allows it (any batch size),
+                       else fixed (`input.batch` in the meta; the loader pads).
+  export_meta.json     input shape/dtype, channels, image size and how host-side
+                       decoding/resizing is done, score names, the headline score,
+                       the threshold (rule, value) and jaxad/jax versions.
+
+`load(OUT)` needs jax and NumPy only (plus Pillow for `score_files`):
+`load(OUT).score(images)` gives the scores, `.predict(images)` adds `pred_score`,
+`is_anomaly` (pred_score >= threshold value) and `threshold_rule`. Images must
+already be image_size x image_size with the run's channels;
+`score_files(spec)` decodes and resizes files exactly as `--mode=predict` does.
+"""
+import importlib.util
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from jaxad.errors import DataError, JaxadError
+
+ARTIFACT = 'score_fn.jax_export'
+META = 'export_meta.json'
+FORMAT_VERSION = 1
+_PLATFORMS = ('cpu', 'cuda', 'tpu')
+_BATCH_HINT = 64  # the loader's chunk for a symbolic batch
+
+
+def _check_serialization():
+    """jax.export's serialization needs the small `flatbuffers` package."""
+    if importlib.util.find_spec('flatbuffers') is None:
+        raise JaxadError('exporting and loading need the flatbuffers package (jax.export '
+                         'serialization): pip install flatbuffers')
+
+
+def _export(fn, image_shape, fixed_batch):
+    """(Exported, fixed batch or None): symbolic batch if the function allows it."""
+    jitted = jax.jit(fn)
+    attempts = []
+    (b,) = jax.export.symbolic_shape('b')
+    for batch in (b, fixed_batch):
+        spec = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.uint8)
+        for platforms in (_PLATFORMS, None):
+            try:
+                exported = jax.export.export(jitted, platforms=platforms)(spec)
+                return exported, (None if batch is b else int(batch))
+            except Exception as e:  # noqa: BLE001 shape polymorphism / platform unsupported
+                attempts.append(f'batch={batch} platforms={platforms}: {type(e).__name__}: {e}')
+                logging.info('export attempt failed: %s', attempts[-1])
+                if batch is b and 'Inconclusive' in type(e).__name__:
+                    break  # the method needs a fixed batch whatever the platforms
+    raise JaxadError('cannot export the score function: ' + ' | '.join(attempts))
+
+
+def export_model(model, output, threshold=None):
+    """Writes the artifact of a `jaxad.predict.Model` to `output`; returns the meta dict."""
+    import jaxad
+    from jaxad import predict
+
+    _check_serialization()
+    config = model.config
+    image_shape = model.image_shape
+    exported, batch = _export(model.score_fn(), image_shape, config.eval.batch_size)
+    score_names = sorted(exported.out_tree.unflatten(list(range(exported.out_tree.num_leaves))))
+    meta = {
+        'format': 'jaxad.export', 'format_version': FORMAT_VERSION, 'artifact': ARTIFACT,
+        'input': {'shape': ['b' if batch is None else batch] + list(image_shape),
+                  'dtype': 'uint8', 'layout': 'NHWC', 'batch': batch,
+                  'value_range': '0..255 (uint8); converted to float inside the artifact'},
+        'image_size': int(config.data.image_size), 'channels': int(config.data.channels),
+        'color_mode': predict._PIL_MODES[int(config.data.channels)],
+        'host_preprocessing': ('decode with Pillow, convert to color_mode, resize to '
+                               'image_size x image_size with Pillow BILINEAR when the size '
+                               'differs (jaxad.predict.load_image)'),
+        'score_names': score_names, 'headline_score': model.score_name,
+        'higher_is_more_anomalous': True,
+        'threshold': threshold, 'threshold_rule': threshold['rule'] if threshold else 'none',
+        'threshold_value': threshold['value'] if threshold else None,
+        'is_anomaly': 'pred_score >= threshold_value',
+        'method': config.method, 'step': model.step, 'seed': int(config.seed),
+        'test_time_augmentation': {'num_samples': int(config.eval.num_samples),
+                                   'crop_scale': float(config.eval.crop_scale),
+                                   'key': 'jaxad.evaluate.eval_test_key(seed), index 0 for '
+                                          'every image'},
+        'platforms': list(exported.platforms),
+        'workdir': os.path.abspath(model.workdir),
+        'jaxad_version': jaxad.__version__, 'jax_version': jax.__version__,
+    }
+    if jax.process_index() == 0:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, ARTIFACT), 'wb') as f:
+            f.write(exported.serialize())
+        with open(os.path.join(output, META), 'w') as f:
+            json.dump(meta, f, indent=2)
+        print(f"jaxad: exported {model.workdir} step {model.step} to {output} "
+              f"(batch {'symbolic' if batch is None else batch}, platforms "
+              f"{', '.join(meta['platforms'])}, threshold rule {meta['threshold_rule']})",
+              flush=True)
+    return meta
+
+
+def export_run(workdir, output=None, config=None):
+    """`--mode=export`: the artifact of the run in `workdir` (default output workdir/export)."""
+    from jaxad import predict, thresholds
+
+    model = predict.load_model(workdir, config)
+    threshold = thresholds.resolve(model.config, workdir, model.score_name, model.step)
+    output = os.fspath(output) if output else os.path.join(os.fspath(workdir), 'export')
+    return export_model(model, output, threshold)
+
+
+class ScoringArtifact:
+    """A loaded artifact: `score(images)`, `predict(images)`, `score_files(spec)`."""
+
+    def __init__(self, directory):
+        directory = os.fspath(directory)
+        meta_path = os.path.join(directory, META)
+        if not os.path.isfile(meta_path):
+            raise DataError(f'{directory} is not a jaxad export (no {META}); write one with '
+                            '--mode=export')
+        _check_serialization()
+        with open(meta_path) as f:
+            self.meta = json.load(f)
+        with open(os.path.join(directory, self.meta.get('artifact', ARTIFACT)), 'rb') as f:
+            self.exported = jax.export.deserialize(bytearray(f.read()))
+        self.directory = directory
+        self.image_shape = tuple(self.meta['input']['shape'][1:])
+        self.batch = self.meta['input']['batch']
+        self.headline_score = self.meta['headline_score']
+        self.threshold = self.meta['threshold']
+        self._call = jax.jit(self.exported.call)
+
+    def _check(self, images):
+        images = np.asarray(images)
+        if images.ndim == 3 and self.image_shape[-1] == 1:
+            images = images[..., None]
+        if images.ndim != 4 or images.shape[1:] != self.image_shape:
+            raise DataError(f'images of shape {images.shape}; this artifact scores uint8 '
+                            f'(N,) + {self.image_shape} (decode and resize files with '
+                            'score_files)')
+        if images.dtype != np.uint8:
+            raise DataError(f'images must be uint8 (0..255), got {images.dtype}')
+        return images
+
+    def score(self, images, batch_size=None):
+        """{score name: (N,) float32} for uint8 images (N, H, W, C) at the artifact's size."""
+        images = self._check(images)
+        chunk = self.batch or batch_size or _BATCH_HINT
+        out = []
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            n = len(part)
+            if n < chunk:  # one compiled shape
+                part = np.concatenate([part, np.repeat(part[:1], chunk - n, axis=0)])
+            out.append({k: np.asarray(v)[:n] for k, v in self._call(part).items()})
+        if not out:
+            return {name: np.zeros((0,), np.float32) for name in self.meta['score_names']}
+        return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+    def predict(self, images, batch_size=None):
+        """Scores plus pred_score, is_anomaly (None without a threshold) and threshold_rule."""
+        scores = self.score(images, batch_size)
+        pred = scores[self.headline_score]
+        flags = None if self.threshold is None else pred >= self.threshold['value']
+        return dict(scores, pred_score=pred, is_anomaly=flags,
+                    threshold_rule=self.meta['threshold_rule'])
+
+    def score_files(self, spec, batch_size=None):
+        """(names, scores, skipped) for files named like --input, decoded as predict does."""
+        from jaxad import predict
+        size, channels = self.meta['image_size'], self.meta['channels']
+        inputs = predict.list_inputs(spec)
+        skipped, names, arrays = [], [], []
+        for batch_names, images, n in predict.decoded_batches(
+                inputs, size, channels, len(inputs.items), skipped):
+            names.extend(batch_names)
+            arrays.append(images[:n])
+        if not names:
+            return names, {}, skipped
+        return names, self.score(np.concatenate(arrays), batch_size), skipped
+
+
+def load(directory):
+    """The artifact written by `--mode=export` / `export_model` in `directory`."""
+    return ScoringArtifact(directory)

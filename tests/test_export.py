@@ -1,0 +1,64 @@
+"""Export: the jax.export artifact, reloaded in a fresh process, scores as predict does."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import importlib.util
+
+import numpy as np
+
+from jaxad import export, predict
+from tests.helpers import skip_unless_on_ci
+from tests.predict_run import trained_run
+
+# jax.export serialization needs flatbuffers (a jaxad install requirement); on CI a
+# missing one fails the test instead of skipping it.
+needs_flatbuffers = skip_unless_on_ci(importlib.util.find_spec('flatbuffers') is None,
+                                      'jax.export serialization needs flatbuffers')
+
+
+@needs_flatbuffers
+def test_export_round_trip_in_a_fresh_process(tmp_path_factory, tmp_path):
+    run = trained_run(tmp_path_factory)
+    out = tmp_path / 'export'
+    meta = export.export_run(run.workdir, out)
+    assert (out / export.ARTIFACT).is_file()
+    saved = json.loads((out / export.META).read_text())
+    assert saved == json.loads(json.dumps(meta))
+    assert saved['input']['shape'][1:] == [8, 8, 3] and saved['input']['dtype'] == 'uint8'
+    assert saved['headline_score'] == 'csi'
+    assert set(saved['score_names']) == {'csi', 'csi_sim', 'csi_shift', 'knn_cosine'}
+    assert saved['threshold_rule'] == 'normal_quantile'
+    threshold = json.loads((run.workdir / 'threshold.json').read_text())
+    assert saved['threshold_value'] == threshold['value']
+
+    # 21 images: not a multiple of any batch, so padding is exercised on both sides.
+    images = np.concatenate([run.data['test_images'], run.data['train_images'][:-3]])[:21]
+    np.save(tmp_path / 'images.npy', images)
+    live = predict.predict(run.workdir, _as_npz(tmp_path, images), output=tmp_path / 'pred')
+    code = textwrap.dedent(f"""
+        import numpy as np
+        from jaxad import export
+        artifact = export.load({str(out)!r})
+        out = artifact.predict(np.load({str(tmp_path / 'images.npy')!r}))
+        np.savez({str(tmp_path / 'fresh.npz')!r}, is_anomaly=out['is_anomaly'],
+                 **{{k: out[k] for k in artifact.meta['score_names']}})
+        print(out['threshold_rule'])
+    """)
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ['normal_quantile']
+    fresh = np.load(tmp_path / 'fresh.npz')
+    for name in saved['score_names']:
+        want = np.array([r[name] for r in live['images']])
+        np.testing.assert_allclose(fresh[name], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(fresh['is_anomaly'], [r['is_anomaly'] for r in live['images']])
+
+
+def _as_npz(tmp_path, images):
+    path = tmp_path / 'images.npz'
+    np.savez(path, images=images)
+    return path
