@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxad import distributed
+from jaxad import distributed, plots
 from jaxad import metrics as metrics_lib
 from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
@@ -225,6 +225,13 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
             json.dump(results, f, indent=2)
         print(format_table(results), flush=True)
         logging.info('results written to %s', os.path.join(workdir, 'results.json'))
+        if config.eval.get('plots', True):
+            threshold = (extra or {}).get('threshold') or {}
+            plots.write_evaluation_plots(
+                score_dict, sources.anomaly_labels(np.asarray(test_set.labels), normal_classes),
+                method.headline_score, os.path.join(workdir, 'plots'),
+                title=f'{test_set.name}, normal {list(results["normal_class_names"])}',
+                threshold=threshold.get('value'))
     return results
 
 

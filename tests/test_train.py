@@ -111,6 +111,7 @@ def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(npz, tmp_path
     assert saved['num_test'] == 24 and saved['num_test_anomalies'] == 16
     assert set(saved['per_class_image_AUROC']) == {'1', '2'}
     assert json.loads((workdir / 'config.json').read_text())['csi']['temperature'] == 0.5
+    assert (workdir / 'plots' / 'roc.png').exists() and (workdir / 'plots' / 'score_hist.png').exists()
     lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
     assert [x['step'] for x in lines] == [2, 4]
     assert {'loss', 'lr', 'images_per_sec', 'steps_per_sec'} <= set(lines[0])
