@@ -111,6 +111,20 @@ def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name):
                         epsilon=1e-5, dtype=dtype, name=name)
 
 
+def _block_layers(block, train):
+    """(conv(features, kernel, stride, pad, name), norm(name)) makers for a residual block:
+    bias-free convs with torch's symmetric padding, and the configured BatchNorm."""
+    def conv(f, k, s, p, name):
+        return nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
+                       dtype=block.dtype, conv_general_dilated=conv_fn(block.conv_impl),
+                       name=name)
+
+    def norm(name):
+        return batch_norm(train, block.bn_momentum, block.dtype, block.bn_mode,
+                          block.bn_groups, name)
+    return conv, norm
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with a 1x1-conv+BN shortcut when the shape changes."""
     features: int
@@ -123,11 +137,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
-            f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-            dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl), name=name)
-        norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
-                                       self.bn_mode, self.bn_groups, name)
+        conv, norm = _block_layers(self, train)
         y = nn.relu(norm('bn1')(conv(self.features, 3, self.strides, 1, 'conv1')(x)))
         y = norm('bn2')(conv(self.features, 3, 1, 1, 'conv2')(y))
         if self.strides != 1 or x.shape[-1] != self.features:
@@ -152,11 +162,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        conv = lambda f, k, s, p, name: nn.Conv(  # noqa: E731
-            f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-            dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl), name=name)
-        norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
-                                       self.bn_mode, self.bn_groups, name)
+        conv, norm = _block_layers(self, train)
         inner = int(self.features * (self.width_per_group / 64.0))
         out = self.features * 4
         y = nn.relu(norm('bn1')(conv(inner, 1, 1, 0, 'conv1')(x)))
