@@ -185,17 +185,6 @@ def test_features_match_torch(torch_mod, depth, resnet18_ref):
                                    atol=5e-5 * max(1.0, float(np.abs(want).max())))
 
 
-def test_plain_torch_layout_matches_torchvision(torch_mod):
-    torchvision = pytest.importorskip('torchvision')
-    with torch_mod.device('meta'):  # shapes only
-        for depth, wpg, name in [(18, 64, 'resnet18'), (50, 64, 'resnet50'),
-                                 (152, 64, 'resnet152'), (50, 128, 'wide_resnet50_2')]:
-            ours = torch_resnet(torch_mod, depth, wpg).state_dict()
-            theirs = getattr(torchvision.models, name)(weights=None).state_dict()
-            assert {k: tuple(v.shape) for k, v in ours.items()} == \
-                {k: tuple(v.shape) for k, v in theirs.items()}
-
-
 def test_encoder_param_counts_and_torch_keys():
     """Every architecture: torchvision's parameter count and, where torch is installed,
     every torch key maps onto the flax encoder with its shape (eval_shape, no compute)."""

@@ -1,4 +1,5 @@
 """jaxad.sweep, launch/sweep.py and the shell launchers (no training here: see test_notebooks)."""
+import importlib
 import json
 import os
 import stat
@@ -233,7 +234,7 @@ def test_collect_fabricated_runs(fabricated):
 
 
 def test_plot_scaling_writes_a_figure(fabricated, tmp_path):
-    pytest.importorskip('matplotlib')
+    importlib.import_module('matplotlib')  # test extra: a missing one fails, not skips
     rows = sweep.collect(fabricated)
     bench = [{'global_batch': 16, 'images_per_s': 200.0}, {'global_batch': 32, 'images_per_s': 390.0}]
     path = str(tmp_path / 'plots' / 'scaling.png')
