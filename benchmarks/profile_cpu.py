@@ -74,7 +74,7 @@ def child(args):
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.value_and_grad(loss))
-    step = jax.jit(train.make_train_step(method, tx, schedule))
+    step = jax.jit(train.make_train_step(method, tx, schedule, 1))
     parts = {'augment': (augment, (key, images)),
              'fwd': (fwd, (state.params, state.batch_stats, views)),
              'fwd_bwd': (fwd_bwd, (state.params, state.batch_stats, views)),

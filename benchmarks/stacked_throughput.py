@@ -40,7 +40,7 @@ def measure(config, k, mode, steps, warmup):
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     b = config.batch_size
     images = np.random.default_rng(0).integers(0, 256, (k, b) + shape, dtype=np.uint8)
-    step = train.make_train_step(method, tx, schedule)
+    step = train.make_train_step(method, tx, schedule, 1)
     if mode == 'single':
         mesh = sharding.make_mesh(config.num_devices)
         state = train.init_state(method, tx, jax.random.key(0), shape, mesh)

@@ -66,7 +66,7 @@ def measure(config, batch_size, steps, warmup):
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     state = train.init_state(method, tx, jax.random.key(0), shape, mesh)
     num_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))
-    step_fn = train.jit_train_step(train.make_train_step(method, tx, schedule), mesh)
+    step_fn = train.jit_train_step(train.make_train_step(method, tx, schedule, 1), mesh)
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + shape, dtype=np.uint8)
     batch = sharding.to_global({'image': images}, mesh)
     rng = jax.random.key(1)

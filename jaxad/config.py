@@ -118,12 +118,57 @@ def csi_base():
     # A DIR written by `python -m jaxad.models.convert --in W.pth --out DIR`: the encoder
     # starts from it (needs stem='imagenet', width=64; heads stay random). '' = random init.
     c.model.init_from = ''
+    c.model.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
+    c.model.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
 
     c.csi = ml_collections.ConfigDict()
     c.csi.num_shifts = 4  # rotations 0, 90, 180, 270
     c.csi.temperature = 0.5  # hard-coded in CSI's simclr_CSI.py
     c.csi.shift_weight = 1.0  # lambda of L_cls-SI
     c.csi.eps = 1e-8  # eps inside CSI's NT_xent
+
+    # The other methods' knobs (methods.md §3, §4, §6); each is read only by its method.
+    c.msc = ml_collections.ConfigDict()
+    c.msc.temperature = 0.25
+    c.msc.angular = False  # add the centre loss ||phi - c||^2 (v1 paper; code default off)
+    c.msc.knn_k = 2
+    c.msc.image_size = 0  # side the encoder sees (224 for ImageNet weights); 0 = data size
+    c.msc.crop_scale = (0.2, 1.0)  # MoCo-v2 views
+    c.msc.blur_p = 0.5  # Gaussian blur, sigma ~ U(0.1, 2) pixels at msc.image_size
+    c.msc.eval_center_crop = 0.875  # Resize(S/0.875) -> CenterCrop(S) (R152); 1.0: Resize(S)
+
+    c.mcl = ml_collections.ConfigDict()
+    c.mcl.num_shifts = 4
+    c.mcl.temperature = 0.2
+    c.mcl.alpha = 0.05  # multiplier: same class, same rotation, other image
+    c.mcl.beta = 2.0  # multiplier: same class, other rotation
+    c.mcl.clamp = 1e-7  # cosines are clamped below at this before scaling
+    c.mcl.spa_weight = 1.0  # weight of stochastic positive attraction
+    c.mcl.num_classes = 10  # class part of the joint label y = class + num_classes * rot
+    c.mcl.sei_views = 8  # 8: 4 rotations x (flip, no flip) (SEI-8); 4: rotations (SEI-4)
+    c.mcl.combine = 'wa'  # wa (harmonic mean) | mean | min
+    c.mcl.fit_fraction = 0.2  # fraction of the training set the Gaussians see (code: 1/5)
+    c.mcl.cov_ridge = 1e-9
+
+    c.oecl = ml_collections.ConfigDict()
+    c.oecl.temperature = 0.5
+    c.oecl.alpha = 1.0  # weight of mean ||z|| of outlier views after the warm-up
+    c.oecl.warmup_epochs = 50  # alpha = 0 before this (pure SimCLR)
+    c.oecl.warmup_steps = 0  # > 0 overrides warmup_epochs
+    c.oecl.oe_grayscale = False  # grey the OE images first (colour OE for grey data)
+    c.oecl.eps = 1e-8  # eps inside NT-Xent (CSI's form, as NTXentOE)
+
+    # Outlier exposure (OECL): '' none; 'normal' (the normal images again, shuffled on
+    # their own: self-OECL); 'other_classes' (the data set's non-normal training images);
+    # or a data source ('folder', 'tfds', ...) read with the fields below and fitted to
+    # data.image_size / data.channels.
+    c.oe = ml_collections.ConfigDict()
+    c.oe.source = ''
+    c.oe.path = ''
+    c.oe.tfds_name = ''
+    c.oe.tfds_data_dir = ''
+    c.oe.label_key = 'label'
+    c.oe.numpy_path = ''
 
     # Shared contrastive-loss implementation: 'dense' forms the (N, N) logits; 'chunked'
     # shards queries over 'data' and streams key blocks (large global batches, losses.py).
@@ -148,6 +193,9 @@ def csi_base():
     c.optim.lr_base_batch = 256
     c.optim.exclude_bn_bias = False  # True: no decay/LARS on BN and biases (SimCLR); CSI: False
     c.optim.momentum = 0.9
+    c.optim.nesterov = False  # sgd only (MCL)
+    c.optim.freeze = ()  # regexes on param paths ('encoder/layer1_0/...'): kept fixed (MSC)
+    c.optim.final_lr_fraction = 0.0  # 'cosine' ends at lr * this (MCL: 5e-4)
     c.optim.weight_decay = 1e-6
     c.optim.trust_coef = 1e-3
     c.optim.eps = 1e-8
@@ -175,6 +223,16 @@ def csi_base():
     c.eval.maha_shared_cov = True
     c.eval.density_test_block = 1024
     c.eval.density_bank_block = 4096
+    # Another data set's test split appended to the test set as anomalies (labelled
+    # multi-class OOD, e.g. CIFAR-10 with normal_class=0+1+...+9 vs CIFAR-100): the
+    # data-source fields of `config.data`, images fitted to its size and channels.
+    c.eval.ood = ml_collections.ConfigDict()
+    c.eval.ood.source = ''
+    c.eval.ood.path = ''
+    c.eval.ood.tfds_name = ''
+    c.eval.ood.tfds_data_dir = ''
+    c.eval.ood.label_key = 'label'
+    c.eval.ood.numpy_path = ''
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000
@@ -189,6 +247,75 @@ def csi_base():
     c.threshold.holdout_fraction = 0.0
     c.threshold.quantile = 0.95  # rule 'normal_quantile': this quantile of normal scores
     c.threshold.value = ml_collections.config_dict.placeholder(float)  # set: rule 'fixed'
+    return c
+
+
+def msc_base():
+    """MSC's training recipe (methods.md §3.2) on top of csi_base(); data and encoder are
+    the config file's."""
+    c = csi_base()
+    c.method = 'msc'
+    c.model.bn_mode = 'frozen'  # model.eval() for the whole run
+    c.model.proj_dim = 0
+    c.batch_size = 64
+    c.optim.name = 'sgd'
+    c.optim.lr = 1e-5
+    c.optim.momentum = 0.0
+    c.optim.weight_decay = 5e-5
+    c.optim.schedule = 'constant'
+    c.optim.epochs = 20
+    c.eval.batch_size = 128
+    c.checkpoint.every_steps = 500
+    return c
+
+
+def mcl_base():
+    """MCL's training recipe (methods.md §4.2, `mcl_main.py`) on top of csi_base(); data and
+    mcl.num_classes are the config file's."""
+    c = csi_base()
+    c.method = 'mcl'
+    c.model.name = 'resnet34'
+    c.model.stem = 'cifar'  # conv1 3x3 stride 1, no max-pool
+    c.model.input_norm = 'none'  # ToTensor() only
+    c.model.proj_hidden = 2048  # Linear(512, 2048) - ReLU - Linear(2048, 128), no BN
+    c.model.proj_dim = 128
+    # Images per step; x 4 rotations = the code's batch_size 1024, x 2 views = 2048 rows.
+    c.batch_size = 256
+    c.optim.name = 'sgd'
+    c.optim.nesterov = True
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 1e-6
+    # The code's lr = 0.3 * (rotated images per batch) / 256 = 0.3 * batch_size / 64: 1.2 at
+    # the default batch, and the same rule at any other batch size.
+    c.optim.lr = 0.3
+    c.optim.lr_rule = 'linear'
+    c.optim.lr_base_batch = 64
+    c.optim.schedule = 'cosine'  # CosineAnnealingLR per step, no warm-up
+    c.optim.final_lr_fraction = 5e-4  # eta_min = lr * 5e-4
+    c.optim.epochs = 400
+    c.eval.batch_size = 128  # x 8 SEI views
+    return c
+
+
+def oecl_base():
+    """OECL's recipe (methods.md §6.2) on top of csi_base(); data and oe are the config
+    file's. realOECL's "LARS" never applies its trust ratio: plain SGD + momentum with
+    coupled weight decay, cosine over 500 epochs (per step here, per epoch there)."""
+    c = csi_base()
+    c.method = 'oecl'
+    c.batch_size = 64  # ID images per step (+ as many OE images); self-OECL: 32
+    c.model.proj_hidden = 0  # Linear(feat, feat): 512 for ResNet-18
+    c.model.proj_bn = True  # Linear -> BatchNorm1d -> ReLU -> Linear(128)
+    c.model.input_norm = 'cifar'  # mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255
+    c.optim.name = 'sgd'
+    c.optim.lr = 0.1
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.schedule = 'cosine'
+    c.optim.epochs = 500
+    c.augment.crop_scale = (0.08, 1.0)
+    c.eval.num_samples = 32  # num_aug: the clean view + 32 SimCLR views per test image
+    c.eval.batch_size = 128
     return c
 
 

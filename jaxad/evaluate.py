@@ -245,9 +245,20 @@ def scoring_from_features(method, train_features):
     return jax.tree_util.tree_map(np.asarray, _jit_fit_scoring(method)(train_features))
 
 
+def with_bank_labels(method, train_features, bank_labels):
+    """Adds 'label' (each bank image's position among the normal classes) to the bank
+    features of a method that trains with labels (MCL fits one Gaussian per class)."""
+    if 'label' not in getattr(method, 'inputs', ()):
+        return train_features
+    bank_labels = np.asarray(bank_labels)
+    positions = np.searchsorted(np.unique(bank_labels), bank_labels).astype(np.int32)
+    return dict(train_features, label=positions)
+
+
 def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
     """The scoring state (feature bank, weights) from the normal training images."""
     feats = extract_features(method, variables, train_set, normal_indices,
                              batch_size=config.eval.batch_size, mesh=mesh,
                              key=eval_bank_key(config.seed), label='eval train bank')
+    feats = with_bank_labels(method, feats, np.asarray(train_set.labels)[normal_indices])
     return scoring_from_features(method, feats)

@@ -13,9 +13,14 @@ NT_XENT_IMPLS = ('dense', 'chunked')
 
 
 def l2_normalize(x, axis=-1, eps=1e-12):
-    """x / max(||x||, eps), as torch.nn.functional.normalize."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """x / max(||x||, eps), as torch.nn.functional.normalize.
+
+    Written with rsqrt of the clamped squared norm so that an all-zero row (a projection
+    head whose ReLUs are all dead) has a finite gradient, as in torch; differentiating
+    sqrt at 0 would give NaN.
+    """
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def nt_xent(z, positive_index, temperature, eps=0.0):

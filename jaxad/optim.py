@@ -12,6 +12,7 @@ instead of epochs, and the 'warmup_cosine' schedule is SimCLR's linear warm-up f
 cosine to 0.
 """
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -152,36 +153,73 @@ def make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
         warmup = min(warmup_steps(optim_cfg, steps_per_epoch), total)
         return optax.warmup_cosine_decay_schedule(0.0, lr, warmup, total, end_value=0.0)
     if optim_cfg.schedule == 'cosine':
-        return optax.cosine_decay_schedule(lr, max(total_steps, 1))
+        # MCL: per-step cosine down to lr * final_lr_fraction (5e-4 there).
+        return optax.cosine_decay_schedule(lr, max(total_steps, 1),
+                                           alpha=optim_cfg.get('final_lr_fraction', 0.0))
     if optim_cfg.schedule == 'constant':
         return optax.constant_schedule(lr)
     raise ConfigError(f'unknown optim.schedule {optim_cfg.schedule!r}; '
                       f'choose one of {", ".join(SCHEDULES)}')
 
 
+def param_path(path):
+    """'encoder/layer1_0/conv1/kernel' for a tree_util key path."""
+    return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
+
+
+def frozen_labels(params, patterns):
+    """'frozen' for params whose path matches one of the regexes (re.search), else 'train'."""
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as e:
+        raise ConfigError(f'optim.freeze: bad regular expression: {e}') from e
+    paths = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for c in compiled:  # a pattern that freezes nothing is a typo, not a no-op
+        if not any(c.search(p) for p in paths):
+            raise ConfigError(f'optim.freeze pattern {c.pattern!r} matches no parameter '
+                              f'(paths look like {paths[0]!r})')
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: 'frozen' if any(c.search(param_path(path)) for c in compiled)
+        else 'train', params)
+
+
+def with_frozen(tx, patterns):
+    """`tx` on the trainable params; exact zero updates (no decay, no optimiser state) on
+    the ones matched by `patterns` (MSC freezes conv1/bn1/layer1/layer2 of ResNet-152)."""
+    if not patterns:
+        return tx
+    return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
+                                 lambda params: frozen_labels(params, patterns))
+
+
 def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
     """(optax transformation, schedule) from `config.optim`.
 
-    'lars' is CSI's torchlars SGD. 'sgd' and 'adam' mirror torch's SGD(momentum, weight_decay)
-    and Adam(weight_decay), which add wd*p to the gradient (coupled L2, not AdamW); `eps` is
-    LARS's or Adam's epsilon. `global_batch` feeds `optim.lr_rule`.
+    'lars' is CSI's torchlars SGD. 'sgd' and 'adam' mirror torch's SGD(momentum, nesterov,
+    weight_decay) and Adam(weight_decay), which add wd*p to the gradient (coupled L2, not
+    AdamW); `eps` is LARS's or Adam's epsilon. `global_batch` feeds `optim.lr_rule`.
     With `optim.exclude_bn_bias` the one-dimensional tensors get neither weight decay nor the
-    LARS trust ratio (their update is the plain momentum step).
+    LARS trust ratio (their update is the plain momentum step). `optim.freeze` (regexes on
+    'encoder/layer1_0/conv1/kernel'-style paths) fixes the matching parameters.
     """
     if optim_cfg.name not in OPTIMIZERS:
         raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
                           f'choose one of {", ".join(OPTIMIZERS)}')
     schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch)
     mask = decay_mask if optim_cfg.get('exclude_bn_bias', False) else None
+    nesterov = optim_cfg.get('nesterov', False)
+    if nesterov and optim_cfg.name != 'sgd':
+        raise ConfigError(f'optim.nesterov needs optim.name=sgd, not {optim_cfg.name!r}')
     if optim_cfg.name == 'lars':
         tx = torchlars_sgd(schedule, optim_cfg.momentum, optim_cfg.weight_decay,
                            optim_cfg.trust_coef, optim_cfg.eps, mask=mask)
     elif optim_cfg.name == 'sgd':
+        # torch: buf = m*buf + g; nesterov steps along g + m*buf (optax.trace's nesterov).
         tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
-                         optax.trace(decay=optim_cfg.momentum),
+                         optax.trace(decay=optim_cfg.momentum, nesterov=nesterov),
                          optax.scale_by_learning_rate(schedule))
     else:
         tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
                          optax.scale_by_adam(eps=optim_cfg.eps),
                          optax.scale_by_learning_rate(schedule))
-    return tx, schedule
+    return with_frozen(tx, tuple(optim_cfg.get('freeze', ()))), schedule

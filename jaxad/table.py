@@ -129,7 +129,7 @@ class Group:
 def jit_stacked_step(train_step, mesh, mode):
     """jit of the stacked step: state and rngs on 'model', batches on ('model', 'data')."""
     models = sharding.model_sharding(mesh)
-    batch = {'image': sharding.stacked_data_sharding(mesh)}
+    batch = sharding.stacked_data_sharding(mesh)  # every batch key
     return jax.jit(stacking.stacked(train_step, mode), donate_argnums=(0,),
                    in_shardings=(models, batch, models), out_shardings=(models, models))
 
@@ -142,7 +142,8 @@ class TableSetup:
         self.config, self.workdir = config, workdir
         self.method = get_method(config)
         self.train_set = sources.load_split(config.data, 'train')
-        self.test_set = sources.load_split(config.data, 'test')
+        self.test_set = sources.with_ood(sources.load_split(config.data, 'test'),
+                                         config.eval.ood)
         self.image_shape = train_lib.check_image_shape(self.train_set, config.data)
         train_lib.check_image_shape(self.test_set, config.data)
         names = self.train_set.class_names
@@ -155,6 +156,8 @@ class TableSetup:
             spe, total = train_lib.step_budget(config, len(indices), f'class(es) {classes}')
             self.members.append(Member(tuple(classes), '+'.join(names[c] for c in classes),
                                        indices, spe, total))
+        self.outlier_set = train_lib.load_auxiliary_outliers(self.method, config,
+                                                             self.image_shape)
         self.groups = [Group(config, workdir, ms)
                        for ms in make_groups(self.members, config.table.stack_size)]
 
@@ -167,9 +170,13 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
     """Trains one stack from `start_step` to its total; returns the stacked state."""
     config, mesh = setup.config, group.mesh
     step_fn = jit_stacked_step(
-        train_lib.make_train_step(setup.method, group.tx, group.schedule), mesh, group.mode)
-    streams = [pipeline.train_iterator(
-        setup.train_set, m.indices, global_batch_size=config.batch_size, seed=config.seed,
+        train_lib.make_train_step(setup.method, group.tx, group.schedule,
+                                  group.steps_per_epoch), mesh, group.mode)
+    streams = [pipeline.method_train_iterator(
+        getattr(setup.method, 'inputs', ()), setup.train_set, m.indices, m.normal_classes,
+        global_batch_size=config.batch_size, seed=config.seed,
+        outliers=train_lib.outlier_source(config, setup.train_set, m.indices, m.normal_classes,
+                                          setup.outlier_set),
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count(), read_threads=1 if group.k > 2 else 2)
         for m in group.members]
@@ -181,9 +188,9 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
     geometry = train_lib.batch_geometry(config, mesh, group.schedule, group.steps_per_epoch)
     last_saved, t_last, step_last = start_step, time.time(), start_step
     for step in range(start_step + 1, group.total_steps + 1):
-        images = np.stack([next(s)['image'] for s in streams])
-        state, metrics = step_fn(state, sharding.to_global({'image': images}, mesh, where),
-                                 group.rngs)
+        batches = [next(s) for s in streams]
+        batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+        state, metrics = step_fn(state, sharding.to_global(batch, mesh, where), group.rngs)
         is_log, is_save = train_lib.log_and_save_flags(step, group.total_steps, config)
         if is_log or is_save:
             metrics = {k: np.asarray(v, np.float64)
@@ -227,8 +234,25 @@ def _fit_group_scoring(setup, group, state):
         setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
         batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,
         key=eval_lib.eval_bank_key(setup.config.seed), label=f'{group.name} train banks')
-    return {f'm{i}': eval_lib.scoring_from_features(setup.method, f)
-            for i, f in enumerate(feats)}
+    labels = np.asarray(setup.train_set.labels)
+    return {f'm{i}': eval_lib.scoring_from_features(
+        setup.method, eval_lib.with_bank_labels(setup.method, f, labels[m.indices]))
+        for i, (f, m) in enumerate(zip(feats, group.members))}
+
+
+def _init_group_consts(setup, group, state):
+    """Each member's method constants from its initial model and its own normal images
+    (`train.init_consts` for a stack); unchanged for methods without constants."""
+    if not hasattr(setup.method, 'fit_consts'):
+        return state
+    feats = eval_lib.extract_stacked_features(
+        setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
+        batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,
+        key=eval_lib.eval_bank_key(setup.config.seed), label=f'{group.name} initial features')
+    fit = jax.jit(setup.method.fit_consts)
+    consts = [jax.device_get(fit(f)) for f in feats]
+    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *consts)
+    return state.replace(consts=jax.device_put(stacked, sharding.model_sharding(group.mesh)))
 
 
 def _restore_group_scoring(setup, group, state, step):
@@ -296,6 +320,8 @@ def train_table(config, workdir):
         results, done_before = [], 0
         for group in setup.groups:
             state, start = group.restore_latest(setup.method, setup.image_shape, config.seed)
+            if start == 0:
+                state = _init_group_consts(setup, group, state)
             classes_done = f'{len(results)}/{len(setup.members)}'
             finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
             saved = _saved_group_results(group, start) if finished else None

@@ -32,23 +32,38 @@ class TrainState:
     params: dict
     batch_stats: dict
     opt_state: optax.OptState
+    # Method constants fixed before the first step and never trained (MSC's centre of the
+    # initial features): part of the state so the step stays a pure function and
+    # checkpoints carry them. {} for methods without any.
+    consts: dict
 
 
-def make_train_step(method, tx, schedule):
+def make_train_step(method, tx, schedule, steps_per_epoch):
     """A pure `(state, batch, rng) -> (state, metrics)` step.
+
+    A method with `needs_step` also finds the update count in `batch['step']`; its
+    `configure(steps_per_epoch)` is called first, so schedules given in epochs (OECL's
+    outlier-exposure warm-up) become step counts.
 
     `rng` is the run's base key; the step folds in `state.step`, so a resumed
     run draws exactly the augmentations an uninterrupted one would.
     """
+    if hasattr(method, 'configure'):
+        method.configure(steps_per_epoch)  # step-based schedules inside the loss (OECL's alpha)
+    needs_step = getattr(method, 'needs_step', False)
+
     def train_step(state, batch, rng):
         key = jax.random.fold_in(rng, state.step)
+        if needs_step:
+            batch = dict(batch, step=state.step)
         grad_fn = jax.value_and_grad(method.loss, has_aux=True)
         (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
-                                                     batch['image'], key)
+                                                     state.consts, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-        return TrainState(state.step + 1, params, batch_stats, opt_state), metrics
+        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                             opt_state=opt_state), metrics
     return train_step
 
 
@@ -61,16 +76,76 @@ def jit_train_step(train_step, mesh):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return train_step(state, batch, rng)
     return jax.jit(step_on_mesh, donate_argnums=(0,),
-                   in_shardings=(repl, {'image': data}, repl), out_shardings=(repl, repl))
+                   in_shardings=(repl, data, repl), out_shardings=(repl, repl))
 
 
 def make_init_fn(method, tx, image_shape):
-    """key -> initial TrainState (pure, so a stack is `jax.vmap` of it)."""
+    """key -> initial TrainState (pure, so a stack is `jax.vmap` of it).
+
+    A method with `fit_consts` gets zero constants of the right shapes here; `init_consts`
+    fills them from the data before the first step.
+    """
     def init(key):
         variables = method.init_variables(key, image_shape)
+        consts = {}
+        if hasattr(method, 'fit_consts'):
+            shapes = jax.eval_shape(method.fit_consts, feature_shapes(
+                method, variables, image_shape, 1, jax.random.key(0)))
+            consts = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return TrainState(jnp.zeros((), jnp.int32), variables['params'],
-                          variables['batch_stats'], tx.init(variables['params']))
+                          variables['batch_stats'], tx.init(variables['params']), consts)
     return init
+
+
+def init_consts(method, state, train_set, indices, config, mesh):
+    """`state` with the method's constants computed from its *initial* model on the normal
+    training images (MSC: the centre of the pretrained features, §3.1); unchanged for
+    methods without constants. Called once, before step 1, never on resume."""
+    if not hasattr(method, 'fit_consts'):
+        return state
+    logging.info('computing the method constants from the initial model on %d images',
+                 len(indices))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    feats = eval_lib.extract_features(method, variables, train_set, indices,
+                                      batch_size=config.eval.batch_size, mesh=mesh,
+                                      key=eval_lib.eval_bank_key(config.seed),
+                                      label='initial features')
+    consts = jax.device_put(jax.jit(method.fit_consts)(feats), sharding.replicated(mesh))
+    return state.replace(consts=consts)
+
+
+def outlier_source(config, train_set, normal_indices, normal_classes, auxiliary=None):
+    """(image set, indices) of the outlier-exposure stream (`oe.source`), or None.
+
+    'normal': the normal images again, independently shuffled (self-OECL rotates them);
+    'other_classes': the training images of every non-normal class (this leaks the test
+    anomalies' classes into training: for outlier-exposure studies, not the one-class
+    protocol); any data source: `auxiliary`, loaded once by `load_auxiliary_outliers`.
+    """
+    source = config.oe.source
+    if not source:
+        return None
+    if source == 'normal':
+        return train_set, normal_indices
+    if source == 'other_classes':
+        others = np.flatnonzero(~np.isin(train_set.labels, normal_classes))
+        if not len(others):
+            raise DataError(f'oe.source=other_classes: {train_set.name} has no images outside '
+                            f'the normal classes {list(normal_classes)}')
+        return train_set, others
+    return auxiliary, np.arange(len(auxiliary))
+
+
+def load_auxiliary_outliers(method, config, image_shape):
+    """The outlier-exposure data set when `oe.source` names a data source, else None."""
+    if 'outlier' not in getattr(method, 'inputs', ()):
+        return None
+    if not config.oe.source:
+        raise ConfigError(f'method {config.method!r} trains with outlier exposure: set '
+                          'oe.source (normal, other_classes, or a data source such as folder)')
+    if config.oe.source in ('normal', 'other_classes'):
+        return None
+    return sources.load_auxiliary(config.oe, 'train', image_shape, 'outlier exposure')
 
 
 def init_state(method, tx, key, image_shape, mesh):
@@ -103,7 +178,7 @@ class Setup:
         self.method = get_method(config)
         data = config.data
         self.train_set = sources.load_split(data, 'train')
-        self.test_set = sources.load_split(data, 'test')
+        self.test_set = sources.with_ood(sources.load_split(data, 'test'), config.eval.ood)
         self.normal_classes = [int(c) for c in data.normal_classes]
         num_classes = len(self.train_set.class_names)
         self.normal_indices = sources.one_class_indices(
@@ -114,6 +189,7 @@ class Setup:
             self.normal_indices, thresholds.holdout_fraction(config), config.seed)
         sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes,
                                   self.test_set.name)
+        sources.check_has_anomalies(self.test_set, self.normal_classes)
         self.image_shape = check_image_shape(self.train_set, data)
         check_image_shape(self.test_set, data)
         self.mesh = sharding.make_mesh(config.num_devices)
@@ -126,6 +202,18 @@ class Setup:
             os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)
         self.rng = jax.random.key(config.seed)
+        self.outlier_set = load_auxiliary_outliers(self.method, config, self.image_shape)
+
+    def train_batches(self, start_step):
+        """The method's training batches from `start_step` (`pipeline.method_train_iterator`)."""
+        config = self.config
+        return pipeline.method_train_iterator(
+            getattr(self.method, 'inputs', ()), self.train_set, self.normal_indices,
+            self.normal_classes, global_batch_size=config.batch_size, seed=config.seed,
+            outliers=outlier_source(config, self.train_set, self.normal_indices,
+                                    self.normal_classes, self.outlier_set),
+            start_step=start_step, process_index=jax.process_index(),
+            process_count=jax.process_count())
 
     def initial_state(self):
         return init_state(self.method, self.tx, init_key(self.config.seed), self.image_shape,
@@ -136,7 +224,8 @@ class Setup:
         state = self.initial_state()
         step = self.checkpoints.latest_step()
         if step is None:
-            return state, 0
+            return init_consts(self.method, state, self.train_set, self.normal_indices,
+                               self.config, self.mesh), 0
         logging.info('resuming from %s step %d', self.checkpoints.directory, step)
         return self.checkpoints.restore_state(step, ckpt_lib.abstract_like(state)), step
 
@@ -190,11 +279,9 @@ def check_finite(step, metrics, last_saved):
 def train(setup, state, start_step):
     """The training loop from `start_step` to `setup.total_steps`."""
     config, mesh = setup.config, setup.mesh
-    step_fn = jit_train_step(make_train_step(setup.method, setup.tx, setup.schedule), mesh)
-    batches = pipeline.train_iterator(
-        setup.train_set, setup.normal_indices, global_batch_size=config.batch_size,
-        seed=config.seed, start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count())
+    step_fn = jit_train_step(make_train_step(setup.method, setup.tx, setup.schedule,
+                                             setup.steps_per_epoch), mesh)
+    batches = setup.train_batches(start_step)
     writer = MetricWriter(setup.workdir)
     progress = Progress(setup.total_steps, first=start_step)
     logging.info('training %d steps (%d per epoch)', setup.total_steps, setup.steps_per_epoch)
@@ -295,11 +382,18 @@ def _evaluate_saved(setup, state, step):
                              workdir=setup.workdir, extra=dict(step=step))
 
 
-def scoring_shapes(method, variables, image_shape, num_bank, rng):
-    """Abstract scoring state for a bank of `num_bank` images (no compute)."""
+def feature_shapes(method, variables, image_shape, num_images, rng):
+    """Abstract `method.features` of `num_images` images (no compute)."""
     shapes = jax.eval_shape(
         method.features, variables, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
         jax.ShapeDtypeStruct((1,), jnp.int32), rng)
-    bank = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct((num_bank,) + s.shape[1:], s.dtype), shapes)
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((num_images,) + s.shape[1:], s.dtype), shapes)
+
+
+def scoring_shapes(method, variables, image_shape, num_bank, rng):
+    """Abstract scoring state for a bank of `num_bank` images (no compute)."""
+    bank = feature_shapes(method, variables, image_shape, num_bank, rng)
+    if 'label' in getattr(method, 'inputs', ()):
+        bank = dict(bank, label=jax.ShapeDtypeStruct((num_bank,), jnp.int32))
     return jax.eval_shape(method.fit_scoring, bank)

@@ -37,8 +37,8 @@ def test_bf16_loss_within_tolerance_of_float32():
     grad16 = jax.jit(jax.value_and_grad(bf16.loss, has_aux=True))
     for seed in range(3):
         key = jax.random.key(seed)
-        (l32, (m32, _)), g32 = grad32(params, stats, images, key)
-        (l16, (m16, s16)), g16 = grad16(params, stats, images, key)
+        (l32, (m32, _)), g32 = grad32(params, stats, {}, {"image": images}, key)
+        (l16, (m16, s16)), g16 = grad16(params, stats, {}, {"image": images}, key)
         assert l16.dtype == jnp.float32
         assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves((g16, s16, m16)))
         # bf16 really ran (a silently ignored dtype would give float32's value exactly) ...
@@ -68,11 +68,11 @@ def test_bf16_train_step_keeps_float32_params_and_optimizer_state():
     tx, schedule = optim.make_optimizer(c.optim, steps_per_epoch=10, total_steps=100)
     state = jax.eval_shape(train.make_init_fn(bf16, tx, (16, 16, 3)), jax.random.key(0))
     images = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.uint8)
-    new, metrics = jax.eval_shape(train.make_train_step(bf16, tx, schedule), state,
+    new, metrics = jax.eval_shape(train.make_train_step(bf16, tx, schedule, 1), state,
                                   {'image': images}, jax.random.key(2))
     leaves = jax.tree_util.tree_leaves((new.params, new.batch_stats, new.opt_state, metrics))
     floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
     assert len(floats) > 50 and set(floats) == {jnp.dtype(jnp.float32)}
-    jaxpr = str(jax.make_jaxpr(train.make_train_step(bf16, tx, schedule))(
+    jaxpr = str(jax.make_jaxpr(train.make_train_step(bf16, tx, schedule, 1))(
         state, {'image': images}, jax.random.key(2)))
     assert 'bf16' in jaxpr

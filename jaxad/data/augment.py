@@ -256,3 +256,54 @@ def simclr_augment(key, image, *, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 /
     x = color_jitter(jitter_key, image, brightness, contrast, saturation, hue, jitter_p)
     x = random_grayscale(gray_key, x, gray_p)
     return random_resized_crop(crop_key, x, crop_scale, crop_ratio)
+
+
+def gaussian_blur(image, sigma, max_sigma=2.0):
+    """Separable Gaussian blur of one image with a (traced) standard deviation `sigma` pixels.
+
+    The kernel has a static support of +-ceil(3 * max_sigma) taps, weights
+    exp(-x^2 / 2 sigma^2) normalised to sum 1, edge padding. This stands in for the
+    MoCo-v2 `ImageFilter.GaussianBlur(radius=sigma)` (PIL's radius is a standard
+    deviation); PIL approximates the Gaussian with box filters, so the two agree in
+    distribution, not pixel for pixel.
+    """
+    half = int(math.ceil(3 * max_sigma))
+    taps = jnp.arange(-half, half + 1, dtype=jnp.float32)
+    weights = jnp.exp(-0.5 * jnp.square(taps / jnp.maximum(sigma, 1e-3)))
+    weights = weights / jnp.sum(weights)
+
+    def along(x, axis):
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (half, half)
+        padded = jnp.pad(x, pad, mode='edge')
+        size = x.shape[axis]
+        return sum(w * jax.lax.slice_in_dim(padded, i, i + size, axis=axis)
+                   for i, w in enumerate(weights))
+    return along(along(image, 0), 1)
+
+
+def random_gaussian_blur(key, image, p=0.5, sigma=(0.1, 2.0)):
+    """MoCo-v2's blur: with probability p, sigma ~ U(sigma) (no-op when p == 0)."""
+    if p <= 0:
+        return image
+    apply_key, sigma_key = jax.random.split(key)
+    s = jax.random.uniform(sigma_key, (), minval=sigma[0], maxval=sigma[1])
+    return jnp.where(jax.random.bernoulli(apply_key, p),
+                     gaussian_blur(image, s, max_sigma=sigma[1]), image)
+
+
+def resize(image, size):
+    """Bilinear resize of one image to (size, size) (identity when it already is)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return jax.image.resize(image, (size, size, image.shape[2]), 'bilinear', antialias=False)
+
+
+def center_crop_resized(image, size, crop_fraction):
+    """torchvision Resize(size / crop_fraction) -> CenterCrop(size) on one image."""
+    if crop_fraction >= 1.0:
+        return resize(image, size)
+    big = resize(image, int(round(size / crop_fraction)))
+    top = (big.shape[0] - size) // 2
+    left = (big.shape[1] - size) // 2
+    return big[top:top + size, left:left + size]

@@ -22,8 +22,9 @@ class IndexedSource:
     holes for the ~90% of images a one-class split drops.
     """
 
-    def __init__(self, image_set, indices):
+    def __init__(self, image_set, indices, labels=None):
         self._images = image_set.images
+        self._labels = None if labels is None else np.asarray(labels, np.int32)
         self._indices = np.asarray(indices, np.int64)
         if self._indices.ndim != 1:
             raise DataError(f'{image_set.name}: indices must be 1-D, got shape '
@@ -38,7 +39,10 @@ class IndexedSource:
 
     def __getitem__(self, i):
         index = self._indices[i]
-        return {'image': np.asarray(self._images[index], np.uint8), 'index': index}
+        item = {'image': np.asarray(self._images[index], np.uint8), 'index': index}
+        if self._labels is not None:
+            item['label'] = self._labels[index]
+        return item
 
     def __repr__(self):
         return f'IndexedSource({self._name!r}, {len(self)} images)'
@@ -56,8 +60,9 @@ def _read_options(read_threads, prefetch):
 
 
 def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
-                   process_index=0, process_count=1, read_threads=2, prefetch=4):
-    """Infinite iterator of `{'image': uint8 (global_batch_size // process_count, H, W, C)}`.
+                   process_index=0, process_count=1, read_threads=2, prefetch=4, labels=None):
+    """Infinite iterator of `{'image': uint8 (global_batch_size // process_count, H, W, C)}`,
+    plus `'label'`: int32 `labels[image index]` when `labels` (one per image) is given.
 
     The image stream is a seeded permutation of `indices`, reshuffled every
     epoch, so each epoch shows every normal image exactly once (batches run
@@ -71,13 +76,47 @@ def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
             f'of {global_batch_size}; use batch_size <= {len(indices)}')
     if seed < 0:
         raise ConfigError(f'seed must be >= 0 for the data order, got {seed}')
-    stream = (grain.MapDataset.source(IndexedSource(image_set, indices))
+    stream = (grain.MapDataset.source(IndexedSource(image_set, indices, labels))
               .seed(seed).shuffle()
               .repeat(None, reseed_each_epoch=True))
     # Local batch k is global batch k // P, slice k % P: take every P-th from p.
     batches = stream.batch(local, drop_remainder=True)[process_index::process_count]
-    batches = batches[start_step:].map(lambda b: {'image': b['image']})
+    keys = ('image',) if labels is None else ('image', 'label')
+    batches = batches[start_step:].map(lambda b: {k: b[k] for k in keys})
     return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
+
+
+OUTLIER_SEED_OFFSET = 7919  # the outlier stream's shuffle is independent of the normal one's
+
+
+def class_positions(labels, normal_classes):
+    """Each image's position among the sorted normal classes (-1 elsewhere): MCL's labels."""
+    normal = np.sort(np.asarray(normal_classes, np.int64))
+    lut = np.full(int(max(np.max(labels), normal.max())) + 1, -1, np.int32)
+    lut[normal] = np.arange(len(normal), dtype=np.int32)
+    return lut[np.asarray(labels)]
+
+
+def method_train_iterator(inputs, image_set, indices, normal_classes, *, outliers=None,
+                          global_batch_size, seed, **kwargs):
+    """The training batches a method asks for with `inputs` (its extra batch keys).
+
+    Always 'image' (the normal images). 'label': the class position of each image
+    (`class_positions`). 'outlier': a batch of images from `outliers` =
+    (image_set, indices), read by its own, independently shuffled stream and zipped
+    with the normal one (OECL; self-OECL passes the normal images again).
+    """
+    labels = class_positions(image_set.labels, normal_classes) if 'label' in inputs else None
+    main = train_iterator(image_set, indices, global_batch_size=global_batch_size, seed=seed,
+                          labels=labels, **kwargs)
+    if 'outlier' not in inputs:
+        return main
+    if outliers is None:
+        raise ConfigError('this method trains with outlier exposure: set oe.source')
+    oe_set, oe_indices = outliers
+    oe = train_iterator(oe_set, oe_indices, global_batch_size=global_batch_size,
+                        seed=seed + OUTLIER_SEED_OFFSET, **kwargs)
+    return (dict(b, outlier=o['image']) for b, o in zip(main, oe))
 
 
 def num_eval_batches(n, batch_size):

@@ -400,6 +400,69 @@ def _with_channels(image_set, channels):
                                images=np.repeat(image_set.images, channels, axis=-1))
 
 
+# ------------------------------------------------------- auxiliary data sets
+
+
+def load_auxiliary(aux_cfg, split, image_shape, what):
+    """Another data set (outlier exposure, an OOD test set) fitted to the main one's shape.
+
+    `aux_cfg` has the `config.data` source fields (source, path, tfds_name, tfds_data_dir,
+    label_key, numpy_path; digits: test_fraction/split_seed of the main data). Images
+    of another size are resized (Pillow bilinear) and grey/colour converted to
+    `image_shape` = (H, W, C), so e.g. CIFAR-10 can be outlier exposure for 28x28 grey
+    Fashion-MNIST. Labels are kept but carry no meaning for the main data set.
+    """
+    h, w, c = image_shape
+    cfg = dict(source=aux_cfg.source, path=aux_cfg.get('path', ''), image_size=None,
+               channels=c, tfds_name=aux_cfg.get('tfds_name', ''),
+               tfds_data_dir=aux_cfg.get('tfds_data_dir', ''),
+               label_key=aux_cfg.get('label_key', 'label'), test_fraction=0.5, split_seed=0,
+               numpy_path=aux_cfg.get('numpy_path', ''))
+    if cfg['source'] == 'digits':
+        cfg['image_size'] = h
+    if cfg['source'] not in SOURCES:
+        raise ConfigError(f'{what}: unknown source {cfg["source"]!r}; choose one of '
+                          f'{", ".join(SOURCES)}')
+    import ml_collections
+    image_set = load_split(ml_collections.ConfigDict(cfg), split)
+    images = np.asarray(image_set.images) if not isinstance(image_set.images, np.ndarray) \
+        else image_set.images
+    if images.shape[1:] != (h, w, c):
+        images = _fit_images(images, (h, w, c))
+    logging.info('%s: %d images from %s', what, len(images), image_set.name)
+    return dataclasses.replace(image_set, images=images, name=f'{what} ({image_set.name})')
+
+
+def with_ood(test_set, ood_cfg):
+    """`test_set` with the test split of the OOD data set `ood_cfg` appended as one extra
+    class, 'OOD: <name>' (never a normal class, so every OOD image is an anomaly).
+
+    This is the labelled multi-class protocol (MCL: CIFAR-10 with all its classes normal,
+    CIFAR-100 as the anomalies). `ood_cfg.source` '' returns `test_set` unchanged.
+    """
+    if not ood_cfg.source:
+        return test_set
+    shape = tuple(np.shape(test_set.images[0]))
+    ood = load_auxiliary(ood_cfg, 'test', shape, 'eval.ood')
+    images = np.concatenate([np.asarray(test_set.images), ood.images])
+    labels = np.concatenate([test_set.labels,
+                             np.full(len(ood.labels), len(test_set.class_names), np.int64)])
+    names = list(test_set.class_names) + [f'OOD: {ood.name}']
+    return ImageSet(images, labels, names, f'{test_set.name} + {ood.name}')
+
+
+def _fit_images(images, shape):
+    """Resizes (bilinear) and converts channels of uint8 NHWC images to (H, W, C)."""
+    h, w, c = shape
+    out = np.empty((len(images), h, w, c), np.uint8)
+    for i, image in enumerate(images):
+        im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        im = im.convert(_PIL_MODES[c]).resize((w, h), Image.BILINEAR)
+        array = np.asarray(im)
+        out[i] = array[..., None] if array.ndim == 2 else array
+    return out
+
+
 # ------------------------------------------------------------------- one-class
 
 
@@ -413,6 +476,14 @@ def one_class_indices(labels, normal_classes, num_classes, where='this split'):
         if not np.any(labels == c):
             raise DataError(f'normal class {c} has no images in {where}')
     return np.flatnonzero(np.isin(labels, normal_classes)).astype(np.int64)
+
+
+def check_has_anomalies(test_set, normal_classes):
+    """DataError when every test image is of a normal class (no AUROC can be computed)."""
+    if not anomaly_labels(test_set.labels, normal_classes).any():
+        raise DataError(f'{test_set.name}: every test image is of a normal class '
+                        f'{list(normal_classes)}, so there is nothing to detect; leave a class '
+                        'out of data.normal_classes or add anomalies with eval.ood')
 
 
 def anomaly_labels(labels, normal_classes):

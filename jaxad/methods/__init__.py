@@ -1,14 +1,41 @@
-"""Method registry: each method module owns its views, loss and scores."""
+"""Method registry: each method module owns its views, loss and scores.
+
+A method object gives the shared trainer and evaluator:
+  model, headline_score, paper_one_class(class_names) -> published numbers or None
+  init_variables(key, image_shape) -> {'params', 'batch_stats'}
+  loss(params, batch_stats, consts, batch, key) -> (loss, (metrics, batch_stats))
+      batch: {'image': uint8 (B, H, W, C)} plus the keys named in `inputs`
+  features(variables, images, indices, key) -> feature tree (eval mode)
+  fit_scoring(train_features) -> scoring state; score(scoring, test_features) -> {name: (N,)}
+and optionally
+  inputs: extra batch keys, 'label' (class position) and/or 'outlier' (OE images)
+  fit_consts(train_features) -> constants fixed from the initial model (MSC's centre)
+"""
 from jaxad.errors import ConfigError
 
-METHODS = ('csi',)
+METHODS = ('csi', 'msc', 'mcl', 'oecl', 'self_oecl')
+
+
+def _build(config):
+    name = config.method
+    if name == 'csi':
+        from jaxad.methods.csi import CSI
+        # eval.density sees the 0-degree TTA-mean projection, as CSI's own knn_cosine does.
+        return CSI(config), lambda f: f['z_bar'][:, 0]
+    if name == 'msc':
+        from jaxad.methods.msc import MSC
+        return MSC(config), lambda f: f['phi']
+    if name == 'mcl':
+        from jaxad.methods.mcl import MCL
+        return MCL(config), lambda f: f['u'][:, 0]
+    if name in ('oecl', 'self_oecl'):
+        from jaxad.methods.oecl import OECL
+        return OECL(config, self_supervised=name == 'self_oecl'), lambda f: f['z_clean']
+    raise ConfigError(f'unknown method {name!r}; available: {", ".join(METHODS)}')
 
 
 def get_method(config):
-    """The method object named by `config.method`."""
-    if config.method == 'csi':
-        from jaxad import density
-        from jaxad.methods.csi import CSI
-        # eval.density sees the 0-degree TTA-mean projection, as CSI's own knn_cosine does.
-        return density.with_density(CSI(config), config.eval, lambda f: f['z_bar'][:, 0])
-    raise ConfigError(f'unknown method {config.method!r}; available: {", ".join(METHODS)}')
+    """The method object named by `config.method`, with `eval.density` evaluators attached."""
+    from jaxad import density
+    method, density_features = _build(config)
+    return density.with_density(method, config.eval, density_features)

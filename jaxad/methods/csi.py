@@ -209,8 +209,10 @@ class CSI:
         from jaxad.models.convert import init_encoder_from
         return init_encoder_from(variables, self.init_from)
 
-    def loss(self, params, batch_stats, images, key):
+    def loss(self, params, batch_stats, consts, batch, key):
         """(loss, (metrics, new_batch_stats)) for a uint8 batch, BN in train mode."""
+        del consts  # CSI has none
+        images = batch['image']
         views = train_views(key, images, self.num_shifts, self.train_aug)
         out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, views,
                                         train=True, mutable=['batch_stats'])

@@ -253,10 +253,55 @@ def save_converted(variables, out_dir, meta):
         json.dump(dict(meta, format=FORMAT), f, indent=2, sort_keys=True)
 
 
+def is_run_dir(directory):
+    """True for a jaxad training run's workdir (config.json and checkpoints/)."""
+    return (os.path.isfile(os.path.join(directory, 'config.json'))
+            and os.path.isdir(os.path.join(directory, 'checkpoints')))
+
+
+def load_run_encoder(workdir, scope='encoder'):
+    """(variables, meta) of the `scope` subtree of a jaxad run's latest checkpoint.
+
+    Lets one method start from another's trained encoder (MSC from a CSI run).
+    """
+    import orbax.checkpoint as ocp
+    ckpt_dir = os.path.join(workdir, 'checkpoints')
+    steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+    if not steps:
+        raise ConversionError(f'model.init_from={workdir}: the run has no finished checkpoint '
+                              f'in {ckpt_dir}')
+    path = os.path.join(ckpt_dir, str(steps[-1]), 'state')
+    import jax
+    try:
+        # Concrete arrays even when called while the init function is being traced.
+        with jax.ensure_compile_time_eval():
+            state = ocp.PyTreeCheckpointer().restore(path)
+    except Exception as e:  # noqa: BLE001 - any orbax failure is a bad run directory here
+        raise ConversionError(f'model.init_from={workdir}: cannot read {path}: {e}') from e
+    variables = {}
+    for collection in ('params', 'batch_stats'):
+        tree = state.get(collection, {})
+        if scope not in tree:
+            raise ConversionError(f'model.init_from={workdir}: its {collection} have no '
+                                  f'{scope!r} subtree')
+        variables[collection] = jax_to_numpy(tree[scope])
+    meta = {'arch': f'jaxad run {workdir} step {steps[-1]}', 'source': path}
+    return variables, meta
+
+
+def jax_to_numpy(tree):
+    if isinstance(tree, dict):
+        return {k: jax_to_numpy(v) for k, v in tree.items()}
+    return np.asarray(tree, np.float32)
+
+
 def load_converted(directory):
-    """(variables {'params', 'batch_stats'[, 'fc']} of numpy arrays, meta) of a DIR."""
+    """(variables {'params', 'batch_stats'[, 'fc']} of numpy arrays, meta) of a DIR
+    written by this module, or of a jaxad run's workdir (its latest encoder)."""
     from flax import traverse_util
     directory = os.fspath(directory)
+    if is_run_dir(directory):
+        return load_run_encoder(directory)
     weights, meta_path = (os.path.join(directory, n) for n in (WEIGHTS_FILE, META_FILE))
     if not (os.path.isfile(weights) and os.path.isfile(meta_path)):
         raise ConversionError(f'{directory}: not a converted encoder directory (expected '
@@ -292,7 +337,9 @@ def init_encoder_from(variables, directory, scope='encoder'):
     from flax import traverse_util
     directory = os.path.abspath(os.fspath(directory))
     weights = os.path.join(directory, WEIGHTS_FILE)
-    mtime = os.path.getmtime(weights) if os.path.isfile(weights) else None
+    if is_run_dir(directory):
+        weights = os.path.join(directory, 'checkpoints')  # a new checkpoint changes its mtime
+    mtime = os.path.getmtime(weights) if os.path.exists(weights) else None
     loaded, meta = _load_cached(directory, mtime)
     targets, sources = {}, {}
     for collection in ('params', 'batch_stats'):

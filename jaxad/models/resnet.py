@@ -52,7 +52,11 @@ ARCHS = {'resnet18': (18, 64), 'resnet34': (34, 64), 'resnet50': (50, 64),
          'wide_resnet50_2': (50, 128), 'wide_resnet101_2': (101, 128)}
 # (mean, std) per channel of inputs in [0, 1]; 'csi' works for any number of channels.
 INPUT_NORMS = {'csi': ((0.5,), (0.5,)),
-               'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
+               'none': ((0.0,), (1.0,)),  # MCL: ToTensor only
+               'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+               # OECL's CIFAR / Tiny80M normalisation
+               'cifar': ((125.3 / 255, 123.0 / 255, 113.9 / 255),
+                         (63.0 / 255, 62.1 / 255, 66.7 / 255))}
 
 
 def arch_name(depth, width_per_group=64):
@@ -177,6 +181,8 @@ def normalize_input(x, input_norm):
     """Inputs in [0, 1] -> the network's input scale (`INPUT_NORMS`)."""
     if input_norm == 'csi':
         return (x - 0.5) / 0.5
+    if input_norm == 'none':
+        return x
     if input_norm not in INPUT_NORMS:
         raise ConfigError(f'unknown model.input_norm {input_norm!r}; choose from {sorted(INPUT_NORMS)}')
     mean, std = (jnp.asarray(v, jnp.float32) for v in INPUT_NORMS[input_norm])
@@ -249,7 +255,13 @@ class ResNet(nn.Module):
 
 
 class CSINet(nn.Module):
-    """Encoder + projection head + shift-classification head (CSI, §2.2)."""
+    """Encoder + optional projection head + optional shift-classification head.
+
+    CSI (§2.2): hidden width = feature width, no BN, a K-way shift head. The other
+    contrastive methods reuse it: MCL's head is Linear(f, 2048)-ReLU-Linear(2048, 128)
+    (proj_hidden=2048), OECL's has BatchNorm after the hidden layer (proj_bn=True),
+    MSC has no head at all (proj_dim=0: 'proj' is absent). num_shifts=0: no shift head.
+    """
     depth: int = 18
     stem: str = 'cifar'
     width: int = 64
@@ -261,6 +273,8 @@ class CSINet(nn.Module):
     width_per_group: int = 64
     input_norm: str = 'csi'
     conv_impl: str = 'auto'
+    proj_hidden: int = 0   # 0 = the feature width (CSI's simclr_layer)
+    proj_bn: bool = False  # BatchNorm1d after the hidden layer (OECL's head)
 
     @nn.compact
     def __call__(self, x, train):
@@ -269,19 +283,23 @@ class CSINet(nn.Module):
                        input_norm=self.input_norm, conv_impl=self.conv_impl,
                        name='encoder')(x, train)
         dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
-        # Hidden width = feature width (512 at width 64; 2048 for Bottlenecks), as in CSI's
-        # simclr_layer.
-        h = nn.relu(dense(feats.shape[-1], 'proj_hidden')(feats))
-        z = dense(self.proj_dim, 'proj_out')(h)
-        shift_logits = dense(self.num_shifts, 'shift_cls')(feats)
-        return {'features': feats,
-                'proj': z.astype(jnp.float32),
-                'shift_logits': shift_logits.astype(jnp.float32)}
+        out = {'features': feats}
+        if self.proj_dim:
+            h = dense(self.proj_hidden or feats.shape[-1], 'proj_hidden')(feats)
+            if self.proj_bn:
+                h = batch_norm(train, 0.9, self.dtype, self.bn_mode, self.bn_groups,
+                               'proj_bn')(h)
+            z = dense(self.proj_dim, 'proj_out')(nn.relu(h))
+            out['proj'] = z.astype(jnp.float32)
+        if self.num_shifts:
+            out['shift_logits'] = dense(self.num_shifts, 'shift_cls')(feats).astype(jnp.float32)
+        return out
 
 
-def build_model(model_cfg, num_shifts: int) -> nn.Module:
-    """CSINet from `config.model` (fields: name, stem, width, proj_dim, dtype, bn_mode,
-    bn_groups, input_norm; `init_from` is applied by the method's init)."""
+def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
+    """CSINet from `config.model` (fields: name, stem, width, proj_dim, proj_hidden, proj_bn,
+    dtype, bn_mode, bn_groups, input_norm, conv_impl; `init_from` is applied by the method's
+    init). `proj_dim` overrides model.proj_dim (0: no projection head)."""
     if model_cfg.name not in ARCHS:
         raise ConfigError(f'unknown model {model_cfg.name!r}; choose from {sorted(ARCHS)}')
     depth, width_per_group = ARCHS[model_cfg.name]
@@ -299,10 +317,12 @@ def build_model(model_cfg, num_shifts: int) -> nn.Module:
     if conv_impl not in CONV_IMPLS:
         raise ConfigError(f'unknown model.conv_impl {conv_impl!r}; choose from {CONV_IMPLS}')
     return CSINet(depth=depth, stem=model_cfg.stem, width=model_cfg.width,
-                  proj_dim=model_cfg.proj_dim, num_shifts=num_shifts,
-                  dtype=dtypes[model_cfg.dtype], bn_mode=model_cfg.bn_mode,
-                  bn_groups=model_cfg.bn_groups, width_per_group=width_per_group,
-                  input_norm=input_norm, conv_impl=conv_impl)
+                  proj_dim=model_cfg.proj_dim if proj_dim is None else proj_dim,
+                  num_shifts=num_shifts, dtype=dtypes[model_cfg.dtype],
+                  bn_mode=model_cfg.bn_mode, bn_groups=model_cfg.bn_groups,
+                  width_per_group=width_per_group, input_norm=input_norm, conv_impl=conv_impl,
+                  proj_hidden=model_cfg.get('proj_hidden', 0),
+                  proj_bn=model_cfg.get('proj_bn', False))
 
 
 def count_params(params) -> int:

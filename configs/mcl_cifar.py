@@ -1,0 +1,52 @@
+"""MCL (masked contrastive learning + self-ensemble inference, methods.md §4) on CIFAR-10.
+
+python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0 --workdir=/tmp/mcl_c10_0
+python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0+1+2+3+4+5+6+7+8+9 \
+    --workdir=/tmp/mcl_c10_all   # the code's labelled multi-class setting (CIFAR-10 classes)
+
+Arguments (after ':', comma separated):
+  normal_class  int, or ints joined by '+' (labelled multi-class: the joint label is
+                class position + mcl.num_classes * rotation); 'all' or a comma list (0,3,5)
+                trains the one-class table, one detector per item
+  path          the CIFAR-10 JPEG folder or .tar.gz (default ../shared/data/cifar10-jpg.tar.gz)
+  arch          resnet34 (code default) | resnet18 | resnet50 | resnet101
+  epochs        training epochs (code config: 400; released checkpoint: 800)
+  batch_size    images per step (x 4 rotations x 2 views); code: 256 (its 1024 rotated images)
+  sei_views     8 (rotations x flip, code default) or 4 (rotations)
+  combine       wa (harmonic mean, code default) | mean | min
+  seed
+
+mcl.num_classes is set to the most normal classes of any detector: the loss only needs
+it >= that number (same-class tests are Delta mod num_classes == 0) and the scorer fits
+num_classes x 4 Gaussians.
+"""
+import os
+
+from jaxad import config as jc
+
+DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
+                           'cifar10-jpg.tar.gz')
+
+
+def classes_per_detector(normal_class):
+    """The most normal classes one detector of `normal_class` trains on ('all' -> 1)."""
+    items = [i for i in str(normal_class).split(',') if i != 'all']
+    return max([len(jc.normal_classes(i)) for i in items] or [1])
+
+
+def get_config(arg=None):
+    arg = jc.parse_arg(arg, normal_class='0', path='', arch='resnet34', epochs=400,
+                       batch_size=256, sei_views=8, combine='wa', seed=0)
+    c = jc.mcl_base()
+    c.seed = arg.seed
+    c.data.source = 'folder'
+    c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
+    c.data.image_size = 32
+    jc.set_normal_classes(c, arg.normal_class)
+    c.mcl.num_classes = classes_per_detector(arg.normal_class)
+    c.mcl.sei_views = arg.sei_views
+    c.mcl.combine = arg.combine
+    c.model.name = arg.arch
+    c.batch_size = arg.batch_size
+    c.optim.epochs = arg.epochs
+    return c

@@ -1,0 +1,41 @@
+"""MSC on one-class CIFAR-10 with the paper's defaults (methods.md §3): ImageNet ResNet-152.
+
+python -m jaxad.models.convert --in resnet152-394f9c45.pth --out /data/r152
+python -m jaxad.main --config=configs/msc_cifar.py:normal_class=0,weights=/data/r152 \
+    --workdir=/tmp/msc_c0
+
+Needs the torchvision ImageNet weights (converted with `jaxad.models.convert`); without
+them MSC has nothing to shift and the run stops with a clear error. No ImageNet weights?
+Start from a jaxad CSI run instead: configs/msc_from_run.py. Arguments: normal_class,
+weights (converted DIR), arch (resnet152 | resnet18), epochs, path, angular, seed.
+"""
+from jaxad import config as jc
+from jaxad.errors import ConfigError
+
+FROZEN_R152 = ('^encoder/(conv1|bn1|layer1_|layer2_)',)  # requires_grad=False in main.py
+
+
+def get_config(arg=None):
+    arg = jc.parse_arg(arg, normal_class='0', weights='', arch='resnet152', epochs=20,
+                       path='../shared/data/cifar10-jpg.tar.gz', angular=False, seed=0)
+    if not arg.weights:
+        raise ConfigError('configs/msc_cifar.py needs ImageNet weights: convert them with '
+                          '`python -m jaxad.models.convert --in resnet152.pth --out DIR` and '
+                          'pass weights=DIR (or use configs/msc_from_run.py)')
+    c = jc.msc_base()
+    c.seed = arg.seed
+    c.data.source = 'folder'
+    c.data.path = arg.path
+    c.data.image_size = 32
+    jc.set_normal_classes(c, arg.normal_class)
+    c.model.name = arg.arch
+    c.model.stem = 'imagenet'
+    c.model.input_norm = 'imagenet'
+    c.model.init_from = arg.weights
+    c.msc.image_size = 224  # CIFAR images are up-sampled, as torchvision's transforms do
+    c.msc.angular = arg.angular
+    # R152: Resize(256) -> CenterCrop(224); R18: Resize(224) (bicubic in the code).
+    c.msc.eval_center_crop = 0.875 if arg.arch == 'resnet152' else 1.0
+    c.optim.freeze = FROZEN_R152 if arg.arch == 'resnet152' else ()
+    c.optim.epochs = arg.epochs
+    return c

@@ -1,0 +1,156 @@
+"""MSC: Mean-Shifted Contrastive loss (Reiss & Hoshen, methods.md §3).
+
+An encoder that already gives good features (ImageNet ResNet-152 in the paper, or a
+jaxad CSI run's encoder: `model.init_from`) is fine-tuned:
+
+  phi(x)   = normalize(phi0(x))                   encoder features, unit norm
+  c        = mean over the normal training images of phi(x) under the INITIAL encoder,
+             computed once before step 1 (`fit_consts`, kept in the train state) and
+             never re-normalised (except inside the angular loss)
+  theta(x) = normalize(phi(x) - c)
+  L_msc    = NT-Xent over u = [theta(x1); theta(x2)], tau = 0.25, no eps
+  L_center = mean ||phi(x1) - c/||c|| ||^2 + mean ||phi(x2) - c/||c|| ||^2   (msc.angular)
+
+BatchNorm stays in eval mode for the whole run (model.bn_mode='frozen': running
+statistics, affine parameters trained); the optimiser is SGD without momentum and
+`optim.freeze` fixes the stem, layer1 and layer2 of ResNet-152.
+
+Score: kNN on phi (not theta) against the normal training images, k = 2, summed
+squared L2 distances of unit vectors (= 2 x summed cosine distances), blockwise so the
+test x bank matrix is never held whole (`density.knn_scores`).
+"""
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from jaxad import density, losses
+from jaxad.data import augment
+from jaxad.errors import ConfigError
+
+CIFAR10_PAPER = dict(
+    mean=97.5, source='MSC v1 abstract (arXiv 2106.03844v1, ResNet-152 ImageNet weights, '
+                      'with the angular loss); not comparable to runs without those weights')
+
+
+def view_pair(key, image, size, crop_scale, aug_kwargs, blur_p):
+    """Two MoCo-v2 views of one float image: resize to `size`, random resized crop,
+    colour jitter, grey, Gaussian blur, horizontal flip (each view its own draws)."""
+    x = augment.resize(image, size)
+
+    def one(view_key):
+        aug_key, blur_key, flip_key = jax.random.split(view_key, 3)
+        v = augment.simclr_augment(aug_key, x, crop_scale=crop_scale, **aug_kwargs)
+        v = augment.random_gaussian_blur(blur_key, v, blur_p)
+        return augment.random_hflip(flip_key, v)
+    return jax.vmap(one)(jax.random.split(key, 2))
+
+
+def train_views(key, images, size, crop_scale, aug_kwargs, blur_p):
+    """uint8 (B, H, W, C) -> float32 (2B, S, S, C) laid out [views 1; views 2]."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
+    pairs = jax.vmap(lambda k, x: view_pair(k, augment.to_float(x), size, crop_scale,
+                                            aug_kwargs, blur_p))(keys, images)
+    return jnp.concatenate([pairs[:, 0], pairs[:, 1]], axis=0)
+
+
+def positive_index(batch_size):
+    """Row i's positive in [v1; v2]: i + B for the first half, i - B for the second."""
+    i = jnp.arange(2 * batch_size)
+    return jnp.where(i < batch_size, i + batch_size, i - batch_size)
+
+
+def loss_and_aux(phi, centre, temperature, angular):
+    """MSC loss of unit features phi (2B, D) laid out [v1; v2] and the fixed centre (D,)."""
+    b = phi.shape[0] // 2
+    theta = losses.l2_normalize(phi - centre)
+    loss_msc = losses.nt_xent(theta, positive_index(b), temperature, eps=0.0)
+    metrics = {'loss_msc': loss_msc}
+    loss = loss_msc
+    if angular:
+        c = losses.l2_normalize(centre)
+        sq = jnp.sum(jnp.square(phi - c), axis=-1)
+        loss_center = jnp.mean(sq[:b]) + jnp.mean(sq[b:])
+        loss = loss + loss_center
+        metrics['loss_center'] = loss_center
+    metrics['loss'] = loss
+    return loss, metrics
+
+
+def scores(bank, phi, k=2, test_block=1024, bank_block=4096):
+    """{'knn': sum of the k smallest ||phi - b||^2 over the unit bank}, higher = anomalous."""
+    return {'knn': density.knn_scores(phi, bank, k=min(k, bank.shape[0]), metric='sql2',
+                                      reduce='sum', normalize=True, test_block=test_block,
+                                      bank_block=bank_block)}
+
+
+class MSC:
+    """The MSC method object for the shared trainer and evaluator."""
+    headline_score = 'knn'
+
+    def __init__(self, config):
+        from jaxad.models.resnet import build_model
+        self.cfg = config.msc
+        if self.cfg.temperature <= 0:
+            raise ConfigError(f'msc.temperature must be > 0, got {self.cfg.temperature}')
+        if self.cfg.knn_k < 1:
+            raise ConfigError(f'msc.knn_k must be >= 1, got {self.cfg.knn_k}')
+        if config.model.bn_mode != 'frozen':
+            logging.warning('MSC with model.bn_mode=%r: the paper keeps BN in eval mode for '
+                            'the whole run (frozen); issue #1 of the official code failed to '
+                            'reproduce without it', config.model.bn_mode)
+        self.model = build_model(config.model, num_shifts=0, proj_dim=0)
+        self.init_from = config.model.get('init_from', '')
+        self.size = self.cfg.image_size or config.data.image_size
+        self.crop_scale = tuple(self.cfg.crop_scale)
+        aug = config.augment
+        self.aug_kwargs = dict(crop_ratio=tuple(aug.crop_ratio), brightness=aug.brightness,
+                               contrast=aug.contrast, saturation=aug.saturation, hue=aug.hue,
+                               jitter_p=aug.jitter_p, gray_p=aug.gray_p)
+        self.blur_p = self.cfg.blur_p
+        self.eval_crop = self.cfg.eval_center_crop
+        self.blocks = (config.eval.density_test_block, config.eval.density_bank_block)
+
+    @staticmethod
+    def paper_one_class(class_names):
+        from jaxad.methods.csi import CIFAR10_CLASSES
+        if tuple(class_names) == CIFAR10_CLASSES:
+            return {'per_class': {}, **CIFAR10_PAPER}
+        return None
+
+    def init_variables(self, key, image_shape):
+        x = jnp.zeros((2, self.size, self.size, image_shape[-1]), jnp.float32)
+        variables = self.model.init(key, x, train=False)
+        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+        from jaxad.models.convert import init_encoder_from
+        return init_encoder_from(variables, self.init_from)
+
+    def _phi(self, variables, x, train):
+        if train:
+            out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
+            return losses.l2_normalize(out['features']), mutated['batch_stats']
+        return losses.l2_normalize(self.model.apply(variables, x, train=False)['features'])
+
+    def loss(self, params, batch_stats, consts, batch, key):
+        views = train_views(key, batch['image'], self.size, self.crop_scale, self.aug_kwargs,
+                            self.blur_p)
+        phi, new_stats = self._phi({'params': params, 'batch_stats': batch_stats}, views, True)
+        loss, metrics = loss_and_aux(phi, consts['centre'], self.cfg.temperature,
+                                     self.cfg.angular)
+        return loss, (metrics, new_stats)
+
+    def features(self, variables, images, indices, key):
+        """phi of the deterministic test view (resize, centre crop), BN in eval mode."""
+        del indices, key
+        x = jax.vmap(lambda im: augment.center_crop_resized(
+            augment.to_float(im), self.size, self.eval_crop))(images)
+        return {'phi': self._phi(variables, x, False)}
+
+    def fit_consts(self, train_features):
+        """The centre of the initial model's normal features (not re-normalised)."""
+        return {'centre': jnp.mean(train_features['phi'], axis=0)}
+
+    def fit_scoring(self, train_features):
+        return {'bank': train_features['phi']}
+
+    def score(self, scoring, test_features):
+        return scores(scoring['bank'], test_features['phi'], self.cfg.knn_k, *self.blocks)

@@ -1,0 +1,207 @@
+"""MSC (methods.md §3): loss and score against NumPy, the fixed centre, frozen layers,
+SGD without momentum, MoCo-v2 blur, and fine-tuning from another jaxad run."""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.ndimage
+from sklearn.neighbors import NearestNeighbors
+
+from jaxad import config as jc
+from jaxad import optim, train
+from jaxad import checkpoint as ckpt_lib
+from jaxad.data import augment
+from jaxad.errors import ConfigError
+from jaxad.methods import get_method, msc
+from tests.helpers import make_npz, tiny_config
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def msc_loss_ref(phi, centre, tau, angular):
+    """L_msc (+ L_center) in float64, written from §3.1 with explicit loops."""
+    phi, centre = np.asarray(phi, np.float64), np.asarray(centre, np.float64)
+    n = len(phi)
+    b = n // 2
+    theta = unit(phi - centre)
+    total = 0.0
+    for i in range(n):
+        p = i + b if i < b else i - b
+        sims = np.array([theta[i] @ theta[j] / tau for j in range(n)])
+        denom = sum(np.exp(sims[j]) for j in range(n) if j != i)
+        total += -np.log(np.exp(sims[p]) / denom)
+    loss = total / n
+    if angular:
+        c = centre / np.linalg.norm(centre)
+        loss += np.mean(np.sum((phi[:b] - c) ** 2, 1)) + np.mean(np.sum((phi[b:] - c) ** 2, 1))
+    return loss
+
+
+@pytest.mark.parametrize('angular', [False, True])
+def test_loss_matches_numpy(angular):
+    rng = np.random.default_rng(0)
+    phi = unit(rng.normal(size=(12, 16)) + 1.5)  # clustered, as pretrained features are
+    centre = phi.mean(0) + 0.01 * rng.normal(size=16)  # not re-normalised
+    loss, metrics = msc.loss_and_aux(jnp.asarray(phi, jnp.float32),
+                                     jnp.asarray(centre, jnp.float32), 0.25, angular)
+    np.testing.assert_allclose(float(loss), msc_loss_ref(phi, centre, 0.25, angular),
+                               rtol=1e-5)
+    assert ('loss_center' in metrics) == angular
+    if angular:  # the Euclidean centre loss on unit vectors is 2(2 - phi1.c - phi2.c)
+        c = unit(centre)
+        np.testing.assert_allclose(float(metrics['loss_center']),
+                                   4 - 2 * (phi[:6] @ c).mean() - 2 * (phi[6:] @ c).mean(),
+                                   rtol=1e-5)
+
+
+def test_centre_is_the_mean_not_renormalised():
+    phi = unit(np.random.default_rng(4).normal(size=(30, 5)))
+    centre = np.asarray(msc.MSC.fit_consts(None, {'phi': jnp.asarray(phi)})['centre'])
+    np.testing.assert_allclose(centre, phi.mean(0), rtol=1e-6)
+    assert np.linalg.norm(centre) < 0.9
+
+
+def test_positive_index_pairs_the_two_views():
+    np.testing.assert_array_equal(msc.positive_index(3), [3, 4, 5, 0, 1, 2])
+
+
+def test_knn_score_matches_sklearn():
+    rng = np.random.default_rng(1)
+    bank, test = unit(rng.normal(size=(50, 8))), unit(rng.normal(size=(20, 8)))
+    got = np.asarray(msc.scores(jnp.asarray(bank, jnp.float32), jnp.asarray(test, jnp.float32),
+                                k=2, test_block=7, bank_block=16)['knn'])
+    dist, _ = NearestNeighbors(n_neighbors=2).fit(bank).kneighbors(test)
+    np.testing.assert_allclose(got, (dist ** 2).sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_gaussian_blur_matches_scipy():
+    rng = np.random.default_rng(2)
+    image = rng.uniform(size=(20, 20, 3)).astype(np.float32)
+    for sigma in (0.3, 1.0, 2.0):
+        got = np.asarray(augment.gaussian_blur(jnp.asarray(image), sigma, max_sigma=2.0))
+        want = image
+        for axis in (0, 1):
+            want = scipy.ndimage.gaussian_filter1d(want, sigma, axis=axis, mode='nearest',
+                                                   truncate=6 / sigma)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_sgd_without_momentum_and_frozen_layers():
+    """One update = -lr (g + wd p) on trained tensors, exactly zero on frozen ones."""
+    c = jc.msc_base()
+    c.optim.freeze = ('^encoder/(conv1|layer1_)',)
+    tx, _ = optim.make_optimizer(c.optim, steps_per_epoch=10, total_steps=10)
+    rng = np.random.default_rng(3)
+    params = {'encoder': {'conv1': {'kernel': rng.normal(size=(3, 3))},
+                          'layer1_0': {'bn': {'scale': rng.normal(size=3)}},
+                          'layer3_0': {'conv': {'kernel': rng.normal(size=(2, 2))}}},
+              'head': {'bias': rng.normal(size=4)}}
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    grads = jax.tree_util.tree_map(lambda p: jnp.ones_like(p) * 0.5, params)
+    state = tx.init(params)
+    for _ in range(2):  # a second step would differ with momentum
+        updates, state = tx.update(grads, state, params)
+        new = optax.apply_updates(params, updates)
+        for path, p in jax.tree_util.tree_flatten_with_path(params)[0]:
+            name = optim.param_path(path)
+            got = _get(new, path)
+            if name.startswith(('encoder/conv1', 'encoder/layer1_')):
+                np.testing.assert_array_equal(got, p)
+            else:
+                want = p - 1e-5 * (0.5 + 5e-5 * p)
+                np.testing.assert_allclose(got, want, rtol=1e-6)
+        params = new
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
+
+
+def test_freeze_pattern_that_matches_nothing_is_an_error():
+    c = jc.msc_base()
+    c.optim.freeze = ('^encoder/layer9',)
+    tx, _ = optim.make_optimizer(c.optim, 10, 10)
+    with pytest.raises(ConfigError, match='matches no parameter'):
+        tx.init({'encoder': {'conv1': {'kernel': jnp.ones(2)}}})
+
+
+@pytest.fixture(scope='module')
+def npz(tmp_path_factory):
+    return make_npz(tmp_path_factory.mktemp('data') / 'tiny.npz')
+
+
+def msc_config(npz_path, **overrides):
+    c = tiny_config(npz_path, **overrides)
+    base = jc.msc_base()
+    for section in ('optim', 'msc'):
+        c[section] = base[section]
+    c.method, c.model.bn_mode, c.model.proj_dim = 'msc', 'frozen', 0
+    c.optim.lr = 0.05  # large enough that 4 steps visibly move the weights
+    c.optim.freeze = ('^encoder/(conv1|bn1)',)
+    c.msc.blur_p = 0.5
+    c.num_devices = 1  # the sharded trainer is tested with CSI; one device compiles faster
+    return c
+
+
+def latest_state(workdir):
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, 'checkpoints'), use_async=False)
+    try:
+        path = os.path.join(ckpts.directory, str(ckpts.latest_step()), 'state')
+    finally:
+        ckpts.close()
+    import orbax.checkpoint as ocp
+    return ocp.PyTreeCheckpointer().restore(path)
+
+
+def test_end_to_end_centre_fixed_at_step_0_and_frozen_parts_unchanged(npz, tmp_path):
+    config = msc_config(npz)
+    method = get_method(config)
+    init = jax.jit(train.make_init_fn(method, optax.identity(), (8, 8, 3)))(
+        train.init_key(config.seed))
+    variables = {'params': init.params, 'batch_stats': init.batch_stats}
+    train_images = np.load(npz)['train_images'][:16]  # class 0
+    phi0 = np.asarray(jax.jit(method.features)(variables, train_images, np.arange(16),
+                                               jax.random.key(0))['phi'])
+
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(results['scores']['knn']['image_AUROC'])
+    state = latest_state(str(tmp_path))
+    # The centre is the mean of the INITIAL model's features ...
+    np.testing.assert_allclose(state['consts']['centre'], phi0.mean(0), rtol=1e-5, atol=1e-6)
+    # ... while the trained layers moved, the frozen stem and all BN statistics did not.
+    p0, p1 = init.params['encoder'], state['params']['encoder']
+    np.testing.assert_array_equal(p1['conv1']['kernel'], p0['conv1']['kernel'])
+    assert np.abs(p1['layer4_1']['conv2']['kernel'] - p0['layer4_1']['conv2']['kernel']).max() > 0
+    for a, b in zip(jax.tree_util.tree_leaves(init.batch_stats),
+                    jax.tree_util.tree_leaves(state['batch_stats'])):
+        np.testing.assert_array_equal(a, b)
+    with open(tmp_path / 'metrics.jsonl') as f:
+        assert all(np.isfinite(json.loads(line)['loss']) for line in f)
+
+
+def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path):
+    first = tmp_path / 'first'
+    train.train_and_evaluate(msc_config(npz, total_steps=2), str(first))
+    trained = latest_state(str(first))
+
+    config = msc_config(npz, total_steps=2, **{'model.init_from': str(first)})
+    method = get_method(config)
+    start = method.init_variables(jax.random.key(5), (8, 8, 3))
+    for a, b in zip(jax.tree_util.tree_leaves(start['params']['encoder']),
+                    jax.tree_util.tree_leaves(trained['params']['encoder'])):
+        np.testing.assert_array_equal(a, b)
+    second = tmp_path / 'second'
+    train.train_and_evaluate(config, str(second))
+    centre = latest_state(str(second))['consts']['centre']
+    # A longer run resumed from step 2 keeps the step-0 centre.
+    config.total_steps = 4
+    train.train_and_evaluate(config, str(second))
+    np.testing.assert_array_equal(latest_state(str(second))['consts']['centre'], centre)
