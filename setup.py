@@ -26,7 +26,8 @@ setup(
     extras_require={
         'tfds': ['tensorflow-datasets>=4.9,<5'],
         'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',
-                 'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8'],
+                 'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8',
+                 'tensorboard>=2.12,<3'],
         'plots': ['matplotlib>=3.7,<4'],
     },
 )

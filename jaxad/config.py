@@ -82,6 +82,7 @@ def csi_base():
     c.batch_size = 128  # global images per step: 32 per GPU x 4 GPUs; x 4 rotations x 2 views
     c.total_steps = 0  # 0 = optim.epochs x steps per epoch
     c.log_every = 50
+    c.tensorboard = False  # also write metrics as TensorBoard event files to WORKDIR/tensorboard/
 
     # One-class table (jaxad.table): '' = a single detector on data.normal_classes;
     # 'all' or '0,3,5' = one detector per class (items may be '0+3'), trained

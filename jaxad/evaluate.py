@@ -9,6 +9,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -255,8 +256,29 @@ def with_bank_labels(method, train_features, bank_labels):
     return dict(train_features, label=positions)
 
 
+def feature_shapes(method, variables, image_shape, num_images, rng):
+    """Abstract `method.features` of `num_images` images (no compute)."""
+    shapes = jax.eval_shape(
+        method.features, variables, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
+        jax.ShapeDtypeStruct((1,), jnp.int32), rng)
+    return jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((num_images,) + s.shape[1:], s.dtype), shapes)
+
+
+def needs_bank_pass(method):
+    """False for density-free scores (OECL's norms) with no eval.density attached: then the
+    bank's features are never computed (OECL would run 1 + T views over every image)."""
+    return getattr(method, 'needs_bank', True) or bool(getattr(method, 'density_names', ()))
+
+
 def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
     """The scoring state (feature bank, weights) from the normal training images."""
+    if not needs_bank_pass(method):
+        image_shape = np.shape(train_set.images[0])
+        shapes = feature_shapes(method, variables, image_shape, len(normal_indices),
+                                eval_bank_key(config.seed))
+        return scoring_from_features(
+            method, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
     feats = extract_features(method, variables, train_set, normal_indices,
                              batch_size=config.eval.batch_size, mesh=mesh,
                              key=eval_bank_key(config.seed), label='eval train bank')

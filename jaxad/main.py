@@ -1,4 +1,30 @@
-"""Command line: python -m jaxad.main --config=configs/X.py[:k=v,...] --workdir=DIR.
+r"""jaxad: train, evaluate and deploy image anomaly detectors from the command line.
+
+Usage: python -m jaxad.main --mode=MODE --workdir=DIR [--config=configs/X.py[:k=v,...]] [flags]
+
+Modes (--mode, default train):
+  train      train (resuming from WORKDIR's latest checkpoint), then evaluate; needs --config
+  eval       evaluate WORKDIR's latest checkpoint on the test set; needs --config
+  predict    score --input images (folder, glob, list file, image or .npz) with the checkpoint
+  calibrate  set the threshold from --input normal images (+ --anomalies: F1-max)
+  export     write a self-contained jax.export scoring artifact (--output, default WORKDIR/export)
+
+Examples (configs/quickstart.py: sklearn digits, no download):
+  # train; hold out 10% of the normal images and threshold at their 0.95 quantile:
+  python -m jaxad.main --config=configs/quickstart.py --workdir=/tmp/qs \
+      --config.threshold.holdout_fraction=0.1 --config.threshold.quantile=0.95
+  # evaluate the latest checkpoint again (results.json):
+  python -m jaxad.main --mode=eval --config=configs/quickstart.py --workdir=/tmp/qs
+  # score new images -> /tmp/qs/predictions/predictions.{csv,json}:
+  python -m jaxad.main --mode=predict --workdir=/tmp/qs --input=new_images/
+  # threshold from your own normal (and labelled anomalous) images:
+  python -m jaxad.main --mode=calibrate --workdir=/tmp/qs --input=normal/ --anomalies=bad/
+  # a jax.export artifact -> /tmp/qs/export:
+  python -m jaxad.main --mode=export --workdir=/tmp/qs
+
+Any config field can be overridden with --config.FIELD=VALUE (e.g. --config.tensorboard=True).
+predict, calibrate and export read WORKDIR/config.json, so --config is optional there.
+Multi-process runs: --coordinator_address, --num_processes, --process_id (or JAXAD_* env vars).
 
 Kept short on purpose: the work is in `jaxad.train`, which notebooks call too.
 """
@@ -10,14 +36,17 @@ from ml_collections import config_flags
 
 from jaxad.errors import JaxadError
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/quickstart.py[:arg]; fields are overridden with '
+    '--config.FIELD=VALUE. Required for train/eval; predict/calibrate/export default to '
+    'WORKDIR/config.json.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and results.')
 _MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'predict', 'calibrate', 'export'],
-                          'train: train (resuming if possible) then evaluate; '
-                          'eval: evaluate the latest checkpoint; '
-                          'predict: score --input images; '
-                          'calibrate: threshold from --input normal (and --anomalies) images; '
-                          'export: write a jax.export scoring artifact.')
+                          '\n  train: train (resuming if possible), then evaluate (needs --config)'
+                          '\n  eval: evaluate the latest checkpoint (needs --config)'
+                          '\n  predict: score --input images'
+                          '\n  calibrate: threshold from --input normal (+ --anomalies) images'
+                          '\n  export: write a jax.export scoring artifact')
 flags.mark_flags_as_required(['workdir'])
 _INPUT = flags.DEFINE_string('input', None, 'predict/calibrate: a folder, glob, list file, '
                              'image or .npz of images (calibrate: normal images).')

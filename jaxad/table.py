@@ -181,7 +181,7 @@ def _train_group(setup, group, state, start_step, progress, done_before, classes
         process_count=jax.process_count(), read_threads=1 if group.k > 2 else 2)
         for m in group.members]
     where = sharding.stacked_data_sharding(mesh)
-    writer = MetricWriter(group.directory)
+    writer = MetricWriter(group.directory, tensorboard=config.get('tensorboard', False))
     logging.info('group %s: %d models (%s) x %d steps, %d images per model per step, mesh %s',
                  group.name, group.k, group.mode, group.total_steps, config.batch_size,
                  dict(mesh.shape))
@@ -230,6 +230,12 @@ def _variables(state):
 
 def _fit_group_scoring(setup, group, state):
     """Scoring states of all members, from one stacked pass over their train banks."""
+    if not eval_lib.needs_bank_pass(setup.method):
+        one = jax.tree_util.tree_map(lambda x: x[0], _variables(state))
+        return {f'm{i}': eval_lib.scoring_from_features(setup.method, jax.tree_util.tree_map(
+            lambda s: np.zeros(s.shape, s.dtype), eval_lib.feature_shapes(
+                setup.method, one, setup.image_shape, len(m.indices), jax.random.key(setup.config.seed))))
+            for i, m in enumerate(group.members)}
     feats = eval_lib.extract_stacked_features(
         setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
         batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,

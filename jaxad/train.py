@@ -89,7 +89,7 @@ def make_init_fn(method, tx, image_shape):
         variables = method.init_variables(key, image_shape)
         consts = {}
         if hasattr(method, 'fit_consts'):
-            shapes = jax.eval_shape(method.fit_consts, feature_shapes(
+            shapes = jax.eval_shape(method.fit_consts, eval_lib.feature_shapes(
                 method, variables, image_shape, 1, jax.random.key(0)))
             consts = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         return TrainState(jnp.zeros((), jnp.int32), variables['params'],
@@ -259,12 +259,13 @@ def batch_geometry(config, mesh, schedule, steps_per_epoch):
     per_device = config.batch_size // sharding.data_size(mesh)
     geometry = dict(global_batch=config.batch_size, per_device_batch=per_device,
                     data_devices=sharding.data_size(mesh), process_count=jax.process_count())
+    lr = f'base lr {config.optim.lr:g} -> {float(schedule(0)):g} at step 0'
+    if 'warmup' in config.optim.schedule:  # the other schedules have no warm-up
+        warm = optim.warmup_steps(config.optim, steps_per_epoch)
+        lr += f', {float(schedule(warm)):g} after warm-up'
     logging.info('global batch %d images = %d per device x %d devices (%d processes); '
-                 'lr rule %s: base lr %g -> %g at step 0, %g after warm-up',
-                 config.batch_size, per_device, geometry['data_devices'],
-                 geometry['process_count'], config.optim.lr_rule, config.optim.lr,
-                 float(schedule(0)), float(schedule(optim.warmup_steps(config.optim,
-                                                                        steps_per_epoch))))
+                 'lr rule %s: %s', config.batch_size, per_device, geometry['data_devices'],
+                 geometry['process_count'], config.optim.lr_rule, lr)
     return geometry
 
 
@@ -282,7 +283,7 @@ def train(setup, state, start_step):
     step_fn = jit_train_step(make_train_step(setup.method, setup.tx, setup.schedule,
                                              setup.steps_per_epoch), mesh)
     batches = setup.train_batches(start_step)
-    writer = MetricWriter(setup.workdir)
+    writer = MetricWriter(setup.workdir, tensorboard=config.get('tensorboard', False))
     progress = Progress(setup.total_steps, first=start_step)
     logging.info('training %d steps (%d per epoch)', setup.total_steps, setup.steps_per_epoch)
     geometry = batch_geometry(config, mesh, setup.schedule, setup.steps_per_epoch)
@@ -382,18 +383,9 @@ def _evaluate_saved(setup, state, step):
                              workdir=setup.workdir, extra=dict(step=step))
 
 
-def feature_shapes(method, variables, image_shape, num_images, rng):
-    """Abstract `method.features` of `num_images` images (no compute)."""
-    shapes = jax.eval_shape(
-        method.features, variables, jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
-        jax.ShapeDtypeStruct((1,), jnp.int32), rng)
-    return jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct((num_images,) + s.shape[1:], s.dtype), shapes)
-
-
 def scoring_shapes(method, variables, image_shape, num_bank, rng):
     """Abstract scoring state for a bank of `num_bank` images (no compute)."""
-    bank = feature_shapes(method, variables, image_shape, num_bank, rng)
+    bank = eval_lib.feature_shapes(method, variables, image_shape, num_bank, rng)
     if 'label' in getattr(method, 'inputs', ()):
         bank = dict(bank, label=jax.ShapeDtypeStruct((num_bank,), jnp.int32))
     return jax.eval_shape(method.fit_scoring, bank)

@@ -220,7 +220,7 @@ def ref_sei(train_u, train_labels, test_u, rotations, num_classes, n_fit, ridge)
 
 def sei_method(**mcl_overrides):
     c = jc.mcl_base()
-    c.model.name, c.model.width, c.model.proj_dim, c.model.proj_hidden = 'resnet18', 4, 3, 8
+    c.model.name, c.model.width, c.model.proj_dim, c.model.proj_hidden = 'resnet10', 4, 3, 8
     c.data.normal_classes = (0, 1)
     for k, v in mcl_overrides.items():
         c.mcl[k] = v
@@ -336,7 +336,7 @@ def tiny_mcl_config(npz_path, normal_classes):
     c.data.image_size = 8
     c.data.normal_classes = normal_classes
     c.num_devices = 1
-    c.model.name, c.model.width, c.model.proj_dim, c.model.proj_hidden = 'resnet18', 4, 4, 8
+    c.model.name, c.model.width, c.model.proj_dim, c.model.proj_hidden = 'resnet10', 4, 4, 8
     c.mcl.num_classes = 2  # same programs for the one-class and two-class runs
     c.mcl.fit_fraction = 1.0
     c.mcl.cov_ridge = 1e-6

@@ -1,4 +1,6 @@
 """The notebooks in colabs/ run top to bottom (CPU, tiny settings), in a fresh kernel."""
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -25,8 +27,11 @@ def _kernel_env(monkeypatch, cache_dir):
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache_dir))
     monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
     flags = os.environ.get('XLA_FLAGS', '').split()
+    # Unoptimised XLA backend: these tests check that the notebooks run, not how fast, and
+    # compiling the tiny ResNets is most of their time (89 s -> 30 s for the quickstart).
     monkeypatch.setenv('XLA_FLAGS', ' '.join(
-        f for f in flags if not f.startswith('--xla_force_host_platform_device_count')))
+        [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
+        + ['--xla_backend_optimization_level=0']))
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
     monkeypatch.setenv('MPLBACKEND', 'agg')
 
@@ -93,3 +98,69 @@ def test_scaling_study_runs_on_cpu(tmp_path, monkeypatch):
     assert png.stat().st_size > 1000
     plot_cell = next(c for c in nb.cells if 'plot_scaling' in c.source)
     assert any('image/png' in out.get('data', {}) for out in plot_cell.outputs)
+
+
+# What the test injects after quickstart.ipynb's `parameters` cell (as papermill would): the
+# tiny CPU setting whatever the machine, so the notebook takes well under a minute.
+QUICKSTART_TINY = """\
+TINY = True
+CONFIG_FILE, CONFIG_ARG = 'configs/quickstart.py', 'normal_class=0'
+OVERRIDES = {'model.name': 'resnet10', 'model.width': 4, 'total_steps': 4,
+             'eval.num_samples': 1, 'eval.batch_size': 64, 'threshold.holdout_fraction': 0.1}
+WORKDIR = 'quickstart_tiny'
+"""
+
+
+def _with_parameters(path, source, out):
+    """A copy of the notebook at `path` with a cell of `source` after its `parameters` cell."""
+    nb = nbformat.read(path, as_version=4)
+    at = next(i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', []))
+    nb.cells.insert(at + 1, nbformat.v4.new_code_cell(source, metadata={'tags': ['injected']}))
+    nbformat.write(nb, str(out))
+    return str(out)
+
+
+def test_notebooks_are_stored_clean():
+    for name in ('quickstart.ipynb', 'scaling_study.ipynb'):
+        nb = nbformat.read(os.path.join(REPO, 'colabs', name), as_version=4)
+        nbformat.validate(nb)
+        assert nb.nbformat == 4 and nb.metadata.kernelspec.name == 'python3'
+        for cell in nb.cells:
+            if cell.cell_type == 'code':
+                assert cell.outputs == [] and cell.execution_count is None, (name, cell.source)
+
+
+def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
+    _kernel_env(monkeypatch, tmp_path / 'xla_cache')
+    work = tmp_path / 'work'
+    work.mkdir()
+    path = _with_parameters(os.path.join(REPO, 'colabs', 'quickstart.ipynb'), QUICKSTART_TINY,
+                            tmp_path / 'quickstart_tiny.ipynb')
+    nb = execute_notebook(path, work, tmp_path)
+    errors = [out for c in nb.cells for out in c.get('outputs', []) if out.output_type == 'error']
+    assert not errors, errors
+
+    run = work / 'quickstart_tiny'
+    results = json.loads((run / 'results.json').read_text())
+    assert 0 <= results['image_AUROC'] <= 1 and results['threshold']['rule'] == 'normal_quantile'
+    for plot in ('roc.png', 'score_hist.png'):
+        assert (run / 'plots' / plot).stat().st_size > 1000
+    plot_cell = next(c for c in nb.cells if 'score_hist.png' in c.source)
+    assert sum('image/png' in out.get('data', {}) for out in plot_cell.outputs) == 2
+    assert 'image_AUROC' in _outputs_text(next(c for c in nb.cells if 'format_table' in c.source))
+
+    # Predict: 3 normal + 3 anomalous digits scored with the calibrated threshold, the
+    # broken file skipped and reported.
+    with open(run / 'predictions' / 'predictions.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and {r['threshold_rule'] for r in rows} == {'normal_quantile'}
+    assert {r['is_anomaly'] for r in rows} <= {'True', 'False'}
+    prediction = json.loads((run / 'predictions' / 'predictions.json').read_text())
+    assert [os.path.basename(s['path']) for s in prediction['skipped']] == ['broken.png']
+    predict_cell = next(c for c in nb.cells if 'predict.predict(' in c.source)
+    assert 'broken.png' in _outputs_text(predict_cell)
+
+    # Export: the artifact scored the same files as predict (the cell asserts it).
+    assert (run / 'export' / 'score_fn.jax_export').is_file()
+    assert 'largest |exported - predict|' in _outputs_text(
+        next(c for c in nb.cells if 'export.load(' in c.source))

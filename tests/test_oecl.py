@@ -53,6 +53,7 @@ def tiny_config(method='oecl', **overrides):
     c.data.image_size = 16
     c.data.normal_classes = (0,)
     c.model.width = 4
+    c.model.name = 'resnet10'  # one block per stage: compiles fastest
     c.model.proj_dim = 8
     c.model.dtype = 'float32'
     c.batch_size = 8
@@ -304,3 +305,25 @@ def test_train_and_evaluate_end_to_end(method, tmp_path):
         # A finished run rescoring from its checkpoint restores the scoring state.
         again = train.train_and_evaluate(config, str(tmp_path))
         assert again['image_AUROC'] == results['image_AUROC']
+
+
+def test_density_free_scores_skip_the_train_bank_pass(monkeypatch):
+    """OECL's scores need no bank: fit_scoring never extracts its features (1 + T views of
+    every training image), unless eval.density asks for them."""
+    from jaxad import evaluate
+    from jaxad.data import sources
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError('the train bank was extracted')
+    monkeypatch.setattr(evaluate, 'extract_features', no_pass)
+    config = tiny_config()
+    method = get_method(config)
+    variables = method.init_variables(jax.random.key(0), (16, 16, 3))
+    train_set = sources.load_split(config.data, 'train')
+    scoring = evaluate.fit_scoring(method, variables, train_set, np.arange(7), config=config,
+                                   mesh=None)
+    assert int(scoring['num_bank']) == 7
+    config.eval.density = ('knn',)
+    with pytest.raises(AssertionError, match='train bank was extracted'):
+        evaluate.fit_scoring(get_method(config), variables, train_set, np.arange(7),
+                             config=config, mesh=None)

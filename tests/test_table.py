@@ -152,6 +152,7 @@ def test_digits_all_writes_ten_row_table(tmp_path):
     config = quickstart.get_config('normal_class=all,epochs=1')
     config.eval.num_samples = 1
     config.model.width = 4  # the table machinery is under test here, not the model
+    config.model.name = 'resnet10'
     config.table.stack_mode = 'vmap'  # compiles once for all 10 (unroll: 10x compile time)
     config.num_devices = 1
     config.log_every = 1

@@ -29,7 +29,8 @@ def test_sweep_over_one_and_two_emulated_devices():
                '--xla_llvm_disable_expensive_passes=true')
     cmd = [sys.executable, _PATH, '--config=configs/quickstart.py', '--device_counts=1,2',
            '--per_device_batch=2', '--steps=2', '--warmup=1',
-           '--override=model.width=4', '--override=data.image_size=8']
+           '--override=model.width=4', '--override=model.name=resnet10',
+           '--override=data.image_size=8']
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=_ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'nothing about real scaling' in proc.stderr

@@ -179,6 +179,7 @@ class OECL:
     headline_score = 'norm_mean'
     inputs = ('outlier',)
     needs_step = True  # the trainer sets batch['step'] = state.step
+    needs_bank = False  # density-free scores: the evaluator skips the train-bank pass
 
     def __init__(self, config, self_supervised=False):
         from jaxad.methods.csi import augment_kwargs

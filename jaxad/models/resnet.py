@@ -43,11 +43,12 @@ import jax.numpy as jnp
 from jaxad.errors import ConfigError
 from jaxad.models.conv import CONV_IMPLS, conv_fn
 
-STAGE_SIZES = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}  # BasicBlock
+# BasicBlock; ResNet-10 (one block per stage) is the small encoder of quick experiments/tests.
+STAGE_SIZES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 BOTTLENECK_STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BN_MODES = ('batch', 'frozen')
 # config.model.name -> (depth, width_per_group), torchvision's names.
-ARCHS = {'resnet18': (18, 64), 'resnet34': (34, 64), 'resnet50': (50, 64),
+ARCHS = {'resnet10': (10, 64), 'resnet18': (18, 64), 'resnet34': (34, 64), 'resnet50': (50, 64),
          'resnet101': (101, 64), 'resnet152': (152, 64),
          'wide_resnet50_2': (50, 128), 'wide_resnet101_2': (101, 128)}
 # (mean, std) per channel of inputs in [0, 1]; 'csi' works for any number of channels.
