@@ -1,8 +1,8 @@
 """MCL (masked contrastive learning + self-ensemble inference, methods.md §4) on CIFAR-10.
 
 python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0 --workdir=/tmp/mcl_c10_0
-python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0+1+2+3+4+5+6+7+8+9 \
-    --workdir=/tmp/mcl_c10_all   # the code's labelled multi-class setting (CIFAR-10 classes)
+python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0+1+2+3+4+5+6+7+8+9,ood=tfds:cifar100 \
+    --workdir=/tmp/mcl_c10_all   # the code's labelled multi-class setting: CIFAR-10 vs CIFAR-100
 
 Arguments (after ':', comma separated):
   normal_class  int, or ints joined by '+' (labelled multi-class: the joint label is
@@ -14,6 +14,9 @@ Arguments (after ':', comma separated):
   batch_size    images per step (x 4 rotations x 2 views); code: 256 (its 1024 rotated images)
   sei_views     8 (rotations x flip, code default) or 4 (rotations)
   combine       wa (harmonic mean, code default) | mean | min
+  ood           anomalies from another data set's test split (needed when every class is
+                normal): tfds:NAME (prepared TFDS, e.g. tfds:cifar100), numpy:FILE.npz, or
+                an image folder / .tar.gz with test/<class>/ images
   seed
 
 mcl.num_classes is set to the most normal classes of any detector: the loss only needs
@@ -28,25 +31,20 @@ DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dat
                            'cifar10-jpg.tar.gz')
 
 
-def classes_per_detector(normal_class):
-    """The most normal classes one detector of `normal_class` trains on ('all' -> 1)."""
-    items = [i for i in str(normal_class).split(',') if i != 'all']
-    return max([len(jc.normal_classes(i)) for i in items] or [1])
-
-
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', path='', arch='resnet34', epochs=400,
-                       batch_size=256, sei_views=8, combine='wa', seed=0)
+                       batch_size=256, sei_views=8, combine='wa', ood='', seed=0)
     c = jc.mcl_base()
     c.seed = arg.seed
     c.data.source = 'folder'
     c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
     c.data.image_size = 32
     jc.set_normal_classes(c, arg.normal_class)
-    c.mcl.num_classes = classes_per_detector(arg.normal_class)
+    c.mcl.num_classes = jc.classes_per_detector(arg.normal_class)
     c.mcl.sei_views = arg.sei_views
     c.mcl.combine = arg.combine
     c.model.name = arg.arch
     c.batch_size = arg.batch_size
     c.optim.epochs = arg.epochs
+    jc.set_ood(c, arg.ood)
     return c

@@ -13,12 +13,6 @@ arch, width, epochs, batch_size, sei_views, path, seed.
 from jaxad import config as jc
 
 
-def classes_per_detector(normal_class):
-    """The most normal classes one detector of `normal_class` trains on ('all' -> 1)."""
-    items = [i for i in str(normal_class).split(',') if i != 'all']
-    return max([len(jc.normal_classes(i)) for i in items] or [1])
-
-
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', arch='resnet18', width=16, epochs=10,
                        batch_size=32, sei_views=8, path='/usr/share/datasets/fashion-mnist',
@@ -30,7 +24,7 @@ def get_config(arg=None):
     c.data.image_size = 28
     c.data.channels = 3
     jc.set_normal_classes(c, arg.normal_class)
-    c.mcl.num_classes = classes_per_detector(arg.normal_class)
+    c.mcl.num_classes = jc.classes_per_detector(arg.normal_class)
     c.mcl.sei_views = arg.sei_views
     c.model.name = arg.arch
     c.model.width = arg.width

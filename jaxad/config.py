@@ -54,6 +54,27 @@ def normal_classes(value):
         raise ConfigError(f'normal_class={value!r}: expected an int or ints joined by "+"') from e
 
 
+def classes_per_detector(normal_class):
+    """The most normal classes one detector of a `normal_class` argument trains on
+    ('all' -> 1): MCL's mcl.num_classes."""
+    items = [i for i in str(normal_class).split(',') if i != 'all']
+    return max([len(normal_classes(i)) for i in items] or [1])
+
+
+def set_ood(c, ood):
+    """eval.ood from a config file's `ood` argument: '' none, a TFDS name ('tfds:cifar100'),
+    an .npz ('numpy:/path.npz') or an image folder / .tar.gz path."""
+    if not ood:
+        return
+    kind, sep, rest = ood.partition(':')
+    if sep and kind == 'tfds':
+        c.eval.ood.source, c.eval.ood.tfds_name = 'tfds', rest
+    elif sep and kind == 'numpy':
+        c.eval.ood.source, c.eval.ood.numpy_path = 'numpy', rest
+    else:
+        c.eval.ood.source, c.eval.ood.path = 'folder', ood
+
+
 def set_normal_classes(c, value):
     """Applies a config file's `normal_class` argument.
 

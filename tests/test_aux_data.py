@@ -110,3 +110,17 @@ def test_outlier_source_choices(npz):
     assert set(train_set.labels[idx]) == {1, 2}
     with pytest.raises(DataError, match='no images outside'):
         train.outlier_source(config, train_set, np.arange(len(train_set)), (0, 1, 2))
+
+
+def test_config_file_ood_argument():
+    from jaxad import config as jc
+    for arg, want in (('tfds:cifar100', ('tfds', 'tfds_name', 'cifar100')),
+                      ('numpy:/d/o.npz', ('numpy', 'numpy_path', '/d/o.npz')),
+                      ('/d/svhn.tar.gz', ('folder', 'path', '/d/svhn.tar.gz'))):
+        c = jc.csi_base()
+        jc.set_ood(c, arg)
+        assert (c.eval.ood.source, getattr(c.eval.ood, want[1])) == (want[0], want[2])
+    c = jc.csi_base()
+    jc.set_ood(c, '')
+    assert c.eval.ood.source == ''
+    assert jc.classes_per_detector('0+1+2,3') == 3 and jc.classes_per_detector('all') == 1

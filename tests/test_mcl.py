@@ -374,3 +374,21 @@ def test_end_to_end_one_class_and_labelled(npz, tmp_path):
     finally:
         setup.checkpoints.close()
     assert loss_ccm['batch'] != pytest.approx(loss_ccm['one_class'], rel=1e-4)
+
+
+def test_labelled_multi_class_against_an_ood_set(npz, tmp_path):
+    """All classes normal (with labels), another data set's test split as the anomalies;
+    the Gaussians are per class, so the bank carries each image's class position."""
+    ood = tmp_path / 'ood.npz'
+    rng = np.random.default_rng(1)
+    np.savez(ood, test_images=rng.integers(0, 256, (12, 6, 6, 3)).astype(np.uint8),
+             test_labels=np.zeros(12, np.int64))
+    config = tiny_mcl_config(npz, (0, 1, 2))
+    config.mcl.num_classes = 3
+    config.eval.ood.source, config.eval.ood.numpy_path = 'numpy', str(ood)
+    results = train.train_and_evaluate(config, str(tmp_path / 'multi'))
+    n_in = results['num_test'] - 12
+    assert results['num_test_anomalies'] == 12 and n_in > 0
+    assert list(results['per_class_image_AUROC']) == [next(
+        k for k in results['per_class_image_AUROC'] if k.startswith('OOD: '))]
+    assert np.isfinite(results['image_AUROC'])
