@@ -123,8 +123,17 @@ def csi_base():
     c.data.tfds_data_dir = ''
     c.data.label_key = 'label'
     c.data.test_fraction = 0.5  # digits: held-out fraction
-    c.data.split_seed = 0  # digits: seed of the stratified train/test split
+    c.data.split_seed = 0  # digits: seed of the stratified train/test split; folder_masks: of
+    # the normal hold-out
     c.data.numpy_path = ''
+    # Pixel-mask sources (jaxad.data.pixel_sources); set data.normal_classes=(0,).
+    c.data.category = ''  # mvtec: the category folder under data.path (e.g. 'bottle')
+    # folder_masks (anomalib Folder): folders relative to data.path ('' = unused)
+    c.data.normal_dir = ''
+    c.data.abnormal_dir = ''
+    c.data.mask_dir = ''  # masks matched by stem: x.png -> x.png or x_mask.png
+    c.data.normal_test_dir = ''  # '' = hold out normal_split_ratio of normal_dir for test
+    c.data.normal_split_ratio = 0.2
 
     c.model = ml_collections.ConfigDict()
     c.model.name = 'resnet18'

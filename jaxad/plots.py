@@ -75,3 +75,58 @@ def write_evaluation_plots(score_dict, anomaly, headline, out_dir, title='', thr
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def write_anomaly_overlays(images, maps, out_dir, masks=None, names=None, scores=None,
+                           limit=16):
+    """One PNG per image for the first `limit` images: the image, its anomaly map over it
+    (colour bar in map units), and the ground-truth region's contour when `masks` is given.
+
+    images: uint8 (N, H, W, C); maps: (N, h, w) anomaly maps, higher = more anomalous,
+    resized to the image for display; masks: {0, 1} (N, H, W) or None; names: file stems
+    for the PNGs; scores: image scores for the titles. Returns the paths ([] without
+    matplotlib). The colour scale is shared by all images, so panels can be compared.
+    """
+    plt = _pyplot()
+    if plt is None:
+        return []
+    images, maps = np.asarray(images), np.asarray(maps, np.float64)
+    if images.ndim != 4 or maps.ndim != 3 or len(images) != len(maps):
+        raise ValueError(f'overlays need images (N, H, W, C) and maps (N, h, w), got '
+                         f'{images.shape} and {maps.shape}')
+    if masks is not None and np.shape(masks) != images.shape[:3]:
+        raise ValueError(f'masks {np.shape(masks)} do not match images {images.shape[:3]}')
+    from PIL import Image
+    os.makedirs(out_dir, exist_ok=True)
+    n = min(limit, len(images))
+    vmin, vmax = float(maps[:n].min()), float(maps[:n].max())
+    h, w = images.shape[1:3]
+    paths = []
+    for i in range(n):
+        image = images[i, ..., 0] if images.shape[-1] == 1 else images[i]
+        heat = np.asarray(Image.fromarray(maps[i].astype(np.float32)).resize(
+            (w, h), Image.BILINEAR))
+        cmap = 'gray' if image.ndim == 2 else None
+        panels = 3 if masks is not None else 2
+        fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.4))
+        axes[0].imshow(image, cmap=cmap)
+        axes[0].set_title('image')
+        axes[1].imshow(image, cmap=cmap)
+        shown = axes[1].imshow(heat, cmap='jet', alpha=0.5, vmin=vmin, vmax=vmax)
+        fig.colorbar(shown, ax=axes[1], fraction=0.046)
+        title = 'anomaly map' if scores is None else f'anomaly map (score {scores[i]:.4g})'
+        axes[1].set_title(title, fontsize=9)
+        if masks is not None:
+            axes[2].imshow(image, cmap=cmap)
+            if np.any(masks[i]):
+                axes[2].contour(np.asarray(masks[i], float), levels=[0.5], colors='r')
+            axes[2].set_title('ground truth')
+        for ax in axes:
+            ax.set_axis_off()
+        stem = os.path.splitext(os.path.basename(str(names[i])))[0] if names is not None \
+            else 'image'
+        paths.append(os.path.join(out_dir, f'{i:04d}_{stem}.png'))
+        fig.tight_layout()
+        fig.savefig(paths[-1], dpi=100)
+        plt.close(fig)
+    return paths

@@ -7,6 +7,7 @@ the images.
 
 `load_split(data_cfg, split)` reads these fields of `config.data`:
   source         'folder' | 'idx' | 'fashion_mnist' | 'digits' | 'tfds' | 'numpy'
+                 | 'mvtec' | 'folder_masks' (pixel masks; fields in jaxad.data.pixel_sources)
   path           folder or .tar.gz (folder), IDX directory (idx, fashion_mnist;
                  '' = the Debian default for fashion_mnist)
   image_size     expected side (folder; checked per image) / output side (digits)
@@ -34,7 +35,9 @@ IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 FASHION_MNIST_ROOT = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
-SOURCES = ('folder', 'idx', 'fashion_mnist', 'digits', 'tfds', 'numpy')
+SOURCES = ('folder', 'idx', 'fashion_mnist', 'digits', 'tfds', 'numpy', 'mvtec',
+           'folder_masks')
+PIXEL_SOURCES = ('mvtec', 'folder_masks')  # jaxad.data.pixel_sources
 _IDX_PREFIX = {'train': 'train', 'test': 't10k'}  # MNIST file naming
 _PIL_MODES = {1: 'L', 3: 'RGB'}
 _LOG_EVERY = 10000  # images; loads at least this big log their progress
@@ -47,6 +50,9 @@ class ImageSet:
     labels: np.ndarray  # int64, label i is class_names[i]
     class_names: list[str]
     name: str  # for messages
+    # Pixel ground truth: uint8 (N, H, W) in {0, 1}, 1 = anomalous pixel, zeros for
+    # normal images; None when the set has none (every source but mvtec/folder_masks).
+    masks: np.ndarray | None = None
 
     def __len__(self):
         return len(self.labels)
@@ -360,6 +366,9 @@ def load_tfds(name, split, data_dir=None, label_key='label', image_key='image'):
 def load_split(data_cfg, split):
     """The `split` ('train' or 'test') of the data set `data_cfg` describes."""
     source = data_cfg.source
+    if source in PIXEL_SOURCES:
+        from jaxad.data import pixel_sources  # imports this module
+        return pixel_sources.load_split(data_cfg, split)
     if source == 'folder':
         return load_image_folder(data_cfg.path, split, data_cfg.image_size, data_cfg.channels)
     if source == 'idx':
@@ -407,18 +416,23 @@ def load_auxiliary(aux_cfg, split, image_shape, what):
     """Another data set (outlier exposure, an OOD test set) fitted to the main one's shape.
 
     `aux_cfg` has the `config.data` source fields (source, path, tfds_name, tfds_data_dir,
-    label_key, numpy_path; digits: test_fraction/split_seed of the main data). Images
-    of another size are resized (Pillow bilinear) and grey/colour converted to
-    `image_shape` = (H, W, C), so e.g. CIFAR-10 can be outlier exposure for 28x28 grey
-    Fashion-MNIST. Labels are kept but carry no meaning for the main data set.
+    label_key, numpy_path; digits: test_fraction/split_seed of the main data; mvtec and
+    folder_masks: their fields, read with .get). Images of another size are resized
+    (Pillow bilinear) and grey/colour converted to `image_shape` = (H, W, C), so e.g.
+    CIFAR-10 can be outlier exposure for 28x28 grey Fashion-MNIST. Labels are kept but
+    carry no meaning for the main data set; pixel masks are dropped.
     """
     h, w, c = image_shape
     cfg = dict(source=aux_cfg.source, path=aux_cfg.get('path', ''), image_size=None,
                channels=c, tfds_name=aux_cfg.get('tfds_name', ''),
                tfds_data_dir=aux_cfg.get('tfds_data_dir', ''),
                label_key=aux_cfg.get('label_key', 'label'), test_fraction=0.5, split_seed=0,
-               numpy_path=aux_cfg.get('numpy_path', ''))
-    if cfg['source'] == 'digits':
+               numpy_path=aux_cfg.get('numpy_path', ''),
+               category=aux_cfg.get('category', ''), normal_dir=aux_cfg.get('normal_dir', ''),
+               abnormal_dir=aux_cfg.get('abnormal_dir', ''), mask_dir='',
+               normal_test_dir=aux_cfg.get('normal_test_dir', ''),
+               normal_split_ratio=aux_cfg.get('normal_split_ratio', 0.2))
+    if cfg['source'] == 'digits' or (cfg['source'] in PIXEL_SOURCES and h == w):
         cfg['image_size'] = h
     if cfg['source'] not in SOURCES:
         raise ConfigError(f'{what}: unknown source {cfg["source"]!r}; choose one of '
@@ -430,7 +444,8 @@ def load_auxiliary(aux_cfg, split, image_shape, what):
     if images.shape[1:] != (h, w, c):
         images = _fit_images(images, (h, w, c))
     logging.info('%s: %d images from %s', what, len(images), image_set.name)
-    return dataclasses.replace(image_set, images=images, name=f'{what} ({image_set.name})')
+    return dataclasses.replace(image_set, images=images, name=f'{what} ({image_set.name})',
+                               masks=None)
 
 
 def with_ood(test_set, ood_cfg):
@@ -438,7 +453,8 @@ def with_ood(test_set, ood_cfg):
     class, 'OOD: <name>' (never a normal class, so every OOD image is an anomaly).
 
     This is the labelled multi-class protocol (MCL: CIFAR-10 with all its classes normal,
-    CIFAR-100 as the anomalies). `ood_cfg.source` '' returns `test_set` unchanged.
+    CIFAR-100 as the anomalies). `ood_cfg.source` '' returns `test_set` unchanged. The
+    OOD images have no pixel ground truth, so the result has no masks either.
     """
     if not ood_cfg.source:
         return test_set
@@ -448,6 +464,9 @@ def with_ood(test_set, ood_cfg):
     labels = np.concatenate([test_set.labels,
                              np.full(len(ood.labels), len(test_set.class_names), np.int64)])
     names = list(test_set.class_names) + [f'OOD: {ood.name}']
+    if test_set.masks is not None:
+        logging.info('eval.ood: %s has no pixel masks; dropping those of %s', ood.name,
+                     test_set.name)
     return ImageSet(images, labels, names, f'{test_set.name} + {ood.name}')
 
 
