@@ -242,6 +242,7 @@ def csi_base():
     c.eval.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
     c.eval.knn_k = 1
     c.eval.plots = True  # roc.png + score_hist.png under workdir/plots (needs matplotlib)
+    c.eval.num_overlays = 16  # pixel methods: overlay PNGs under workdir/plots/overlays
     # Density evaluators (jaxad.density) on the method's bank features, reported beside its
     # own scores: any of 'knn', 'gde', 'kde', 'mahalanobis', evaluated together in one pass.
     c.eval.density = ()

@@ -167,6 +167,8 @@ def compute_results(method, score_dict, test_labels, anomaly, normal_classes, cl
                                             test_labels, normal_classes)
     results['per_class_image_AUROC'] = {class_names[int(c)]: v for c, v in per_class.items()}
     results.update(results['scores'][method.headline_score])
+    from jaxad.pixel_metrics import image_f1max
+    results['image_F1max'] = image_f1max(np.asarray(score_dict[method.headline_score]), anomaly)
     results['FPR@95TPR_positive_class'] = 'anomaly'
     return results
 
@@ -179,6 +181,9 @@ def format_table(results):
         lines.append(f"{name:<12} {m['image_AUROC']:>11.4f} {m['image_AUPR']:>10.4f} "
                      f"{m['FPR@95TPR']:>9.4f}{mark}")
     lines.append('* headline score. FPR@95TPR: anomaly = positive class.')
+    for name, m in results.get('pixel', {}).items():
+        lines.append(f"pixel ({name}): pixel_AUROC {m['pixel_AUROC']:.4f}  "
+                     f"AUPRO@0.3 {m['AUPRO']:.4f}")
     lines.append(f"image_AUROC of the normal class vs each anomalous class "
                  f"({results['headline_score']} score):")
     for name, v in results['per_class_image_AUROC'].items():
@@ -218,8 +223,11 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
     feats = extract_features(method, variables, test_set, all_idx,
                              batch_size=config.eval.batch_size, mesh=mesh,
                              key=eval_test_key(config.seed), label='eval test')
-    score_dict = score_features(method, scoring, feats)
+    score_dict, maps = split_maps(score_features(method, scoring, feats))
     results = results_for(method, score_dict, test_set, normal_classes, config.method)
+    if maps and test_set.masks is not None:
+        results['pixel'] = {name: pixel_results(m, test_set.masks) for name, m in maps.items()}
+        results.update(results['pixel'][next(iter(maps))])  # the first map is the headline
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'results.json'), 'w') as f:
@@ -233,7 +241,52 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
                 method.headline_score, os.path.join(workdir, 'plots'),
                 title=f'{test_set.name}, normal {list(results["normal_class_names"])}',
                 threshold=threshold.get('value'))
+            if maps:
+                write_overlays(maps, score_dict[method.headline_score], test_set,
+                               os.path.join(workdir, 'plots', 'overlays'),
+                               config.eval.get('num_overlays', 16))
     return results
+
+
+def split_maps(scores):
+    """({name: (N,)} image scores, {name: (N, h, w)} anomaly maps) of a method's scores."""
+    image = {k: v for k, v in scores.items() if np.ndim(v) == 1}
+    maps = {k: v for k, v in scores.items() if np.ndim(v) > 1}
+    return image, maps
+
+
+def resize_maps(maps, size, block=64):
+    """Bilinear resize of (N, h, w) maps to (N, H, W), in blocks of images (bounded memory)."""
+    maps = np.asarray(maps, np.float32)
+    if maps.shape[1:] == tuple(size):
+        return maps
+    return np.concatenate([np.asarray(jax.image.resize(maps[i:i + block],
+                                                       (len(maps[i:i + block]),) + tuple(size),
+                                                       'bilinear'))
+                           for i in range(0, len(maps), block)])
+
+
+def pixel_results(maps, masks):
+    """pixel_AUROC and AUPRO (MVTec protocol, FPR <= 0.3) of anomaly maps against the test
+    set's ground-truth masks; maps are resized to the masks' size first."""
+    from jaxad import pixel_metrics
+    masks = np.asarray(masks)
+    return pixel_metrics.pixel_metrics(resize_maps(maps, masks.shape[1:]), masks)
+
+
+def write_overlays(maps, image_scores, test_set, out_dir, count):
+    """Overlay PNGs (image, anomaly map, ground truth) for `count` test images spread evenly
+    over the test set (its anomalous classes included), for the first map."""
+    if count <= 0:
+        return []
+    n = len(test_set.labels)
+    idx = np.unique(np.linspace(0, n - 1, min(count, n)).astype(int))
+    images = np.stack([np.asarray(test_set.images[i]) for i in idx])
+    masks = None if test_set.masks is None else np.asarray(test_set.masks)[idx]
+    names = [f'{test_set.class_names[int(test_set.labels[i])]}_{i}' for i in idx]
+    first = np.asarray(next(iter(maps.values())))[idx]
+    return plots.write_anomaly_overlays(images, first, out_dir, masks=masks, names=names,
+                                        scores=np.asarray(image_scores)[idx], limit=len(idx))
 
 
 @functools.lru_cache(maxsize=None)

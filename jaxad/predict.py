@@ -386,13 +386,6 @@ def predict(workdir, input_spec, output=None, config=None):
     return result
 
 
-def _split_maps(scores):
-    """({name: (N,)} image scores, {name: (N, H, W)} anomaly maps) of a method's output."""
-    image = {k: v for k, v in scores.items() if np.ndim(v) == 1}
-    maps = {k: v for k, v in scores.items() if np.ndim(v) > 1}
-    return image, maps
-
-
 def write_anomaly_maps(output, names, maps):
     """Hook for pixel methods: one PNG per image and map, min-max scaled per image.
 
@@ -416,7 +409,7 @@ def write_anomaly_maps(output, names, maps):
 
 
 def write_predictions(output, names, scores, skipped, model, threshold, inputs):
-    image_scores, maps = _split_maps(scores)
+    image_scores, maps = eval_lib.split_maps(scores)
     headline = model.score_name
     rule = threshold['rule'] if threshold else 'none'
     flags = None
