@@ -218,3 +218,28 @@ def test_clear_errors(run, tmp_path):
     errors = [line for line in proc.stderr.splitlines() if line.startswith('jaxad: error')]
     assert errors == [f'jaxad: error: input {tmp_path / "missing"} does not exist (expected a '
                       'folder, a glob, a list file, an image or a .npz)']
+
+
+def test_pixel_maps_are_written_as_pngs_next_to_the_scores(tmp_path):
+    """A pixel method's maps: one PNG per image (min-max scaled), its path in the CSV/JSON."""
+    import csv
+    import types
+    from PIL import Image
+    from jaxad import predict
+    rng = np.random.default_rng(0)
+    maps = rng.uniform(size=(3, 5, 6)).astype(np.float32)
+    scores = {'max': maps.max((1, 2)), 'anomaly_map': maps}
+    model = types.SimpleNamespace(score_name='max', workdir=str(tmp_path), step=7)
+    inputs = types.SimpleNamespace(what='3 files', ignored=0)
+    names = ['a/x.png', 'b/y.jpg', 'z.png']
+    result = predict.write_predictions(str(tmp_path / 'out'), names, scores, [], model, None,
+                                       inputs)
+    with open(tmp_path / 'out' / 'predictions.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['path'] for r in rows] == names
+    for i, row in enumerate(rows):
+        assert row['anomaly_map'] == result['images'][i]['anomaly_map']
+        png = np.asarray(Image.open(row['anomaly_map']))
+        m = maps[i]
+        np.testing.assert_array_equal(
+            png, np.uint8(np.round(255 * (m - m.min()) / (m.max() - m.min()))))
