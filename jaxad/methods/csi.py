@@ -202,12 +202,8 @@ class CSI:
         self.knn_k = config.eval.knn_k
 
     def init_variables(self, key, image_shape):
-        x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-        variables = self.model.init(key, x, train=False)
-        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-        # model.init_from: the encoder starts from converted torchvision weights.
-        from jaxad.models.convert import init_encoder_from
-        return init_encoder_from(variables, self.init_from)
+        from jaxad.models.convert import init_variables
+        return init_variables(self.model, key, image_shape, self.init_from)
 
     def loss(self, params, batch_stats, consts, batch, key):
         """(loss, (metrics, new_batch_stats)) for a uint8 batch, BN in train mode."""

@@ -361,11 +361,8 @@ class MCL:
         if self.num_shifts > 1 and image_shape[0] != image_shape[1]:
             raise ConfigError(f'MCL rotates images by 90 degrees: they must be square, got '
                               f'{image_shape[0]}x{image_shape[1]}')
-        x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-        variables = self.model.init(key, x, train=False)
-        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-        from jaxad.models.convert import init_encoder_from
-        return init_encoder_from(variables, self.init_from)
+        from jaxad.models.convert import init_variables
+        return init_variables(self.model, key, image_shape, self.init_from)
 
     def loss(self, params, batch_stats, consts, batch, key):
         """(loss, (metrics, new_batch_stats)) for a uint8 batch with labels, BN in train mode."""

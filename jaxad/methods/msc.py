@@ -118,11 +118,9 @@ class MSC:
         return None
 
     def init_variables(self, key, image_shape):
-        x = jnp.zeros((2, self.size, self.size, image_shape[-1]), jnp.float32)
-        variables = self.model.init(key, x, train=False)
-        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-        from jaxad.models.convert import init_encoder_from
-        return init_encoder_from(variables, self.init_from)
+        from jaxad.models.convert import init_variables
+        return init_variables(self.model, key, (self.size, self.size, image_shape[-1]),
+                              self.init_from)
 
     def _phi(self, variables, x, train):
         if train:

@@ -231,11 +231,8 @@ class OECL:
         return None
 
     def init_variables(self, key, image_shape):
-        x = jnp.zeros((2,) + tuple(image_shape), jnp.float32)
-        variables = self.model.init(key, x, train=False)
-        variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-        from jaxad.models.convert import init_encoder_from
-        return init_encoder_from(variables, self.init_from)
+        from jaxad.models.convert import init_variables
+        return init_variables(self.model, key, image_shape, self.init_from)
 
     def alpha(self, step):
         if self.warmup_steps is None:

@@ -322,6 +322,15 @@ def _load_cached(directory, mtime):
     return load_converted(directory)
 
 
+def init_variables(model, key, input_shape, init_from=''):
+    """{'params', 'batch_stats'} of `model` for inputs (H, W, C), the encoder taken from
+    `init_from` (a converted DIR or a jaxad run; '' = random): every method's init."""
+    import jax.numpy as jnp
+    variables = model.init(key, jnp.zeros((2,) + tuple(input_shape), jnp.float32), train=False)
+    variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
+    return init_encoder_from(variables, init_from)
+
+
 def init_encoder_from(variables, directory, scope='encoder'):
     """`variables` with params/batch_stats[scope] replaced by a converted DIR ('' = as is).
 
