@@ -1,0 +1,536 @@
+"""ReContrast building blocks (Guo et al., NeurIPS 2023; methods.md §5).
+
+Official code guojiajeremy/ReContrast @381ef13: `models/recontrast.py` (the forward),
+`models/resnet.py` (`BN_layer`, RD4AD's one-class bottleneck "OCBE"), `models/de_resnet.py`
+(the mirrored decoder), `utils.py` (`global_cosine_hm`, `cal_anomaly_map`, the evaluation).
+Everything is NHWC; the losses and maps see float32.
+
+Architecture (channel counts of the code as functions of the encoder's stage-1 planes
+`w` (64 in torchvision) and block expansion `e` (1 BasicBlock, 4 Bottleneck); the code
+hard-codes w = 64):
+
+  encoder taps  f1: w*e @ H/4,  f2: 2w*e @ H/8,  f3: 4w*e @ H/16 (ResNet layer1..3)
+  OCBE          l1 = ReLU(BN(conv3x3/2(ReLU(BN(conv3x3/2(f1))))))   w*e -> 2w*e -> 4w*e
+                l2 = ReLU(BN(conv3x3/2(f2)))                         2w*e -> 4w*e
+                cat[l1, l2, f3] (12w*e) -> one encoder-type stage of L4 blocks (planes 8w,
+                stride 2, 1x1/2 conv+BN shortcut) -> 8w*e @ H/32, where L4 = the encoder's
+                layer4 block count (resnet18: 2, resnet34/50/101/152 and wide: 3, as the code's
+                BN_layer(block, layers)). `BN_layer.conv4/bn4` exist in the torch module but are
+                never used in its forward; they are not built here (param-count note).
+  decoder       three "up" stages (planes 4w, 2w, w; blocks = encoder layer1/2/3 counts, as
+                de_resnet's layers[0..2]); the first block of each stage has its stride-2 conv
+                replaced by ConvTranspose2d(k=2, s=2, no bias) and a deconv2x2+BN identity path.
+                Outputs at the f1/f2/f3 levels, then `output_conv` (=2) sets of 1x1 convs with
+                bias (heads), one per level.
+  forward       [E(x); E'(x)] concatenated along the batch per level (so every BN of the
+                bottleneck and decoder normalises over both halves, as the code does), head 0
+                kept for the E half, head 1 for the E' half:
+                en = [E'1, E'2, E'3, E1, E2, E3],  de = [D0(E)1, D0(E)2, D0(E)3, D1(E')1, ...].
+
+The frozen encoder E' is not a submodule: its taps come in as an argument (computed with
+`encoder_def(...)` applied to a frozen copy of the encoder's variables in eval mode; see
+`frozen_taps`), so the train state can hold it outside `params` (e.g. in `consts`).
+
+Initialisation follows the code: convs kaiming-normal(fan_out, relu); ConvTranspose2d
+keeps torch's default (kaiming-uniform a=sqrt(5) on the transposed weight, i.e.
+U(+-1/sqrt(4*out))); the 1x1 heads' biases torch's default U(+-1/sqrt(fan_in)); BN 1/0.
+
+Not bit-exact with torch (noted): Flax BN updates running_var with the biased batch
+variance (torch: unbiased); the code's per-image float64 numpy map is float32 here.
+"""
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxad.errors import ConfigError
+from jaxad.models.conv import conv_fn
+from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, ResNet,
+                                 batch_norm)
+
+# torch's kaiming_normal_(mode='fan_out', nonlinearity='relu') (untruncated)
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# torch's default ConvTranspose2d init: bound 1/sqrt(weight.size(1) * k * k) = 1/sqrt(4*out),
+# which is the fan_out of the (2, 2, in, out) kernel here
+TORCH_DECONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+
+ALPHA_START, ALPHA_END = -3.0, 1.0
+
+
+def torch_bias_init(fan_in):
+    """torch's default conv bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def arch_spec(depth):
+    """(stage block counts, block expansion) of a jaxad/torchvision ResNet depth."""
+    if depth in STAGE_SIZES:
+        return STAGE_SIZES[depth], 1
+    if depth in BOTTLENECK_STAGE_SIZES:
+        return BOTTLENECK_STAGE_SIZES[depth], 4
+    raise ConfigError(f'ResNet depth {depth} is not supported; choose from '
+                      f'{sorted(STAGE_SIZES) + sorted(BOTTLENECK_STAGE_SIZES)}')
+
+
+# ----------------------------------------------------------------------------- modules
+
+class Deconv2x2(nn.Module):
+    """torch ConvTranspose2d(in, out, kernel_size=2, stride=2, bias=False) on NHWC.
+
+    Kernel (2, 2, in, out) with kernel[a, b] = torch_weight[:, :, a, b]: input pixel (i, j)
+    writes x[i, j] @ kernel[a, b] to output pixel (2i + a, 2j + b) (no overlap for k = s).
+    """
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param('kernel', TORCH_DECONV_INIT,
+                            (2, 2, x.shape[-1], self.features), jnp.float32)
+        n, h, w, _ = x.shape
+        y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype))
+        return y.reshape(n, 2 * h, 2 * w, self.features)
+
+
+def _layers(mod, train):
+    """conv(features, kernel, stride, pad, name), norm(name), deconv(features, name) for a
+    module with dtype / conv_impl / bn_momentum / bn_mode / bn_groups fields."""
+    def conv(f, k, s, p, name):
+        return nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
+                       dtype=mod.dtype, kernel_init=KAIMING_FAN_OUT,
+                       conv_general_dilated=conv_fn(mod.conv_impl), name=name)
+
+    def norm(name):
+        return batch_norm(train, mod.bn_momentum, mod.dtype, mod.bn_mode, mod.bn_groups, name)
+
+    def deconv(f, name):
+        return Deconv2x2(f, mod.dtype, name=name)
+    return conv, norm, deconv
+
+
+class BasicBlock(nn.Module):
+    """ResNet BasicBlock; up=True is de_resnet's: a stride-2 block's conv1 is deconv2x2 and
+    its identity path deconv2x2+BN (the 'upsample'). Shortcut params: shortcut_conv/_bn."""
+    features: int
+    strides: int = 1
+    up: bool = False
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_mode: str = 'batch'
+    bn_groups: int = 1
+    width_per_group: int = 64  # unused (BasicBlock needs 64), kept for a common signature
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv, norm, deconv = _layers(self, train)
+        f = self.features
+        if self.up and self.strides == 2:
+            y = deconv(f, 'conv1')(x)
+        else:
+            y = conv(f, 3, self.strides, 1, 'conv1')(x)
+        y = nn.relu(norm('bn1')(y))
+        y = norm('bn2')(conv(f, 3, 1, 1, 'conv2')(y))
+        x = _shortcut(self, conv, norm, deconv, x, f)
+        return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+    """torchvision v1.5 Bottleneck (stride on the 3x3); up=True is de_resnet's Bottleneck
+    whose stride-2 3x3 conv2 is deconv2x2 and whose identity path is deconv2x2+BN."""
+    features: int
+    strides: int = 1
+    up: bool = False
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_mode: str = 'batch'
+    bn_groups: int = 1
+    width_per_group: int = 64
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, x, train):
+        conv, norm, deconv = _layers(self, train)
+        inner = int(self.features * (self.width_per_group / 64.0))
+        out = self.features * 4
+        y = nn.relu(norm('bn1')(conv(inner, 1, 1, 0, 'conv1')(x)))
+        if self.up and self.strides == 2:
+            y = deconv(inner, 'conv2')(y)
+        else:
+            y = conv(inner, 3, self.strides, 1, 'conv2')(y)
+        y = nn.relu(norm('bn2')(y))
+        y = norm('bn3')(conv(out, 1, 1, 0, 'conv3')(y))
+        x = _shortcut(self, conv, norm, deconv, x, out)
+        return nn.relu(x + y)
+
+
+def _shortcut(block, conv, norm, deconv, x, out):
+    if block.strides == 1 and x.shape[-1] == out:
+        return x
+    if block.up:
+        if block.strides != 2:
+            # the code would use deconv2x2 with stride 1 (output H+1); never built there
+            raise ConfigError('an up-sampling block with a channel change needs stride 2')
+        return norm('shortcut_bn')(deconv(out, 'shortcut_conv')(x))
+    return norm('shortcut_bn')(conv(out, 1, block.strides, 0, 'shortcut_conv')(x))
+
+
+class OCBE(nn.Module):
+    """RD4AD's `BN_layer` (one-class bottleneck embedding), scaled by the encoder width.
+
+    taps: (f1, f2, f3) = encoder layer1..layer3 outputs. Returns (N, H3/2, W3/2, 8*w*e) f32.
+    Param names: conv1/bn1, conv2/bn2 (the f1 path), conv3/bn3 (the f2 path),
+    bn_layer_{b} (the code's `bn_layer.{b}`).
+    """
+    depth: int = 50
+    width: int = 64
+    width_per_group: int = 64
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_mode: str = 'batch'
+    bn_groups: int = 1
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, taps, train):
+        stage_sizes, e = arch_spec(self.depth)
+        w = self.width
+        f1, f2, f3 = taps
+        want = (w * e, 2 * w * e, 4 * w * e)
+        if (f1.shape[-1], f2.shape[-1], f3.shape[-1]) != want:
+            raise ConfigError(f'OCBE(depth={self.depth}, width={w}) expects tap channels {want}, '
+                              f'got {(f1.shape[-1], f2.shape[-1], f3.shape[-1])}')
+        conv, norm, _ = _layers(self, train)
+        l1 = nn.relu(norm('bn1')(conv(2 * w * e, 3, 2, 1, 'conv1')(f1.astype(self.dtype))))
+        l1 = nn.relu(norm('bn2')(conv(4 * w * e, 3, 2, 1, 'conv2')(l1)))
+        l2 = nn.relu(norm('bn3')(conv(4 * w * e, 3, 2, 1, 'conv3')(f2.astype(self.dtype))))
+        x = jnp.concatenate([l1, l2, f3.astype(self.dtype)], axis=-1)
+        block_cls = Bottleneck if e == 4 else BasicBlock
+        for b in range(stage_sizes[3]):
+            x = block_cls(8 * w, 2 if b == 0 else 1, False, self.dtype, self.bn_momentum,
+                          self.bn_mode, self.bn_groups, self.width_per_group, self.conv_impl,
+                          name=f'bn_layer_{b}')(x, train)
+        return x.astype(jnp.float32)
+
+
+class Decoder(nn.Module):
+    """de_resnet's ResNet (`de_wide_resnet50_2(output_conv=2)` etc.), scaled by width.
+
+    Returns a list over heads of [level1, level2, level3] float32 maps, level l at the
+    resolution and channel count of encoder tap f_l (the code's out = [out1[i](f1),
+    out2[i](f2), out3[i](f3) for i in heads]). output_conv=0: one 'head', the trunk.
+    Param names: layer{s}_{b} (s = 1..3 from the bottleneck side), out{l}_{i}.
+    """
+    depth: int = 50
+    width: int = 64
+    width_per_group: int = 64
+    output_conv: int = 2
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    bn_mode: str = 'batch'
+    bn_groups: int = 1
+    conv_impl: str = 'auto'
+
+    @nn.compact
+    def __call__(self, z, train):
+        stage_sizes, e = arch_spec(self.depth)
+        w = self.width
+        block_cls = Bottleneck if e == 4 else BasicBlock
+        x = z.astype(self.dtype)
+        feats = []
+        for s, planes in enumerate((4 * w, 2 * w, w)):
+            for b in range(stage_sizes[s]):
+                x = block_cls(planes, 2 if b == 0 else 1, True, self.dtype, self.bn_momentum,
+                              self.bn_mode, self.bn_groups, self.width_per_group, self.conv_impl,
+                              name=f'layer{s + 1}_{b}')(x, train)
+            feats.append(x)
+        levels = feats[::-1]  # [w*e @ f1 res, 2w*e @ f2 res, 4w*e @ f3 res]
+        if not self.output_conv:
+            return [[f.astype(jnp.float32) for f in levels]]
+        heads = []
+        for i in range(self.output_conv):
+            outs = []
+            for lvl, f in enumerate(levels):
+                c = f.shape[-1]
+                y = nn.Conv(c, (1, 1), use_bias=True, dtype=self.dtype,
+                            kernel_init=KAIMING_FAN_OUT, bias_init=torch_bias_init(c),
+                            name=f'out{lvl + 1}_{i}')(f)
+                outs.append(y.astype(jnp.float32))
+            heads.append(outs)
+        return heads
+
+
+def encoder_def(depth, width, width_per_group, stem='imagenet', dtype=jnp.float32,
+                bn_momentum=0.9, encoder_bn_train=True, bn_groups=1, input_norm='imagenet',
+                conv_impl='auto', name=None):
+    """The encoder (a jaxad ResNet returning its stage taps). encoder_bn_train=False is the
+    code's eval-mode encoder BN (running statistics, affine trained): bn_mode='frozen'."""
+    return ResNet(depth=depth, stem=stem, width=width, dtype=dtype, bn_momentum=bn_momentum,
+                  bn_mode='batch' if encoder_bn_train else 'frozen', bn_groups=bn_groups,
+                  width_per_group=width_per_group, input_norm=input_norm, return_stages=True,
+                  conv_impl=conv_impl, name=name)
+
+
+def taps_of(stages):
+    """(f1, f2, f3) from ResNet(return_stages=True)'s dict (layer4 is not used)."""
+    return (stages['layer1'], stages['layer2'], stages['layer3'])
+
+
+class ReContrastNet(nn.Module):
+    """Trainable encoder E + OCBE + decoder; the frozen encoder's taps are an input.
+
+    __call__(x, frozen, train) -> (en, de), two lists of 6 float32 maps (module docstring);
+    `frozen` = (f1, f2, f3) of E'(x) in eval mode (gradients stopped here).
+    Submodules: 'encoder' (jaxad ResNet: its layer4 exists but is unused, as the code's
+    `layer4 = None`), 'bottleneck' (OCBE), 'decoder'.
+    """
+    depth: int = 50
+    width: int = 64
+    width_per_group: int = 128
+    stem: str = 'imagenet'
+    input_norm: str = 'imagenet'
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+    encoder_bn_train: bool = True
+    bn_groups: int = 1
+    conv_impl: str = 'auto'
+    output_conv: int = 2
+
+    @nn.compact
+    def __call__(self, x, frozen, train):
+        if self.output_conv != 2:
+            raise ConfigError('ReContrast needs output_conv=2 (one head per encoder)')
+        n = x.shape[0]
+        en_t = list(taps_of(net_encoder(self, name='encoder')(x, train)))
+        en_f = [jax.lax.stop_gradient(f.astype(jnp.float32)) for f in frozen]
+        both = [jnp.concatenate([a, b], axis=0) for a, b in zip(en_t, en_f)]
+        common = dict(depth=self.depth, width=self.width, width_per_group=self.width_per_group,
+                      dtype=self.dtype, bn_momentum=self.bn_momentum, bn_groups=self.bn_groups,
+                      conv_impl=self.conv_impl)
+        z = OCBE(**common, name='bottleneck')(both, train)
+        heads = Decoder(**common, output_conv=self.output_conv, name='decoder')(z, train)
+        de = [h[:n] for h in heads[0]] + [h[n:] for h in heads[1]]
+        return en_f + en_t, de
+
+
+def net_encoder(net, name=None):
+    """The encoder definition of a ReContrastNet (bound or not)."""
+    return encoder_def(net.depth, net.width, net.width_per_group, net.stem, net.dtype,
+                       net.bn_momentum, net.encoder_bn_train, net.bn_groups, net.input_norm,
+                       net.conv_impl, name=name)
+
+
+def frozen_taps(net, frozen_variables, x):
+    """E'(x): the encoder definition of `net` applied in eval mode to frozen variables
+    ({'params', 'batch_stats'} of the encoder subtree at initialisation); no gradient."""
+    stages = net_encoder(net).apply(jax.lax.stop_gradient(frozen_variables), x, train=False)
+    return tuple(jax.lax.stop_gradient(t) for t in taps_of(stages))
+
+
+def drop_unused_stats(new_stats, old_stats):
+    """Keep the old running statistics of the encoder's unused layer4 so XLA can drop its
+    computation under jit (the code sets encoder.layer4 = None)."""
+    enc_new, enc_old = dict(new_stats['encoder']), old_stats['encoder']
+    for k in enc_new:
+        if k.startswith('layer4_'):
+            enc_new[k] = enc_old[k]
+    return dict(new_stats, encoder=enc_new)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _safe_norm(x, axis, eps):
+    # max(||x||, eps) with a zero gradient (not NaN) at x = 0, as torch's clamp
+    return jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=axis), eps * eps))
+
+
+def cosine_similarity(a, b, axis=-1, eps=1e-8):
+    """torch.nn.functional.cosine_similarity: <a, b> / (max(|a|, eps) max(|b|, eps))."""
+    return jnp.sum(a * b, axis=axis) / (_safe_norm(a, axis, eps) * _safe_norm(b, axis, eps))
+
+
+@jax.custom_vjp
+def scale_grad(x, scale):
+    """Identity in the forward pass; the backward pass multiplies the cotangent by `scale`
+    (broadcast to x). The code's `b.register_hook(modify_grad)`."""
+    return x
+
+
+def _scale_grad_fwd(x, scale):
+    return x, scale
+
+
+def _scale_grad_bwd(scale, g):
+    return (g * scale).astype(g.dtype), jnp.zeros_like(scale)
+
+
+scale_grad.defvjp(_scale_grad_fwd, _scale_grad_bwd)
+
+
+def global_cosine(a_list, b_list, weights=None):
+    """sum_l w_l mean_n [1 - cos(flatten(sg(a_n)), flatten(b_n))] (utils.global_cosine)."""
+    weights = [1.0] * len(a_list) if weights is None else weights
+    loss = 0.0
+    for a, b, wt in zip(a_list, b_list, weights):
+        a = jax.lax.stop_gradient(a)
+        n = a.shape[0]
+        loss = loss + wt * jnp.mean(1.0 - cosine_similarity(a.reshape(n, -1), b.reshape(n, -1)))
+    return loss
+
+
+def hard_point_mask(a, b, alpha, factor=0.0):
+    """Per-point gradient scale (N, H, W, 1): `factor` where d < mean(d) + alpha*std(d),
+    1 elsewhere; d = 1 - cos over channels, std unbiased (torch .std()), all no-grad."""
+    a, b = jax.lax.stop_gradient(a), jax.lax.stop_gradient(b)
+    d = 1.0 - cosine_similarity(a, b)
+    thresh = jnp.mean(d) + alpha * jnp.std(d, ddof=1)
+    return jnp.where(d < thresh, factor, 1.0).astype(b.dtype)[..., None]
+
+
+def global_cosine_hm(a_list, b_list, alpha, factor=0.0, weights=None):
+    """utils.global_cosine_hm: the global cosine loss (forward value unchanged) whose
+    gradient w.r.t. each b is multiplied by `factor` at the easy points (hard_point_mask)."""
+    b_list = [scale_grad(b, hard_point_mask(a, b, alpha, factor)) for a, b in zip(a_list, b_list)]
+    return global_cosine(a_list, b_list, weights)
+
+
+def recontrast_loss(en, de, alpha, factor=0.0):
+    """The training loss: hm(en[:3], de[:3]) / 2 + hm(en[3:], de[3:]) / 2."""
+    return (global_cosine_hm(en[:3], de[:3], alpha, factor) / 2
+            + global_cosine_hm(en[3:], de[3:], alpha, factor) / 2)
+
+
+def alpha_schedule(step, total_steps, warmup_frac=0.1, start=ALPHA_START, end=ALPHA_END):
+    """alpha = min(start + (end - start) * step / (warmup_frac * total_steps), end); `step`
+    counts from 0 (the code's `it` before its increment). Stable scripts: warmup_frac 0.2."""
+    return jnp.minimum(start + (end - start) * jnp.asarray(step, jnp.float32)
+                       / (warmup_frac * total_steps), end)
+
+
+# ----------------------------------------------------------------------------- maps
+
+@functools.lru_cache(maxsize=64)
+def _align_corners_matrix(n_in, n_out):
+    """(n_out, n_in) linear-interpolation weights of torch's align_corners=True."""
+    scale = np.float32((n_in - 1) / (n_out - 1)) if n_out > 1 else np.float32(0.0)
+    src = np.arange(n_out, dtype=np.float32) * scale
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = (src - i0.astype(np.float32)).astype(np.float32)
+    m = np.zeros((n_out, n_in), np.float32)
+    rows = np.arange(n_out)
+    np.add.at(m, (rows, i0), 1.0 - lam)
+    np.add.at(m, (rows, i1), lam)
+    return m
+
+
+def resize_bilinear_align_corners(x, out_size):
+    """F.interpolate(x, size=out_size, mode='bilinear', align_corners=True) on the last two
+    axes (H, W) of x."""
+    oh, ow = (out_size, out_size) if np.isscalar(out_size) else tuple(out_size)
+    mh = jnp.asarray(_align_corners_matrix(x.shape[-2], oh))
+    mw = jnp.asarray(_align_corners_matrix(x.shape[-1], ow))
+    return jnp.einsum('oh,...hw,pw->...op', mh, x, mw, precision=jax.lax.Precision.HIGHEST)
+
+
+def gaussian_weights(sigma, radius):
+    """scipy.ndimage's 1-D Gaussian (order 0), normalised to sum 1."""
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return phi / phi.sum()
+
+
+def _boundary_index(j, n, mode):
+    """Source index of the (possibly out-of-range) indices j under scipy.ndimage's modes;
+    -1 where the value is the constant 0."""
+    if mode == 'reflect':      # d c b a | a b c d | d c b a
+        j = np.mod(j, 2 * n)
+        return np.where(j >= n, 2 * n - 1 - j, j)
+    if mode == 'mirror':       # d c b | a b c d | c b a
+        if n == 1:
+            return np.zeros_like(j)
+        j = np.mod(j, 2 * n - 2)
+        return np.where(j >= n, 2 * n - 2 - j, j)
+    if mode == 'nearest':
+        return np.clip(j, 0, n - 1)
+    if mode == 'wrap':
+        return np.mod(j, n)
+    if mode == 'constant':
+        return np.where((j < 0) | (j >= n), -1, j)
+    raise ConfigError(f'unknown Gaussian filter mode {mode!r}')
+
+
+@functools.lru_cache(maxsize=64)
+def _filter_matrix(n, sigma, radius, mode):
+    wts = gaussian_weights(sigma, radius)
+    i = np.arange(n)[:, None]
+    k = np.arange(-radius, radius + 1)[None, :]
+    src = _boundary_index(i + k, n, mode)
+    m = np.zeros((n, n + 1), np.float64)  # column n collects the constant-0 taps
+    np.add.at(m, (np.broadcast_to(i, src.shape), np.where(src < 0, n, src)),
+              np.broadcast_to(wts, src.shape))
+    return m[:, :n].astype(np.float32)
+
+
+def gaussian_filter(x, sigma=4.0, truncate=4.0, mode='reflect', radius=None):
+    """scipy.ndimage.gaussian_filter over the last two axes (H, W) of x: radius
+    int(truncate*sigma + 0.5) (16 for sigma 4), boundary `mode` (scipy's default 'reflect',
+    the code's). radius=2, mode='constant' is the multi-class script's 5x5 GPU kernel
+    (utils.get_gaussian_kernel(5, 4), zero padding)."""
+    radius = int(truncate * sigma + 0.5) if radius is None else int(radius)
+    gh = jnp.asarray(_filter_matrix(x.shape[-2], float(sigma), radius, mode))
+    gw = jnp.asarray(_filter_matrix(x.shape[-1], float(sigma), radius, mode))
+    return jnp.einsum('oh,...hw,pw->...op', gh, x, gw, precision=jax.lax.Precision.HIGHEST)
+
+
+def anomaly_map(en_list, de_list, out_size, sigma=4.0, reduce='sum', mode='reflect',
+                radius=None):
+    """(N, H, W) map: reduce over the pairs of up_{bilinear, align_corners}(1 - cos_channel),
+    then the Gaussian filter (sigma=0: none). reduce='sum' is cal_anomaly_map(amap_mode='a'),
+    'mean' the multi-class cal_anomaly_maps."""
+    maps = [resize_bilinear_align_corners(1.0 - cosine_similarity(e.astype(jnp.float32),
+                                                                  d.astype(jnp.float32)),
+                                          out_size)
+            for e, d in zip(en_list, de_list)]
+    m = sum(maps[1:], maps[0])
+    if reduce == 'mean':
+        m = m / len(maps)
+    elif reduce != 'sum':
+        raise ConfigError(f"unknown anomaly-map reduce {reduce!r}; choose 'sum' or 'mean'")
+    return gaussian_filter(m, sigma, mode=mode, radius=radius) if sigma else m
+
+
+def image_score(amap, max_ratio=0.0):
+    """(N,) image scores: max of the map (max_ratio=0) or the mean of its top
+    int(H*W*max_ratio) pixels (at least 1), as `evaluation(max_ratio=...)`."""
+    flat = amap.reshape(amap.shape[0], -1)
+    if max_ratio <= 0:
+        return jnp.max(flat, axis=1)
+    k = max(int(flat.shape[1] * max_ratio), 1)
+    return jnp.mean(jax.lax.top_k(flat, k)[0], axis=1)
+
+
+def param_count(tree):
+    return int(sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(tree)))
+
+
+def arch_of(name):
+    """(depth, width_per_group) of a config.model.name, e.g. 'wide_resnet50_2'."""
+    if name not in ARCHS:
+        raise ConfigError(f'unknown model {name!r}; choose from {sorted(ARCHS)}')
+    return ARCHS[name]
+
+
+__all__ = ['Deconv2x2', 'BasicBlock', 'Bottleneck', 'OCBE', 'Decoder', 'ReContrastNet',
+           'encoder_def', 'net_encoder', 'frozen_taps', 'taps_of', 'drop_unused_stats', 'cosine_similarity',
+           'scale_grad', 'global_cosine', 'hard_point_mask', 'global_cosine_hm',
+           'recontrast_loss', 'alpha_schedule', 'resize_bilinear_align_corners',
+           'gaussian_weights', 'gaussian_filter', 'anomaly_map', 'image_score', 'param_count',
+           'arch_of']
