@@ -205,3 +205,23 @@ def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path)
     config.total_steps = 4
     train.train_and_evaluate(config, str(second))
     np.testing.assert_array_equal(latest_state(str(second))['consts']['centre'], centre)
+
+
+def test_table_members_get_their_own_centres(npz, tmp_path):
+    """normal_class=0,1: each stacked member's centre is its own class's initial mean."""
+    config = msc_config(npz, total_steps=2)
+    config.table.classes, config.data.normal_classes = '0,1', ()
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert len(results['classes']) == 2
+    state = latest_state(str(tmp_path / 'groups' / 'classes_0_1'))
+    method = get_method(msc_config(npz))
+    init = jax.jit(train.make_init_fn(method, optax.identity(), (8, 8, 3)))(
+        train.init_key(config.seed))
+    variables = {'params': init.params, 'batch_stats': init.batch_stats}
+    data = np.load(npz)
+    for k in (0, 1):
+        images = data['train_images'][data['train_labels'] == k]
+        phi = jax.jit(method.features)(variables, images, np.arange(len(images)),
+                                       jax.random.key(0))['phi']
+        np.testing.assert_allclose(state['consts']['centre'][k], np.asarray(phi).mean(0),
+                                   rtol=1e-5, atol=1e-6)
