@@ -16,7 +16,7 @@ import scipy.ndimage
 
 from jaxad.methods import recontrast as rc
 
-torch = pytest.importorskip('torch')
+import torch  # noqa: E402  (CI installs it: .ci/run; a missing torch fails, not skips)
 F = torch.nn.functional
 tnn = torch.nn
 

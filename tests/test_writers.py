@@ -5,7 +5,6 @@ import os
 import struct
 
 import numpy as np
-import pytest
 
 from jaxad import writers
 
@@ -87,7 +86,6 @@ def test_event_file_framing_and_jsonl(tmp_path):
 
 
 def test_event_file_round_trip_through_tensorboard(tmp_path):
-    pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing import event_file_loader
     from tensorboard.compat.proto import event_pb2
 
@@ -114,7 +112,6 @@ def test_event_file_round_trip_through_tensorboard(tmp_path):
 
 
 def test_event_accumulator_sees_scalars(tmp_path):
-    pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing import event_accumulator
 
     _write_run(tmp_path)
