@@ -181,6 +181,13 @@ def csi_base():
     c.mcl.fit_fraction = 0.2  # fraction of the training set the Gaussians see (code: 1/5)
     c.mcl.cov_ridge = 1e-9
 
+    c.recontrast = ml_collections.ConfigDict()
+    c.recontrast.factor = 0.0  # gradient scale at the easy points (every official script: 0)
+    c.recontrast.alpha_warmup_fraction = 0.1  # alpha -3 -> 1 over this share of the steps
+    c.recontrast.sigma = 4.0  # Gaussian smoothing of the anomaly map (0: none)
+    c.recontrast.map_reduce = 'sum'  # sum (class-separated) | mean (multi-class) of the 6 maps
+    c.recontrast.max_ratio = 0.0  # 0: image score = max of the map; > 0: mean of the top share
+
     c.oecl = ml_collections.ConfigDict()
     c.oecl.temperature = 0.5
     c.oecl.alpha = 1.0  # weight of mean ||z|| of outlier views after the warm-up
@@ -188,6 +195,26 @@ def csi_base():
     c.oecl.warmup_steps = 0  # > 0 overrides warmup_epochs
     c.oecl.oe_grayscale = False  # grey the OE images first (colour OE for grey data)
     c.oecl.eps = 1e-8  # eps inside NT-Xent (CSI's form, as NTXentOE)
+
+    # AnoMem (methods.md §7; jaxad/methods/anomem.py). [inferred] = a guess, not from the
+    # paper (no code, equations not recovered): see the module docstring.
+    c.anomem = ml_collections.ConfigDict()
+    c.anomem.scales = ('layer2', 'layer3', 'layer4')  # memory after these stages [inferred]
+    c.anomem.num_prototypes = 64  # N_s, every scale [inferred]
+    c.anomem.beta = 16.0  # Hopfield inverse temperature on cosines [inferred]
+    c.anomem.memory_mix = 'replace'  # next stage sees r | 'residual': q + r [inferred]
+    c.anomem.deviation = 'l2'  # D = ||q - r||^2 | 'cos': 1 - cos(q, r)
+    c.anomem.temperature = 0.5  # NT-Xent tau (SimCLR CIFAR) [inferred]
+    c.anomem.eps = 1e-8  # eps inside NT-Xent (CSI's form)
+    c.anomem.var_gamma = 0.5  # VICReg variance hinge target std [inferred]
+    c.anomem.var_weight = 1.0  # [inferred]
+    c.anomem.pull_weight = 1.0  # pull memory to normal features (y=1 of Eqs. 2-4) [inferred]
+    c.anomem.pull_stop_grad = True  # pull/hinge move the memory only [inferred]
+    c.anomem.few_anomalies = False  # outlier-exposure mode: classifier on deviation maps
+    c.anomem.cls_hidden = 16  # classifier CNN channels [inferred]
+    c.anomem.cls_weight = 1.0  # BCE weight, trained jointly (stop-gradient maps) [inferred]
+    c.anomem.hinge_weight = 0.0  # anomalies' deviation hinge (y=0 of Eqs. 2-4); 0 = off
+    c.anomem.hinge_margin = 2.0  # anomaly mean deviation >= margin x normal batch mean
 
     # Outlier exposure (OECL): '' none; 'normal' (the normal images again, shuffled on
     # their own: self-OECL); 'other_classes' (the data set's non-normal training images);
@@ -200,6 +227,7 @@ def csi_base():
     c.oe.tfds_data_dir = ''
     c.oe.label_key = 'label'
     c.oe.numpy_path = ''
+    c.oe.max_images = 0  # > 0: a seeded (config.seed) subset of this many outliers; 0 = all
 
     # Shared contrastive-loss implementation: 'dense' forms the (N, N) logits; 'chunked'
     # shards queries over 'data' and streams key blocks (large global batches, losses.py).
@@ -225,6 +253,10 @@ def csi_base():
     c.optim.exclude_bn_bias = False  # True: no decay/LARS on BN and biases (SimCLR); CSI: False
     c.optim.momentum = 0.9
     c.optim.nesterov = False  # sgd only (MCL)
+    c.optim.betas = (0.9, 0.999)  # adamw
+    # ((regex, lr), ...): matching params get their own optimiser at this base rate
+    # (ReContrast: the encoder at 1e-5 beside the decoder's 2e-3)
+    c.optim.group_lr = ()
     c.optim.freeze = ()  # regexes on param paths ('encoder/layer1_0/...'): kept fixed (MSC)
     c.optim.final_lr_fraction = 0.0  # 'cosine' ends at lr * this (MCL: 5e-4)
     c.optim.weight_decay = 1e-6
@@ -351,6 +383,48 @@ def oecl_base():
     return c
 
 
+def recontrast_base():
+    """ReContrast's MVTec recipe (methods.md §5.3, recontrast_mvtec.py) on top of csi_base():
+    WideResNet-50-2 (ImageNet stem and normalisation), 256 px, batch 16, 2000 iterations,
+    AdamW(2e-3) on bottleneck + decoder and AdamW(1e-5) on the encoder (betas 0.9/0.999,
+    decay 1e-5), constant rates, no augmentation. Data (mvtec or folder_masks) and the
+    encoder BN mode (model.bn_mode; per category in the code) are the config file's."""
+    c = csi_base()
+    c.method = 'recontrast'
+    c.model.name = 'wide_resnet50_2'
+    c.model.stem = 'imagenet'
+    c.model.input_norm = 'imagenet'
+    c.model.proj_dim = 0
+    c.data.image_size = 256
+    c.data.normal_classes = (0,)
+    c.batch_size = 16
+    c.total_steps = 2000
+    c.optim.name = 'adamw'
+    c.optim.lr = 2e-3
+    c.optim.betas = (0.9, 0.999)
+    c.optim.weight_decay = 1e-5
+    c.optim.eps = 1e-8
+    c.optim.schedule = 'constant'
+    c.optim.group_lr = (('^encoder/', 1e-5),)
+    c.eval.batch_size = 16
+    c.checkpoint.every_steps = 250
+    c.log_every = 50
+    return c
+
+
+def anomem_base():
+    """AnoMem (methods.md §7, an [inferred] sketch) on top of csi_base(); data and oe are the
+    config file's. CSI-like SimCLR training: CSI's LARS (lr 0.1, momentum 0.9, wd 1e-6,
+    x10 warm-up over 10 epochs then cosine) and augmentations, 2 views per image (no
+    rotations), so twice CSI's images per step fit in half its rows. 500 epochs [inferred]."""
+    c = csi_base()
+    c.method = 'anomem'
+    c.batch_size = 256  # x 2 views = 512 rows (CSI: 128 x 4 rotations x 2 views)
+    c.optim.epochs = 500
+    c.eval.num_samples = 1  # unused: AnoMem scores the clean test image
+    return c
+
+
 def validate_config(config):
     """Checks that catch a bad config before any data is loaded."""
     def positive(name, value):
@@ -387,6 +461,11 @@ def validate_config(config):
         positive('csi.temperature', config.csi.temperature)
         if config.csi.num_shifts > 4:
             raise ConfigError(f'csi.num_shifts={config.csi.num_shifts}: rotations give at most 4 shifts')
+    if config.oe.get('max_images', 0) < 0:
+        raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {config.oe.max_images}')
+    if config.method == 'anomem':
+        from jaxad.methods import anomem
+        anomem.validate(config)
 
 
 def load_run_config(workdir):

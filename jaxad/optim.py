@@ -20,7 +20,7 @@ import optax
 
 from jaxad.errors import ConfigError
 
-OPTIMIZERS = ('lars', 'sgd', 'adam')
+OPTIMIZERS = ('lars', 'sgd', 'adam', 'adamw')
 SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine', 'cosine', 'constant')
 LR_RULES = ('none', 'linear', 'sqrt')
 
@@ -167,59 +167,91 @@ def param_path(path):
     return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', k))) for k in path)
 
 
-def frozen_labels(params, patterns):
-    """'frozen' for params whose path matches one of the regexes (re.search), else 'train'."""
-    try:
-        compiled = [re.compile(p) for p in patterns]
-    except re.error as e:
-        raise ConfigError(f'optim.freeze: bad regular expression: {e}') from e
+def param_labels(params, freeze, groups):
+    """Per-parameter optimiser labels: 'frozen' where a `freeze` regex matches (re.search),
+    else 'group{i}' for the first `groups` regex that matches, else 'train'. A pattern
+    that matches nothing is a typo, not a no-op: ConfigError."""
+    def compile_all(patterns, what):
+        try:
+            return [re.compile(p) for p in patterns]
+        except re.error as e:
+            raise ConfigError(f'{what}: bad regular expression: {e}') from e
+    frozen = compile_all(freeze, 'optim.freeze')
+    grouped = compile_all(groups, 'optim.group_lr')
     paths = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    for c in compiled:  # a pattern that freezes nothing is a typo, not a no-op
-        if not any(c.search(p) for p in paths):
-            raise ConfigError(f'optim.freeze pattern {c.pattern!r} matches no parameter '
-                              f'(paths look like {paths[0]!r})')
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: 'frozen' if any(c.search(param_path(path)) for c in compiled)
-        else 'train', params)
+    for what, compiled in (('optim.freeze', frozen), ('optim.group_lr', grouped)):
+        for c in compiled:
+            if not any(c.search(p) for p in paths):
+                raise ConfigError(f'{what} pattern {c.pattern!r} matches no parameter '
+                                  f'(paths look like {paths[0]!r})')
+
+    def label(path, _):
+        name = param_path(path)
+        if any(c.search(name) for c in frozen):
+            return 'frozen'
+        return next((f'group{i}' for i, c in enumerate(grouped) if c.search(name)), 'train')
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
-def with_frozen(tx, patterns):
-    """`tx` on the trainable params; exact zero updates (no decay, no optimiser state) on
-    the ones matched by `patterns` (MSC freezes conv1/bn1/layer1/layer2 of ResNet-152)."""
-    if not patterns:
-        return tx
-    return optax.multi_transform({'train': tx, 'frozen': optax.set_to_zero()},
-                                 lambda params: frozen_labels(params, patterns))
+def with_groups(txs, freeze, groups):
+    """One optimiser per label of `param_labels`: txs['train'] and txs['group{i}'];
+    'frozen' params get exact zero updates (no decay, no optimiser state)."""
+    if not freeze and not groups:
+        return txs['train']
+    return optax.multi_transform(dict(txs, frozen=optax.set_to_zero()),
+                                 lambda params: param_labels(params, freeze, groups))
 
 
-def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
+def _base_tx(optim_cfg, schedule, mask):
+    """The optimiser named by optim.name at learning rate `schedule`."""
+    name, nesterov = optim_cfg.name, optim_cfg.get('nesterov', False)
+    if name == 'lars':
+        return torchlars_sgd(schedule, optim_cfg.momentum, optim_cfg.weight_decay,
+                             optim_cfg.trust_coef, optim_cfg.eps, mask=mask)
+    if name == 'sgd':
+        # torch: buf = m*buf + g; nesterov steps along g + m*buf (optax.trace's nesterov).
+        return optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
+                           optax.trace(decay=optim_cfg.momentum, nesterov=nesterov),
+                           optax.scale_by_learning_rate(schedule))
+    if name == 'adamw':
+        # torch AdamW: p -= lr * (adam(g) + wd * p), decay decoupled from the moments.
+        b1, b2 = optim_cfg.get('betas', (0.9, 0.999))
+        return optax.adamw(schedule, b1=b1, b2=b2, eps=optim_cfg.eps,
+                           weight_decay=optim_cfg.weight_decay, mask=mask)
+    return optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
+                       optax.scale_by_adam(eps=optim_cfg.eps),
+                       optax.scale_by_learning_rate(schedule))
+
+
+def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None, freeze=()):
     """(optax transformation, schedule) from `config.optim`.
 
     'lars' is CSI's torchlars SGD. 'sgd' and 'adam' mirror torch's SGD(momentum, nesterov,
-    weight_decay) and Adam(weight_decay), which add wd*p to the gradient (coupled L2, not
-    AdamW); `eps` is LARS's or Adam's epsilon. `global_batch` feeds `optim.lr_rule`.
-    With `optim.exclude_bn_bias` the one-dimensional tensors get neither weight decay nor the
-    LARS trust ratio (their update is the plain momentum step). `optim.freeze` (regexes on
-    'encoder/layer1_0/conv1/kernel'-style paths) fixes the matching parameters.
+    weight_decay) and Adam(weight_decay), which add wd*p to the gradient (coupled L2);
+    'adamw' is torch's AdamW (decoupled decay, optim.betas). `eps` is LARS's or Adam's
+    epsilon. `global_batch` feeds `optim.lr_rule`. With `optim.exclude_bn_bias` the
+    one-dimensional tensors get neither weight decay nor the LARS trust ratio (their update
+    is the plain momentum step). `optim.freeze` (regexes on 'encoder/layer1_0/conv1/kernel'-
+    style paths) plus the method's own `freeze` patterns fix the matching parameters.
+    `optim.group_lr` = ((regex, lr), ...) gives the matching parameters their own optimiser
+    of the same kind at base rate lr, under the same schedule shape (ReContrast: the encoder
+    at 1e-5 beside the decoder at 2e-3). The returned schedule is the main group's.
     """
     if optim_cfg.name not in OPTIMIZERS:
         raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
                           f'choose one of {", ".join(OPTIMIZERS)}')
-    schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch)
-    mask = decay_mask if optim_cfg.get('exclude_bn_bias', False) else None
-    nesterov = optim_cfg.get('nesterov', False)
-    if nesterov and optim_cfg.name != 'sgd':
+    if optim_cfg.get('nesterov', False) and optim_cfg.name != 'sgd':
         raise ConfigError(f'optim.nesterov needs optim.name=sgd, not {optim_cfg.name!r}')
-    if optim_cfg.name == 'lars':
-        tx = torchlars_sgd(schedule, optim_cfg.momentum, optim_cfg.weight_decay,
-                           optim_cfg.trust_coef, optim_cfg.eps, mask=mask)
-    elif optim_cfg.name == 'sgd':
-        # torch: buf = m*buf + g; nesterov steps along g + m*buf (optax.trace's nesterov).
-        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
-                         optax.trace(decay=optim_cfg.momentum, nesterov=nesterov),
-                         optax.scale_by_learning_rate(schedule))
-    else:
-        tx = optax.chain(optax.add_decayed_weights(optim_cfg.weight_decay, mask=mask),
-                         optax.scale_by_adam(eps=optim_cfg.eps),
-                         optax.scale_by_learning_rate(schedule))
-    return with_frozen(tx, tuple(optim_cfg.get('freeze', ()))), schedule
+    mask = decay_mask if optim_cfg.get('exclude_bn_bias', False) else None
+    schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch)
+    txs = {'train': _base_tx(optim_cfg, schedule, mask)}
+    groups = tuple(optim_cfg.get('group_lr', ()))
+    for i, group in enumerate(groups):
+        if len(group) != 2 or not isinstance(group[0], str):
+            raise ConfigError(f'optim.group_lr entries are (regex, lr) pairs, got {group!r}')
+        group_cfg = optim_cfg.copy_and_resolve_references()
+        group_cfg.lr = float(group[1])
+        txs[f'group{i}'] = _base_tx(group_cfg, make_schedule(
+            group_cfg, steps_per_epoch, total_steps, global_batch), mask)
+    freeze = tuple(optim_cfg.get('freeze', ())) + tuple(freeze)
+    return with_groups(txs, freeze, tuple(g[0] for g in groups)), schedule

@@ -389,7 +389,7 @@ def predict(workdir, input_spec, output=None, config=None):
 def write_anomaly_maps(output, names, maps):
     """Hook for pixel methods: one PNG per image and map, min-max scaled per image.
 
-    Returns {map name: [png path per image]}. No current method returns maps.
+    Returns {map name: [png path per image]} (ReContrast: one `map` PNG per image).
     """
     paths = {}
     for key, values in maps.items():

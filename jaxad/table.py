@@ -84,7 +84,7 @@ def make_groups(members, stack_size):
 class Group:
     """A stack of members trained as one program, with its own checkpoints."""
 
-    def __init__(self, config, workdir, members):
+    def __init__(self, config, workdir, members, method):
         self.members = members
         self.k = len(members)
         self.steps_per_epoch = members[0].steps_per_epoch
@@ -95,8 +95,9 @@ class Group:
         by_model = self.mode == 'vmap' and jax.process_count() == 1
         self.mesh = sharding.make_mesh(config.num_devices, num_models=self.k if by_model else 1)
         sharding.check_batch_divides(config.batch_size, self.mesh)
-        self.tx, self.schedule = optim.make_optimizer(config.optim, self.steps_per_epoch,
-                                                      self.total_steps, config.batch_size)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.optim, self.steps_per_epoch, self.total_steps, config.batch_size,
+            freeze=getattr(method, 'frozen_params', ()))
         self.name = 'classes_' + '_'.join('+'.join(map(str, m.normal_classes)) for m in members)
         self.directory = os.path.join(workdir, 'groups', self.name)
         os.makedirs(self.directory, exist_ok=True)
@@ -158,7 +159,7 @@ class TableSetup:
                                        indices, spe, total))
         self.outlier_set = train_lib.load_auxiliary_outliers(self.method, config,
                                                              self.image_shape)
-        self.groups = [Group(config, workdir, ms)
+        self.groups = [Group(config, workdir, ms, self.method)
                        for ms in make_groups(self.members, config.table.stack_size)]
 
     def close(self):

@@ -132,8 +132,22 @@ def outlier_source(config, train_set, normal_indices, normal_classes, auxiliary=
         if not len(others):
             raise DataError(f'oe.source=other_classes: {train_set.name} has no images outside '
                             f'the normal classes {list(normal_classes)}')
-        return train_set, others
-    return auxiliary, np.arange(len(auxiliary))
+        return train_set, limit_outliers(config, others)
+    return auxiliary, limit_outliers(config, np.arange(len(auxiliary)))
+
+
+def limit_outliers(config, indices):
+    """`indices` cut to a seeded subset of `oe.max_images` (0 = all; the few-anomaly protocol,
+    AnoMem). The subset (seed = config.seed, sorted) is repeated to at least one global batch,
+    each outlier equally often, since the outlier stream reads whole batches."""
+    max_images = int(config.oe.get('max_images', 0))
+    if max_images < 0:
+        raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {max_images}')
+    if not max_images or max_images >= len(indices):
+        return indices
+    subset = np.sort(np.random.default_rng(config.seed).choice(indices, max_images,
+                                                                 replace=False))
+    return np.tile(subset, -(-config.batch_size // max_images))
 
 
 def load_auxiliary_outliers(method, config, image_shape):
@@ -197,7 +211,8 @@ class Setup:
         self.steps_per_epoch, self.total_steps = step_budget(
             config, len(self.normal_indices), f'class(es) {self.normal_classes}')
         self.tx, self.schedule = optim.make_optimizer(
-            config.optim, self.steps_per_epoch, self.total_steps, config.batch_size)
+            config.optim, self.steps_per_epoch, self.total_steps, config.batch_size,
+            freeze=getattr(self.method, 'frozen_params', ()))
         self.checkpoints = ckpt_lib.Checkpoints(
             os.path.join(workdir, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)

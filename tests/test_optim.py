@@ -204,8 +204,41 @@ def test_adam_is_torch_adam_with_l2():
     assert_trees_close(run_optax(tx, params, grads), want, atol=1e-5)
 
 
+def test_adamw_groups_and_method_freeze_match_torch_adamw():
+    """torch AdamW with two param groups (ReContrast: decoder 2e-3, encoder 1e-5):
+    p -= lr*wd*p; p -= lr*m_hat/(sqrt(v_hat) + eps); frozen params exactly unchanged."""
+    params, grads = make_problem(5)
+    cfg = optim_cfg(name='adamw', lr=0.1, betas=(0.8, 0.99),
+                    group_lr=(('^(kernel|zero)', 0.003),))
+    tx, sched = optim.make_optimizer(cfg, 10, 1000, freeze=('^dead$',))
+    assert float(sched(3)) == pytest.approx(0.1)
+    lrs = {'kernel': 0.003, 'zero_init': 0.003, 'bias': 0.1}
+    want = {k: v.astype(np.float64) for k, v in params.items()}
+    m = {k: 0.0 for k in lrs}
+    v = {k: 0.0 for k in lrs}
+    for t, g_step in enumerate(grads, start=1):
+        for k, lr in lrs.items():
+            g = g_step[k].astype(np.float64)
+            want[k] = want[k] * (1 - lr * WD)
+            m[k] = 0.8 * m[k] + 0.2 * g
+            v[k] = 0.99 * v[k] + 0.01 * g * g
+            m_hat, v_hat = m[k] / (1 - 0.8 ** t), v[k] / (1 - 0.99 ** t)
+            want[k] = want[k] - lr * m_hat / (np.sqrt(v_hat) + EPS)
+    got = run_optax(tx, params, grads)
+    assert_trees_close(got, want, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got['dead']), params['dead'])
+    # The frozen tensor has no optimiser state; the two groups have their own moments.
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(tx.init(params)) if x.ndim)
+    assert n_state == 2 * sum(params[k].size for k in lrs)
+    with pytest.raises(ConfigError, match=r"optim.group_lr pattern '\^decoder' matches no"):
+        optim.make_optimizer(optim_cfg(name='adamw', group_lr=(('^decoder', 1.0),)),
+                             10, 1000)[0].init(params)
+    with pytest.raises(ConfigError, match='optim.group_lr entries are'):
+        optim.make_optimizer(optim_cfg(name='adamw', group_lr=(('^kernel',),)), 10, 1000)
+
+
 @pytest.mark.parametrize('field,value,choices', [
-    ('name', 'lamb', 'lars, sgd, adam'),
+    ('name', 'lamb', 'lars, sgd, adam, adamw'),
     ('schedule', 'step', 'csi_warmup_cosine, warmup_cosine, cosine, constant')])
 def test_make_optimizer_unknown_choice(field, value, choices):
     with pytest.raises(ConfigError, match=f"optim.{field} '{value}'.*{choices}"):

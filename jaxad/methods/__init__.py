@@ -10,10 +10,14 @@ A method object gives the shared trainer and evaluator:
 and optionally
   inputs: extra batch keys, 'label' (class position) and/or 'outlier' (OE images)
   fit_consts(train_features) -> constants fixed from the initial model (MSC's centre)
+  needs_step, configure(steps_per_epoch): the update count arrives as batch['step']
+  needs_bank = False: the scores use no train-bank features (the bank pass is skipped)
+Pixel methods return (N, h, w) anomaly maps among their scores; the evaluator turns them
+into pixel_AUROC / AUPRO against the test masks and overlay PNGs.
 """
 from jaxad.errors import ConfigError
 
-METHODS = ('csi', 'msc', 'mcl', 'oecl', 'self_oecl')
+METHODS = ('csi', 'msc', 'mcl', 'oecl', 'self_oecl', 'recontrast', 'anomem')
 
 
 def _build(config):
@@ -31,6 +35,13 @@ def _build(config):
     if name in ('oecl', 'self_oecl'):
         from jaxad.methods.oecl import OECL
         return OECL(config, self_supervised=name == 'self_oecl'), lambda f: f['z_clean']
+    if name == 'recontrast':
+        from jaxad.methods.recontrast import ReContrast
+        # eval.density sees the trainable encoder's pooled layer3 features.
+        return ReContrast(config), lambda f: f['pooled']
+    if name == 'anomem':
+        from jaxad.methods.anomem import AnoMem
+        return AnoMem(config), AnoMem.density_features
     raise ConfigError(f'unknown method {name!r}; available: {", ".join(METHODS)}')
 
 

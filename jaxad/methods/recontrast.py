@@ -1,4 +1,8 @@
-"""ReContrast building blocks (Guo et al., NeurIPS 2023; methods.md §5).
+"""ReContrast: contrastive reconstruction (Guo et al., NeurIPS 2023; methods.md §5).
+
+The method object `ReContrast` (bottom of this module) trains E, the OCBE bottleneck and
+the decoder with the cross-reconstruction loss and scores every test image with its
+anomaly map; the building blocks above it follow the official code.
 
 Official code guojiajeremy/ReContrast @381ef13: `models/recontrast.py` (the forward),
 `models/resnet.py` (`BN_layer`, RD4AD's one-class bottleneck "OCBE"), `models/de_resnet.py`
@@ -27,9 +31,9 @@ hard-codes w = 64):
                 kept for the E half, head 1 for the E' half:
                 en = [E'1, E'2, E'3, E1, E2, E3],  de = [D0(E)1, D0(E)2, D0(E)3, D1(E')1, ...].
 
-The frozen encoder E' is not a submodule: its taps come in as an argument (computed with
-`encoder_def(...)` applied to a frozen copy of the encoder's variables in eval mode; see
-`frozen_taps`), so the train state can hold it outside `params` (e.g. in `consts`).
+The frozen encoder E' is the submodule 'frozen_encoder', a copy of the encoder's initial
+variables (`with_frozen_copy`) that the optimiser never updates (`ReContrast.frozen_params`)
+and that always runs in eval mode; its taps can also be passed in (`frozen_taps`).
 
 Initialisation follows the code: convs kaiming-normal(fan_out, relu); ConvTranspose2d
 keeps torch's default (kaiming-uniform a=sqrt(5) on the transposed weight, i.e.
@@ -46,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.models.conv import conv_fn
 from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, ResNet,
@@ -182,6 +187,17 @@ def _shortcut(block, conv, norm, deconv, x, out):
     return norm('shortcut_bn')(conv(out, 1, block.strides, 0, 'shortcut_conv')(x))
 
 
+def _stage(mod, x, planes, num_blocks, up, train, prefix):
+    """One ResNet stage of `mod`'s block type (Bottleneck for depth >= 50), stride 2 (or
+    up-sampling when `up`) in its first block; blocks named prefix + index."""
+    block_cls = Bottleneck if arch_spec(mod.depth)[1] == 4 else BasicBlock
+    for b in range(num_blocks):
+        x = block_cls(planes, 2 if b == 0 else 1, up, mod.dtype, mod.bn_momentum, mod.bn_mode,
+                      mod.bn_groups, mod.width_per_group, mod.conv_impl,
+                      name=f'{prefix}{b}')(x, train)
+    return x
+
+
 class OCBE(nn.Module):
     """RD4AD's `BN_layer` (one-class bottleneck embedding), scaled by the encoder width.
 
@@ -212,11 +228,7 @@ class OCBE(nn.Module):
         l1 = nn.relu(norm('bn2')(conv(4 * w * e, 3, 2, 1, 'conv2')(l1)))
         l2 = nn.relu(norm('bn3')(conv(4 * w * e, 3, 2, 1, 'conv3')(f2.astype(self.dtype))))
         x = jnp.concatenate([l1, l2, f3.astype(self.dtype)], axis=-1)
-        block_cls = Bottleneck if e == 4 else BasicBlock
-        for b in range(stage_sizes[3]):
-            x = block_cls(8 * w, 2 if b == 0 else 1, False, self.dtype, self.bn_momentum,
-                          self.bn_mode, self.bn_groups, self.width_per_group, self.conv_impl,
-                          name=f'bn_layer_{b}')(x, train)
+        x = _stage(self, x, 8 * w, stage_sizes[3], False, train, 'bn_layer_')
         return x.astype(jnp.float32)
 
 
@@ -240,16 +252,12 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, z, train):
-        stage_sizes, e = arch_spec(self.depth)
+        stage_sizes, _ = arch_spec(self.depth)
         w = self.width
-        block_cls = Bottleneck if e == 4 else BasicBlock
         x = z.astype(self.dtype)
         feats = []
         for s, planes in enumerate((4 * w, 2 * w, w)):
-            for b in range(stage_sizes[s]):
-                x = block_cls(planes, 2 if b == 0 else 1, True, self.dtype, self.bn_momentum,
-                              self.bn_mode, self.bn_groups, self.width_per_group, self.conv_impl,
-                              name=f'layer{s + 1}_{b}')(x, train)
+            x = _stage(self, x, planes, stage_sizes[s], True, train, f'layer{s + 1}_')
             feats.append(x)
         levels = feats[::-1]  # [w*e @ f1 res, 2w*e @ f2 res, 4w*e @ f3 res]
         if not self.output_conv:
@@ -270,26 +278,29 @@ class Decoder(nn.Module):
 def encoder_def(depth, width, width_per_group, stem='imagenet', dtype=jnp.float32,
                 bn_momentum=0.9, encoder_bn_train=True, bn_groups=1, input_norm='imagenet',
                 conv_impl='auto', name=None):
-    """The encoder (a jaxad ResNet returning its stage taps). encoder_bn_train=False is the
-    code's eval-mode encoder BN (running statistics, affine trained): bn_mode='frozen'."""
+    """The encoder: a jaxad ResNet truncated after layer3 (the code's `layer4 = fc = None`),
+    returning its stage taps. encoder_bn_train=False is the code's eval-mode encoder BN
+    (running statistics, affine trained): bn_mode='frozen'."""
     return ResNet(depth=depth, stem=stem, width=width, dtype=dtype, bn_momentum=bn_momentum,
                   bn_mode='batch' if encoder_bn_train else 'frozen', bn_groups=bn_groups,
                   width_per_group=width_per_group, input_norm=input_norm, return_stages=True,
-                  conv_impl=conv_impl, name=name)
+                  conv_impl=conv_impl, num_stages=3, name=name)
 
 
 def taps_of(stages):
-    """(f1, f2, f3) from ResNet(return_stages=True)'s dict (layer4 is not used)."""
+    """(f1, f2, f3) from ResNet(return_stages=True)'s dict."""
     return (stages['layer1'], stages['layer2'], stages['layer3'])
 
 
 class ReContrastNet(nn.Module):
-    """Trainable encoder E + OCBE + decoder; the frozen encoder's taps are an input.
+    """Trainable encoder E + OCBE + decoder, and the frozen encoder E'.
 
-    __call__(x, frozen, train) -> (en, de), two lists of 6 float32 maps (module docstring);
-    `frozen` = (f1, f2, f3) of E'(x) in eval mode (gradients stopped here).
-    Submodules: 'encoder' (jaxad ResNet: its layer4 exists but is unused, as the code's
-    `layer4 = None`), 'bottleneck' (OCBE), 'decoder'.
+    __call__(x, frozen=None, train=False) -> (en, de), two lists of 6 float32 maps (module
+    docstring). E' is the submodule 'frozen_encoder' (the encoder's architecture, always
+    in eval mode, its output gradient-stopped; the method copies the encoder's initial
+    variables into it and the optimiser never updates it), unless its taps (f1, f2, f3)
+    are passed as `frozen`, in which case that submodule is not built.
+    Submodules: 'encoder', 'frozen_encoder', 'bottleneck' (OCBE), 'decoder'.
     """
     depth: int = 50
     width: int = 64
@@ -304,11 +315,13 @@ class ReContrastNet(nn.Module):
     output_conv: int = 2
 
     @nn.compact
-    def __call__(self, x, frozen, train):
+    def __call__(self, x, frozen=None, train=False):
         if self.output_conv != 2:
             raise ConfigError('ReContrast needs output_conv=2 (one head per encoder)')
         n = x.shape[0]
         en_t = list(taps_of(net_encoder(self, name='encoder')(x, train)))
+        if frozen is None:
+            frozen = taps_of(net_encoder(self, name='frozen_encoder')(x, False))
         en_f = [jax.lax.stop_gradient(f.astype(jnp.float32)) for f in frozen]
         both = [jnp.concatenate([a, b], axis=0) for a, b in zip(en_t, en_f)]
         common = dict(depth=self.depth, width=self.width, width_per_group=self.width_per_group,
@@ -329,19 +342,15 @@ def net_encoder(net, name=None):
 
 def frozen_taps(net, frozen_variables, x):
     """E'(x): the encoder definition of `net` applied in eval mode to frozen variables
-    ({'params', 'batch_stats'} of the encoder subtree at initialisation); no gradient."""
+    ({'params', 'batch_stats'} of an encoder subtree); no gradient."""
     stages = net_encoder(net).apply(jax.lax.stop_gradient(frozen_variables), x, train=False)
     return tuple(jax.lax.stop_gradient(t) for t in taps_of(stages))
 
 
-def drop_unused_stats(new_stats, old_stats):
-    """Keep the old running statistics of the encoder's unused layer4 so XLA can drop its
-    computation under jit (the code sets encoder.layer4 = None)."""
-    enc_new, enc_old = dict(new_stats['encoder']), old_stats['encoder']
-    for k in enc_new:
-        if k.startswith('layer4_'):
-            enc_new[k] = enc_old[k]
-    return dict(new_stats, encoder=enc_new)
+def with_frozen_copy(variables):
+    """`variables` whose 'frozen_encoder' params and statistics are the encoder's: E' =
+    copy.deepcopy(E) at initialisation (after any weight import)."""
+    return {col: dict(tree, frozen_encoder=tree['encoder']) for col, tree in variables.items()}
 
 
 # ----------------------------------------------------------------------------- losses
@@ -528,8 +537,108 @@ def arch_of(name):
     return ARCHS[name]
 
 
+# ----------------------------------------------------------------------------- method
+
+# The code's per-category encoder BN mode (recontrast_mvtec.py): eval for these, train for
+# the other MVTec categories; VisA: eval for cashew and pcb1 (methods.md §5.3).
+EVAL_BN_CATEGORIES = {'mvtec': ('toothbrush', 'leather', 'grid', 'tile', 'wood', 'screw'),
+                      'visa': ('cashew', 'pcb1')}
+
+
+class ReContrast:
+    """The ReContrast method object for the shared trainer and evaluator.
+
+    Training (one step = the code's iteration): x in [0, 1] (ImageNet-normalised inside the
+    encoder), (en, de) = net(x) with the bottleneck/decoder BN in train mode over [E; E'],
+    L = recontrast_loss(en, de, alpha(step), recontrast.factor). The encoder's BN follows
+    model.bn_mode ('batch' = the code's train mode, 'frozen' = its eval mode); E' is always
+    in eval mode and never updated. Optimiser (config recontrast_base): AdamW 2e-3 on the
+    bottleneck and decoder, AdamW 1e-5 on the encoder (optim.group_lr).
+
+    Scores (all modules in eval mode): 'map' (N, H, W), the Gaussian-smoothed sum of the six
+    1 - cos maps at image resolution; 'max' its maximum; 'top_mean' the mean of its top
+    recontrast.max_ratio (default 1%) pixels. The headline is 'max' when max_ratio = 0 (the
+    class-separated scripts), 'top_mean' otherwise (the multi-class script). No train
+    bank is needed.
+    """
+    needs_step = True   # alpha(step) inside the loss
+    needs_bank = False  # the scores use no training features
+    frozen_params = ('^frozen_encoder/',)
+
+    def __init__(self, config):
+        cfg = config.recontrast
+        if not 0 < cfg.alpha_warmup_fraction <= 1:
+            raise ConfigError(f'recontrast.alpha_warmup_fraction must be in (0, 1], got '
+                              f'{cfg.alpha_warmup_fraction}')
+        if not 0 <= cfg.max_ratio < 1:
+            raise ConfigError(f'recontrast.max_ratio must be in [0, 1), got {cfg.max_ratio}')
+        if cfg.sigma < 0:
+            raise ConfigError(f'recontrast.sigma must be >= 0, got {cfg.sigma}')
+        if cfg.map_reduce not in ('sum', 'mean'):
+            raise ConfigError(f"recontrast.map_reduce must be 'sum' or 'mean', got "
+                              f'{cfg.map_reduce!r}')
+        model = config.model
+        depth, width_per_group = arch_of(model.name)
+        dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+        if model.dtype not in dtypes:
+            raise ConfigError(f'unknown model dtype {model.dtype!r}; choose from {sorted(dtypes)}')
+        self.model = ReContrastNet(
+            depth=depth, width=model.width, width_per_group=width_per_group, stem=model.stem,
+            input_norm=model.input_norm, dtype=dtypes[model.dtype],
+            encoder_bn_train=model.bn_mode == 'batch', bn_groups=model.bn_groups,
+            conv_impl=model.get('conv_impl', 'auto'))
+        self.cfg, self.init_from = cfg, model.get('init_from', '')
+        self.total_steps, self.epochs = config.total_steps, config.optim.epochs
+        self.headline_score = 'max' if cfg.max_ratio == 0 else 'top_mean'
+
+    def configure(self, steps_per_epoch):
+        if self.total_steps <= 0:
+            self.total_steps = self.epochs * steps_per_epoch
+
+    @staticmethod
+    def paper_one_class(class_names):
+        """None: MVTec's classes are defect types, not one-class tables; the published
+        per-category numbers (methods.md §5.6) need ImageNet weights."""
+        del class_names
+        return None
+
+    def init_variables(self, key, image_shape):
+        from jaxad.models.convert import init_variables
+        # A converted torchvision file also holds layer4, which this encoder does not build.
+        return with_frozen_copy(init_variables(self.model, key, image_shape, self.init_from,
+                                               skip=('layer4_',)))
+
+    def loss(self, params, batch_stats, consts, batch, key):
+        del consts, key  # no augmentation: Resize -> ToTensor -> normalise
+        x = augment.to_float(batch['image'])
+        (en, de), mutated = self.model.apply({'params': params, 'batch_stats': batch_stats},
+                                             x, None, True, mutable=['batch_stats'])
+        alpha = alpha_schedule(batch['step'], self.total_steps, self.cfg.alpha_warmup_fraction)
+        loss = recontrast_loss(en, de, alpha, self.cfg.factor)
+        return loss, ({'loss': loss, 'alpha': alpha}, mutated['batch_stats'])
+
+    def features(self, variables, images, indices, key):
+        """The anomaly map (N, H, W) and the encoder's pooled layer3 (for eval.density)."""
+        del indices, key
+        en, de = self.model.apply(variables, augment.to_float(images), None, False)
+        amap = anomaly_map(en, de, images.shape[1:3], self.cfg.sigma, self.cfg.map_reduce)
+        return {'map': amap, 'pooled': jnp.mean(en[5], axis=(1, 2))}
+
+    def fit_scoring(self, train_features):
+        # Nothing is fitted: keep the bank size (a non-empty tree for the checkpoint).
+        return {'num_bank': jnp.asarray(train_features['map'].shape[0], jnp.int32)}
+
+    def score(self, scoring, test_features):
+        del scoring
+        amap = test_features['map']
+        return {'max': image_score(amap, 0.0),
+                'top_mean': image_score(amap, self.cfg.max_ratio or 0.01),
+                'map': amap}
+
+
 __all__ = ['Deconv2x2', 'BasicBlock', 'Bottleneck', 'OCBE', 'Decoder', 'ReContrastNet',
-           'encoder_def', 'net_encoder', 'frozen_taps', 'taps_of', 'drop_unused_stats', 'cosine_similarity',
+           'encoder_def', 'net_encoder', 'frozen_taps', 'taps_of', 'with_frozen_copy',
+           'cosine_similarity', 'ReContrast',
            'scale_grad', 'global_cosine', 'hard_point_mask', 'global_cosine_hm',
            'recontrast_loss', 'alpha_schedule', 'resize_bilinear_align_corners',
            'gaussian_weights', 'gaussian_filter', 'anomaly_map', 'image_score', 'param_count',

@@ -322,20 +322,21 @@ def _load_cached(directory, mtime):
     return load_converted(directory)
 
 
-def init_variables(model, key, input_shape, init_from=''):
+def init_variables(model, key, input_shape, init_from='', skip=()):
     """{'params', 'batch_stats'} of `model` for inputs (H, W, C), the encoder taken from
     `init_from` (a converted DIR or a jaxad run; '' = random): every method's init."""
     import jax.numpy as jnp
     variables = model.init(key, jnp.zeros((2,) + tuple(input_shape), jnp.float32), train=False)
     variables = {'params': variables['params'], 'batch_stats': variables['batch_stats']}
-    return init_encoder_from(variables, init_from)
+    return init_encoder_from(variables, init_from, skip=skip)
 
 
-def init_encoder_from(variables, directory, scope='encoder'):
+def init_encoder_from(variables, directory, scope='encoder', skip=()):
     """`variables` with params/batch_stats[scope] replaced by a converted DIR ('' = as is).
 
     Structure and shapes must match exactly (the model must be the converted
-    architecture with stem='imagenet'); other subtrees (heads) are left alone.
+    architecture with stem='imagenet'); other subtrees (heads) are left alone. `skip`:
+    name prefixes of file entries the model does not build (ReContrast: 'layer4_').
     Safe inside a jitted or vmapped init: the weights enter through one
     `jax.pure_callback` instead of being embedded as (up to 230 MB of) constants in
     the compiled program. The file is read once per process (cached by path, mtime).
@@ -356,7 +357,8 @@ def init_encoder_from(variables, directory, scope='encoder'):
             raise ConversionError(f'model.init_from: the model has no {collection}/{scope} '
                                   'subtree to load the encoder into')
         have = traverse_util.flatten_dict(variables[collection][scope], sep='/')
-        new = traverse_util.flatten_dict(loaded[collection], sep='/')
+        new = {k: v for k, v in traverse_util.flatten_dict(loaded[collection], sep='/').items()
+               if not k.startswith(tuple(skip))}
         problems = [_listing(t, x) for t, x in (
             ('missing in the file', set(have) - set(new)),
             ('not in the model', set(new) - set(have)),

@@ -198,6 +198,8 @@ class ResNet(nn.Module):
 
     return_stages=True returns {'layer1'..'layer4': stage outputs (B, H, W, C),
     'pooled': the pooled features}, all float32 (multi-scale taps, e.g. ReContrast).
+    num_stages < 4 builds only the first stages (ReContrast's encoder stops after layer3,
+    as the code's `layer4 = None`); 'pooled' then pools the last one built.
     """
     depth: int = 18
     stem: str = 'cifar'  # 'cifar': 3x3 s1, no max-pool; 'imagenet': 7x7 s2 + max-pool
@@ -210,6 +212,7 @@ class ResNet(nn.Module):
     input_norm: str = 'csi'    # 'csi' | 'imagenet' (module docstring)
     return_stages: bool = False
     conv_impl: str = 'auto'    # jaxad.models.conv: matmul weight gradients on CPU
+    num_stages: int = 4
 
     @nn.compact
     def __call__(self, x, train):
@@ -240,8 +243,10 @@ class ResNet(nn.Module):
             x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
         else:
             raise ConfigError(f"unknown ResNet stem {self.stem!r}; choose 'cifar' or 'imagenet'")
+        if not 1 <= self.num_stages <= 4:
+            raise ConfigError(f'num_stages must be 1..4, got {self.num_stages}')
         stages = {}
-        for stage, num_blocks in enumerate(stage_sizes):
+        for stage, num_blocks in enumerate(stage_sizes[:self.num_stages]):
             for block in range(num_blocks):
                 strides = 2 if stage > 0 and block == 0 else 1
                 x = block_cls(self.width * 2 ** stage, strides, self.dtype, self.bn_momentum,
