@@ -17,30 +17,8 @@ layer3 and layer4; 256 images per step x 2 SimCLR views, NT-Xent tau 0.5 + VICRe
 term + memory pull; CSI's LARS (lr 0.1, x10 warm-up over 10 epochs, cosine). Scores: the
 inverse-std-normalised sum of the per-scale mean deviations (`anomem`), and the anomaly map.
 """
-import os
-
+from configs.csi_cifar import set_cifar_data
 from jaxad import config as jc
-from jaxad.errors import ConfigError
-
-DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
-                           'cifar10-jpg.tar.gz')
-TFDS = {'cifar10': 'label', 'cifar100': 'coarse_label', 'svhn_cropped': 'label'}
-
-
-def set_cifar_data(c, arg):
-    """config.data from the dataset / path / tfds_data_dir arguments (as configs/csi_cifar.py)."""
-    c.data.image_size = 32
-    if arg.dataset == 'cifar10_jpg':
-        c.data.source = 'folder'
-        c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
-    elif arg.dataset in TFDS:
-        c.data.source = 'tfds'  # cifar100: the 20 coarse superclasses
-        c.data.tfds_name = arg.dataset
-        c.data.tfds_data_dir = arg.tfds_data_dir
-        c.data.label_key = TFDS[arg.dataset]
-    else:
-        raise ConfigError(f'unknown dataset {arg.dataset!r}; choose cifar10_jpg, '
-                          + ', '.join(TFDS))
 
 
 def get_config(arg=None):

@@ -13,7 +13,7 @@ trained with BCE, normal vs those anomalies, jointly with the memory; its logit
 Arguments: those of configs/anomem_cifar.py, plus num_anomalies (default 10, > 0) and
 hinge (default 0.0: the weight of the anomalies' deviation hinge on the memory).
 """
-from configs.anomem_cifar import set_cifar_data
+from configs.csi_cifar import set_cifar_data
 from jaxad import config as jc
 from jaxad.errors import ConfigError
 

@@ -25,13 +25,9 @@ DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dat
 TFDS = {'cifar10': 'label', 'cifar100': 'coarse_label', 'svhn_cropped': 'label'}
 
 
-def get_config(arg=None):
-    arg = jc.parse_arg(arg, normal_class='0', dataset='cifar10_jpg', path='',
-                       tfds_data_dir='', epochs=1000, seed=0)
-    c = jc.csi_base()
-    c.seed = arg.seed
-    c.optim.epochs = arg.epochs
-    jc.set_normal_classes(c, arg.normal_class)
+def set_cifar_data(c, arg):
+    """config.data from the dataset / path / tfds_data_dir arguments (shared by the CIFAR
+    configs of the other methods)."""
     c.data.image_size = 32
     if arg.dataset == 'cifar10_jpg':
         c.data.source = 'folder'
@@ -45,4 +41,14 @@ def get_config(arg=None):
     else:
         raise ConfigError(f'unknown dataset {arg.dataset!r}; choose cifar10_jpg, '
                           + ', '.join(TFDS))
+
+
+def get_config(arg=None):
+    arg = jc.parse_arg(arg, normal_class='0', dataset='cifar10_jpg', path='',
+                       tfds_data_dir='', epochs=1000, seed=0)
+    c = jc.csi_base()
+    c.seed = arg.seed
+    c.optim.epochs = arg.epochs
+    jc.set_normal_classes(c, arg.normal_class)
+    set_cifar_data(c, arg)
     return c

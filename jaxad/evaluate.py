@@ -184,6 +184,8 @@ def format_table(results):
     for name, m in results.get('pixel', {}).items():
         lines.append(f"pixel ({name}): pixel_AUROC {m['pixel_AUROC']:.4f}  "
                      f"AUPRO@0.3 {m['AUPRO']:.4f}")
+        for cls, v in m.get('per_class_pixel_AUROC', {}).items():
+            lines.append(f'  pixel_AUROC normal + {cls:<20} {v:.4f}')
     lines.append(f"image_AUROC of the normal class vs each anomalous class "
                  f"({results['headline_score']} score):")
     for name, v in results['per_class_image_AUROC'].items():
@@ -226,7 +228,9 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
     score_dict, maps = split_maps(score_features(method, scoring, feats))
     results = results_for(method, score_dict, test_set, normal_classes, config.method)
     if maps and test_set.masks is not None:
-        results['pixel'] = {name: pixel_results(m, test_set.masks) for name, m in maps.items()}
+        results['pixel'] = {name: pixel_results(m, test_set.masks, test_set.labels,
+                                                test_set.class_names, normal_classes)
+                            for name, m in maps.items()}
         results.update(results['pixel'][next(iter(maps))])  # the first map is the headline
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     if jax.process_index() == 0:
@@ -266,12 +270,23 @@ def resize_maps(maps, size, block=64):
                            for i in range(0, len(maps), block)])
 
 
-def pixel_results(maps, masks):
+def pixel_results(maps, masks, labels=None, class_names=None, normal_classes=(0,)):
     """pixel_AUROC and AUPRO (MVTec protocol, FPR <= 0.3) of anomaly maps against the test
-    set's ground-truth masks; maps are resized to the masks' size first."""
+    set's ground-truth masks; maps are resized to the masks' size first. With labels:
+    also per_class_pixel_AUROC, each anomalous class (an MVTec defect type) with the normal
+    test images, so one defect type's localisation can be read on its own."""
     from jaxad import pixel_metrics
     masks = np.asarray(masks)
-    return pixel_metrics.pixel_metrics(resize_maps(maps, masks.shape[1:]), masks)
+    maps = resize_maps(maps, masks.shape[1:])
+    out = pixel_metrics.pixel_metrics(maps, masks)
+    if labels is not None:
+        labels = np.asarray(labels)
+        normal = np.isin(labels, normal_classes)
+        out['per_class_pixel_AUROC'] = {
+            class_names[int(c)]: pixel_metrics.pixel_auroc(maps[normal | (labels == c)],
+                                                           masks[normal | (labels == c)])
+            for c in np.unique(labels[~normal]) if masks[labels == c].any()}
+    return out
 
 
 def write_overlays(maps, image_scores, test_set, out_dir, count):

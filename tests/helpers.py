@@ -24,6 +24,17 @@ def make_npz(path, n_per_class=16, num_classes=3, size=8, seed=0):
     return path
 
 
+def set_fields(c, **overrides):
+    """`c` with dotted fields set: set_fields(c, **{'model.width': 8})."""
+    for key, value in overrides.items():
+        *parents, leaf = key.split('.')
+        target = c
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    return c
+
+
 def tiny_config(npz_path, **overrides):
     c = jc.csi_base()
     c.data.source = 'numpy'
@@ -42,13 +53,7 @@ def tiny_config(npz_path, **overrides):
     c.eval.num_samples = 2
     c.checkpoint.every_steps = 2
     c.checkpoint.use_async = False
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split('.')
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return set_fields(c, **overrides)
 
 
 # On CI (CI=true) optional reference data and torch are installed by .ci/run,

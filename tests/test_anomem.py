@@ -24,15 +24,9 @@ def npz(tmp_path_factory):
 
 
 def anomem_config(npz_path, **overrides):
-    c = tiny_config(npz_path, method='anomem', total_steps=2, **{
-        'anomem.num_prototypes': 8, 'eval.plots': False, 'checkpoint.every_steps': 100})
-    for key, value in overrides.items():
-        *parents, leaf = key.split('.')
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return tiny_config(npz_path, **{
+        'method': 'anomem', 'total_steps': 2, 'anomem.num_prototypes': 8, 'eval.plots': False,
+        'checkpoint.every_steps': 100, **overrides})
 
 
 # ----------------------------------------------------------------------------- NumPy refs

@@ -16,6 +16,7 @@ from jaxad import config as jc
 from jaxad import train
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods import get_method, oecl
+from tests.helpers import set_fields
 
 @functools.partial(jax.jit, static_argnames=('rotations', 'aug', 'flip_p', 'grey'))
 def views_fn(key, images, rotations, aug, flip_p=0.5, grey=False):
@@ -66,13 +67,7 @@ def tiny_config(method='oecl', **overrides):
     c.eval.plots = False
     c.checkpoint.every_steps = 100
     c.checkpoint.use_async = False
-    for key, value in overrides.items():
-        *parents, leaf = key.split('.')
-        target = c
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return set_fields(c, **overrides)
 
 
 # ----------------------------------------------------------------------------- loss

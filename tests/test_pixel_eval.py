@@ -5,6 +5,7 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxad import config as jc
 from jaxad import evaluate, pixel_metrics, sharding
@@ -51,6 +52,7 @@ def test_maps_are_scored_against_masks_and_drawn(tmp_path):
     half = x.reshape(12, 8, 2, 8, 2).mean((2, 4))
     full = evaluate.resize_maps(half, (16, 16))
     want = pixel_metrics.pixel_metrics(full, test_set.masks)
+    want['per_class_pixel_AUROC'] = {'defect': want['pixel_AUROC']}
     assert results['pixel']['map'] == want
     assert results['pixel_AUROC'] == want['pixel_AUROC'] > 0.95
     assert 'map' not in results['scores'] and results['image_AUROC'] == 1.0
@@ -68,3 +70,20 @@ def test_resize_maps_is_bilinear_and_blockwise():
     np.testing.assert_allclose(out, np.asarray(jax.image.resize(maps, (70, 8, 8), 'bilinear')),
                                atol=1e-6)
     np.testing.assert_array_equal(evaluate.resize_maps(maps, (4, 4)), maps)
+
+
+def test_per_class_pixel_auroc_pairs_each_defect_type_with_the_normal_images():
+    """sklearn on the pixels of the normal images plus one defect type's images."""
+    from sklearn.metrics import roc_auc_score
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 3])  # class 3 has no mask pixels: left out
+    masks = np.zeros((8, 6, 6), np.uint8)
+    masks[3:7, 1:4, 2:5] = 1
+    maps = rng.normal(size=(8, 6, 6)) + masks * np.array([0, 0, 0, 3, 3, 0.5, 0.5, 0])[:, None, None]
+    out = evaluate.pixel_results(maps, masks, labels, ['good', 'cut', 'stain', 'odd'], (0,))
+    for c, name in ((1, 'cut'), (2, 'stain')):
+        sel = (labels == 0) | (labels == c)
+        want = roc_auc_score(masks[sel].ravel(), maps[sel].ravel())
+        assert out['per_class_pixel_AUROC'][name] == pytest.approx(want, abs=1e-12)
+    assert set(out['per_class_pixel_AUROC']) == {'cut', 'stain'}
+    assert out['per_class_pixel_AUROC']['cut'] > out['per_class_pixel_AUROC']['stain']
