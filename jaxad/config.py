@@ -275,6 +275,7 @@ def csi_base():
     c.eval.knn_k = 1
     c.eval.plots = True  # roc.png + score_hist.png under workdir/plots (needs matplotlib)
     c.eval.num_overlays = 16  # pixel methods: overlay PNGs under workdir/plots/overlays
+    c.eval.save_maps = True  # pixel methods: every test map in workdir/anomaly_maps.npz
     # Density evaluators (jaxad.density) on the method's bank features, reported beside its
     # own scores: any of 'knn', 'gde', 'kde', 'mahalanobis', evaluated together in one pass.
     c.eval.density = ()

@@ -249,6 +249,8 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
                 write_overlays(maps, score_dict[method.headline_score], test_set,
                                os.path.join(workdir, 'plots', 'overlays'),
                                config.eval.get('num_overlays', 16))
+        if maps and config.eval.get('save_maps', True):
+            save_maps(os.path.join(workdir, 'anomaly_maps.npz'), maps, score_dict, test_set)
     return results
 
 
@@ -257,6 +259,17 @@ def split_maps(scores):
     image = {k: v for k, v in scores.items() if np.ndim(v) == 1}
     maps = {k: v for k, v in scores.items() if np.ndim(v) > 1}
     return image, maps
+
+
+def save_maps(path, maps, image_scores, test_set):
+    """Every test image's anomaly maps (as scored: the method's resolution, float32) with
+    its label, class name and image scores, row i = test image i, as one .npz."""
+    labels = np.asarray(test_set.labels)
+    np.savez_compressed(
+        path, labels=labels, class_names=np.asarray(test_set.class_names)[labels],
+        **{f'map_{k}': np.asarray(v, np.float32) for k, v in maps.items()},
+        **{f'score_{k}': np.asarray(v) for k, v in image_scores.items()})
+    logging.info('anomaly maps written to %s', path)
 
 
 def resize_maps(maps, size, block=64):

@@ -389,7 +389,8 @@ def predict(workdir, input_spec, output=None, config=None):
 def write_anomaly_maps(output, names, maps):
     """Hook for pixel methods: one PNG per image and map, min-max scaled per image.
 
-    Returns {map name: [png path per image]} (ReContrast: one `map` PNG per image).
+    Returns {map name: [png path per image]} (ReContrast: one `map` PNG per image). The
+    unscaled maps go to OUTPUT/anomaly_maps.npz (`write_predictions`).
     """
     paths = {}
     for key, values in maps.items():
@@ -437,6 +438,10 @@ def write_predictions(output, names, scores, skipped, model, threshold, inputs):
         for key, paths in write_anomaly_maps(output, names, maps).items():
             for record, path in zip(records, paths):
                 record[key] = path
+        # The raw maps too (the PNGs are min-max scaled per image): row i is names[i].
+        np.savez_compressed(os.path.join(output, 'anomaly_maps.npz'), names=np.asarray(names),
+                            **{k: np.asarray(v, np.float32) for k, v in maps.items()})
+        result['anomaly_maps_file'] = os.path.join(output, 'anomaly_maps.npz')
     with open(os.path.join(output, 'predictions.json'), 'w') as f:
         json.dump(result, f, indent=2)
     columns = ['path', 'pred_score', 'is_anomaly', 'threshold_rule'] + \

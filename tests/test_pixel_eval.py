@@ -57,6 +57,11 @@ def test_maps_are_scored_against_masks_and_drawn(tmp_path):
     assert results['pixel_AUROC'] == want['pixel_AUROC'] > 0.95
     assert 'map' not in results['scores'] and results['image_AUROC'] == 1.0
     assert results['image_F1max'] == 1.0
+    with np.load(tmp_path / 'anomaly_maps.npz') as f:  # the maps as scored, per test image
+        np.testing.assert_allclose(f['map_map'], half, rtol=1e-6)  # float32 on device
+        np.testing.assert_array_equal(f['labels'], test_set.labels)
+        np.testing.assert_allclose(f['score_max'], half.reshape(12, -1).max(1), rtol=1e-6)
+        assert list(f['class_names'][-2:]) == ['defect', 'defect']
     saved = json.load(open(tmp_path / 'results.json'))
     assert saved['AUPRO'] == want['AUPRO']
     overlays = sorted(os.listdir(tmp_path / 'plots' / 'overlays'))

@@ -243,3 +243,6 @@ def test_pixel_maps_are_written_as_pngs_next_to_the_scores(tmp_path):
         m = maps[i]
         np.testing.assert_array_equal(
             png, np.uint8(np.round(255 * (m - m.min()) / (m.max() - m.min()))))
+    with np.load(result['anomaly_maps_file']) as f:  # the unscaled maps, in input order
+        np.testing.assert_array_equal(f['anomaly_map'], maps)
+        assert list(f['names']) == names

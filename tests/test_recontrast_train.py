@@ -232,6 +232,8 @@ def test_end_to_end_on_the_synthetic_set_localises_defects(tmp_path):
     assert saved['AUPRO'] == results['AUPRO'] > 0.5
     assert 0 < saved['image_F1max'] <= 1
     assert len(os.listdir(tmp_path / 'run' / 'plots' / 'overlays')) == 2
+    with np.load(tmp_path / 'run' / 'anomaly_maps.npz') as f:
+        assert f['map_map'].shape == (20, 32, 32) and f['score_max'].shape == (20,)
     # Encoder BN in eval mode (model.bn_mode='frozen'): after 300 steps E's running
     # statistics are still the initial ones, which E' keeps too.
     setup = train.Setup(c, str(tmp_path / 'run'))

@@ -167,32 +167,8 @@ class StagedResNet(nn.Module):
     @nn.compact
     def __call__(self, x, train, stage):
         if stage == 0:
-            x = resnet.normalize_input(x, self.input_norm).astype(self.dtype)
-            k, s, p = (3, 1, 1) if self.stem == 'cifar' else (7, 2, 3)
-            if self.stem not in ('cifar', 'imagenet'):
-                raise ConfigError(f"unknown ResNet stem {self.stem!r}; choose 'cifar' or "
-                                  "'imagenet'")
-            x = nn.Conv(self.width, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-                        dtype=self.dtype, conv_general_dilated=resnet.conv_fn(self.conv_impl),
-                        name='conv1')(x)
-            x = nn.relu(resnet.batch_norm(train, self.bn_momentum, self.dtype, self.bn_mode,
-                                          self.bn_groups, 'bn1')(x))
-            if self.stem == 'imagenet':
-                x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-            return x
-        if self.depth in resnet.STAGE_SIZES:
-            sizes, block_cls, extra = resnet.STAGE_SIZES[self.depth], resnet.BasicBlock, {}
-        elif self.depth in resnet.BOTTLENECK_STAGE_SIZES:
-            sizes, block_cls = resnet.BOTTLENECK_STAGE_SIZES[self.depth], resnet.Bottleneck
-            extra = {'width_per_group': self.width_per_group}
-        else:
-            raise ConfigError(f'ResNet depth {self.depth} is not supported')
-        for block in range(sizes[stage - 1]):
-            strides = 2 if stage > 1 and block == 0 else 1
-            x = block_cls(self.width * 2 ** (stage - 1), strides, self.dtype, self.bn_momentum,
-                          self.bn_mode, self.bn_groups, conv_impl=self.conv_impl, **extra,
-                          name=f'layer{stage}_{block}')(x, train)
-        return x
+            return resnet.resnet_stem(self, x, train)
+        return resnet.resnet_stage(self, x, stage, train)
 
 
 class HopfieldMemory(nn.Module):

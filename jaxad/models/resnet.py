@@ -216,48 +216,60 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, train):
-        if self.depth in STAGE_SIZES:
-            if self.width_per_group != 64:
-                raise ConfigError(f'width_per_group={self.width_per_group} needs a Bottleneck '
-                                  f'ResNet (depth 50/101/152), not depth {self.depth}')
-            stage_sizes, block_cls, extra = STAGE_SIZES[self.depth], BasicBlock, {}
-        elif self.depth in BOTTLENECK_STAGE_SIZES:
-            stage_sizes, block_cls = BOTTLENECK_STAGE_SIZES[self.depth], Bottleneck
-            extra = {'width_per_group': self.width_per_group}
-        else:
-            raise ConfigError(f'ResNet depth {self.depth} is not supported; choose from '
-                              f'{sorted(STAGE_SIZES) + sorted(BOTTLENECK_STAGE_SIZES)}')
-        x = normalize_input(x, self.input_norm).astype(self.dtype)
-        norm = lambda name: batch_norm(train, self.bn_momentum, self.dtype,  # noqa: E731
-                                       self.bn_mode, self.bn_groups, name)
-        if self.stem == 'cifar':
-            x = nn.Conv(self.width, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                        dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl),
-                        name='conv1')(x)
-            x = nn.relu(norm('bn1')(x))
-        elif self.stem == 'imagenet':
-            x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)), use_bias=False,
-                        dtype=self.dtype, conv_general_dilated=conv_fn(self.conv_impl),
-                        name='conv1')(x)
-            x = nn.relu(norm('bn1')(x))
-            x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-        else:
-            raise ConfigError(f"unknown ResNet stem {self.stem!r}; choose 'cifar' or 'imagenet'")
         if not 1 <= self.num_stages <= 4:
             raise ConfigError(f'num_stages must be 1..4, got {self.num_stages}')
+        x = resnet_stem(self, x, train)
         stages = {}
-        for stage, num_blocks in enumerate(stage_sizes[:self.num_stages]):
-            for block in range(num_blocks):
-                strides = 2 if stage > 0 and block == 0 else 1
-                x = block_cls(self.width * 2 ** stage, strides, self.dtype, self.bn_momentum,
-                              self.bn_mode, self.bn_groups, conv_impl=self.conv_impl, **extra,
-                              name=f'layer{stage + 1}_{block}')(x, train)
+        for stage in range(1, self.num_stages + 1):
+            x = resnet_stage(self, x, stage, train)
             if self.return_stages:
-                stages[f'layer{stage + 1}'] = x.astype(jnp.float32)
+                stages[f'layer{stage}'] = x.astype(jnp.float32)
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if self.return_stages:
             return dict(stages, pooled=pooled)
         return pooled
+
+
+def block_spec(depth, width_per_group):
+    """(stage block counts, block class, extra block kwargs) of a ResNet depth."""
+    if depth in STAGE_SIZES:
+        if width_per_group != 64:
+            raise ConfigError(f'width_per_group={width_per_group} needs a Bottleneck '
+                              f'ResNet (depth 50/101/152), not depth {depth}')
+        return STAGE_SIZES[depth], BasicBlock, {}
+    if depth in BOTTLENECK_STAGE_SIZES:
+        return BOTTLENECK_STAGE_SIZES[depth], Bottleneck, {'width_per_group': width_per_group}
+    raise ConfigError(f'ResNet depth {depth} is not supported; choose from '
+                      f'{sorted(STAGE_SIZES) + sorted(BOTTLENECK_STAGE_SIZES)}')
+
+
+def resnet_stem(mod, x, train):
+    """Input normalisation and the stem (conv1, bn1, ReLU[, max-pool]) inside `mod`'s compact
+    call; `mod` has ResNet's fields. Shared by ResNet and encoders run stage by stage."""
+    block_spec(mod.depth, mod.width_per_group)  # an unsupported depth fails before any layer
+    x = normalize_input(x, mod.input_norm).astype(mod.dtype)
+    if mod.stem not in ('cifar', 'imagenet'):
+        raise ConfigError(f"unknown ResNet stem {mod.stem!r}; choose 'cifar' or 'imagenet'")
+    k, s, p = (3, 1, 1) if mod.stem == 'cifar' else (7, 2, 3)
+    x = nn.Conv(mod.width, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
+                dtype=mod.dtype, conv_general_dilated=conv_fn(mod.conv_impl), name='conv1')(x)
+    x = nn.relu(batch_norm(train, mod.bn_momentum, mod.dtype, mod.bn_mode, mod.bn_groups,
+                           'bn1')(x))
+    if mod.stem == 'imagenet':
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    return x
+
+
+def resnet_stage(mod, x, stage, train):
+    """The blocks of layer `stage` (1..4), named layer{stage}_{b}, inside `mod`'s compact
+    call; the first block of stages 2..4 has stride 2."""
+    stage_sizes, block_cls, extra = block_spec(mod.depth, mod.width_per_group)
+    for block in range(stage_sizes[stage - 1]):
+        strides = 2 if stage > 1 and block == 0 else 1
+        x = block_cls(mod.width * 2 ** (stage - 1), strides, mod.dtype, mod.bn_momentum,
+                      mod.bn_mode, mod.bn_groups, conv_impl=mod.conv_impl, **extra,
+                      name=f'layer{stage}_{block}')(x, train)
+    return x
 
 
 class CSINet(nn.Module):
