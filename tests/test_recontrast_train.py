@@ -203,6 +203,11 @@ def test_config_errors(synth_root):
                               ('recontrast.map_reduce', 'median', 'map_reduce')):
         with pytest.raises(ConfigError, match=match):
             get_method(tiny_config(synth_root, **{key: value}))
+    m = get_method(tiny_config(synth_root, **{'total_steps': 0, 'optim.epochs': 3}))
+    m.configure(5)
+    assert m.total_steps == 15  # alpha's schedule length from epochs when total_steps = 0
+    m.configure(2)
+    assert m.total_steps == 6
     from configs import recontrast_mvtec
     with pytest.raises(ConfigError, match='needs path='):
         recontrast_mvtec.get_config('category=bottle')

@@ -588,12 +588,14 @@ class ReContrast:
             encoder_bn_train=model.bn_mode == 'batch', bn_groups=model.bn_groups,
             conv_impl=model.get('conv_impl', 'auto'))
         self.cfg, self.init_from = cfg, model.get('init_from', '')
-        self.total_steps, self.epochs = config.total_steps, config.optim.epochs
+        self.config_total_steps, self.epochs = config.total_steps, config.optim.epochs
+        self.total_steps = config.total_steps
         self.headline_score = 'max' if cfg.max_ratio == 0 else 'top_mean'
 
     def configure(self, steps_per_epoch):
-        if self.total_steps <= 0:
-            self.total_steps = self.epochs * steps_per_epoch
+        # Recomputed on every call: table groups may differ in steps per epoch.
+        self.total_steps = (self.config_total_steps if self.config_total_steps > 0
+                            else self.epochs * steps_per_epoch)
 
     @staticmethod
     def paper_one_class(class_names):
