@@ -207,6 +207,20 @@ def results_for(method, score_dict, test_set, normal_classes, method_name):
     return results
 
 
+def results_with_maps(method, scores, test_set, normal_classes, method_name):
+    """(results, image scores, maps) of one detector's scores: image metrics from the (N,)
+    scores and, when the test set has masks, pixel metrics from the (N, h, w) maps (the
+    first map is the headline one)."""
+    score_dict, maps = split_maps(scores)
+    results = results_for(method, score_dict, test_set, normal_classes, method_name)
+    if maps and test_set.masks is not None:
+        results['pixel'] = {name: pixel_results(m, test_set.masks, test_set.labels,
+                                                test_set.class_names, normal_classes)
+                            for name, m in maps.items()}
+        results.update(results['pixel'][next(iter(maps))])
+    return results, score_dict, maps
+
+
 def eval_test_key(seed):
     """The test-time augmentation key: fixed per seed, shared by single and stacked runs."""
     return jax.random.fold_in(jax.random.key(seed), 1)
@@ -225,13 +239,9 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
     feats = extract_features(method, variables, test_set, all_idx,
                              batch_size=config.eval.batch_size, mesh=mesh,
                              key=eval_test_key(config.seed), label='eval test')
-    score_dict, maps = split_maps(score_features(method, scoring, feats))
-    results = results_for(method, score_dict, test_set, normal_classes, config.method)
-    if maps and test_set.masks is not None:
-        results['pixel'] = {name: pixel_results(m, test_set.masks, test_set.labels,
-                                                test_set.class_names, normal_classes)
-                            for name, m in maps.items()}
-        results.update(results['pixel'][next(iter(maps))])  # the first map is the headline
+    results, score_dict, maps = results_with_maps(
+        method, score_features(method, scoring, feats), test_set, normal_classes,
+        config.method)
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'results.json'), 'w') as f:

@@ -284,9 +284,9 @@ def _evaluate_group(setup, group, state, scorings, step):
     results = []
     for i, m in enumerate(group.members):
         member_feats = jax.tree_util.tree_map(lambda x, i=i: x[i], feats)
-        score_dict = eval_lib.score_features(setup.method, scorings[f'm{i}'], member_feats)
-        r = eval_lib.results_for(setup.method, score_dict, setup.test_set, m.normal_classes,
-                                 config.method)
+        r, _, _ = eval_lib.results_with_maps(
+            setup.method, eval_lib.score_features(setup.method, scorings[f'm{i}'], member_feats),
+            setup.test_set, m.normal_classes, config.method)
         r.update(name=m.name, step=int(step), group=group.name)
         results.append(r)
     seconds = round(time.time() - t0, 2)

@@ -260,6 +260,19 @@ def test_one_class_end_to_end(npz, tmp_path):
     assert all(np.isfinite(m['loss']) and 'loss_var' in m and 'loss_pull' in m for m in lines)
 
 
+def test_one_class_table_with_anomaly_maps(npz, tmp_path):
+    """normal_class=0,1 (the one-class table): the (N, H, W) `anomem_map` stays out of the
+    image metrics, which every member gets for its image scores."""
+    config = anomem_config(npz)
+    jc.set_normal_classes(config, '0,1')
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert [r['name'] for r in results['classes']] == ['0', '1']
+    for r in results['classes']:
+        assert set(r['scores']) == {'anomem', 'dev_layer2', 'dev_layer3', 'dev_layer4'}
+        assert np.isfinite(r['image_AUROC']) and 'pixel' not in r
+    assert np.isfinite(results['mean']['image_AUROC'])
+
+
 def test_few_anomaly_end_to_end(npz, tmp_path):
     config = anomem_config(npz, **{'anomem.few_anomalies': True, 'anomem.hinge_weight': 1.0,
                                    'oe.source': 'other_classes', 'oe.max_images': 3})
