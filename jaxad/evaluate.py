@@ -362,14 +362,21 @@ def needs_bank_pass(method):
     return getattr(method, 'needs_bank', True) or bool(getattr(method, 'density_names', ()))
 
 
+def bankless_scoring(method, variables, image_shape, num_bank, key):
+    """The scoring state of a method whose scores use no bank features (`needs_bank_pass`
+    False): fit_scoring on zero features made inside the program, so no bank-sized array
+    (ReContrast: one map per training image) is ever built on the host."""
+    shapes = feature_shapes(method, variables, image_shape, num_bank, key)
+    zeros = lambda: jax.tree_util.tree_map(  # noqa: E731
+        lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.tree_util.tree_map(np.asarray, jax.jit(lambda: method.fit_scoring(zeros()))())
+
+
 def fit_scoring(method, variables, train_set, normal_indices, *, config, mesh):
     """The scoring state (feature bank, weights) from the normal training images."""
     if not needs_bank_pass(method):
-        image_shape = np.shape(train_set.images[0])
-        shapes = feature_shapes(method, variables, image_shape, len(normal_indices),
-                                eval_bank_key(config.seed))
-        return scoring_from_features(
-            method, jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+        return bankless_scoring(method, variables, np.shape(train_set.images[0]),
+                                len(normal_indices), eval_bank_key(config.seed))
     feats = extract_features(method, variables, train_set, normal_indices,
                              batch_size=config.eval.batch_size, mesh=mesh,
                              key=eval_bank_key(config.seed), label='eval train bank')

@@ -233,10 +233,10 @@ def _fit_group_scoring(setup, group, state):
     """Scoring states of all members, from one stacked pass over their train banks."""
     if not eval_lib.needs_bank_pass(setup.method):
         one = jax.tree_util.tree_map(lambda x: x[0], _variables(state))
-        return {f'm{i}': eval_lib.scoring_from_features(setup.method, jax.tree_util.tree_map(
-            lambda s: np.zeros(s.shape, s.dtype), eval_lib.feature_shapes(
-                setup.method, one, setup.image_shape, len(m.indices), jax.random.key(setup.config.seed))))
-            for i, m in enumerate(group.members)}
+        return {f'm{i}': eval_lib.bankless_scoring(setup.method, one, setup.image_shape,
+                                                   len(m.indices),
+                                                   jax.random.key(setup.config.seed))
+                for i, m in enumerate(group.members)}
     feats = eval_lib.extract_stacked_features(
         setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
         batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,

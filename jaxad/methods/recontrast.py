@@ -35,7 +35,8 @@ The frozen encoder E' is the submodule 'frozen_encoder', a copy of the encoder's
 variables (`with_frozen_copy`) that the optimiser never updates (`ReContrast.frozen_params`)
 and that always runs in eval mode; its taps can also be passed in (`frozen_taps`).
 
-Initialisation follows the code: convs kaiming-normal(fan_out, relu); ConvTranspose2d
+The residual blocks (and Deconv2x2) are jaxad.models.resnet's; up=True gives de_resnet's
+up-sampling blocks. Initialisation follows the code: convs kaiming-normal(fan_out, relu); ConvTranspose2d
 keeps torch's default (kaiming-uniform a=sqrt(5) on the transposed weight, i.e.
 U(+-1/sqrt(4*out))); the 1x1 heads' biases torch's default U(+-1/sqrt(fan_in)); BN 1/0.
 
@@ -52,15 +53,11 @@ import numpy as np
 
 from jaxad.data import augment
 from jaxad.errors import ConfigError
-from jaxad.models.conv import conv_fn
-from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, ResNet,
-                                 batch_norm)
+from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, BasicBlock,
+                                 Bottleneck, Deconv2x2, ResNet, block_layers, block_spec)
 
 # torch's kaiming_normal_(mode='fan_out', nonlinearity='relu') (untruncated)
 KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
-# torch's default ConvTranspose2d init: bound 1/sqrt(weight.size(1) * k * k) = 1/sqrt(4*out),
-# which is the fan_out of the (2, 2, in, out) kernel here
-TORCH_DECONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
 
 ALPHA_START, ALPHA_END = -3.0, 1.0
 
@@ -86,125 +83,20 @@ def arch_spec(depth):
 
 # ----------------------------------------------------------------------------- modules
 
-class Deconv2x2(nn.Module):
-    """torch ConvTranspose2d(in, out, kernel_size=2, stride=2, bias=False) on NHWC.
-
-    Kernel (2, 2, in, out) with kernel[a, b] = torch_weight[:, :, a, b]: input pixel (i, j)
-    writes x[i, j] @ kernel[a, b] to output pixel (2i + a, 2j + b) (no overlap for k = s).
-    """
-    features: int
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param('kernel', TORCH_DECONV_INIT,
-                            (2, 2, x.shape[-1], self.features), jnp.float32)
-        n, h, w, _ = x.shape
-        y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype))
-        return y.reshape(n, 2 * h, 2 * w, self.features)
-
-
-def _layers(mod, train):
-    """conv(features, kernel, stride, pad, name), norm(name), deconv(features, name) for a
-    module with dtype / conv_impl / bn_momentum / bn_mode / bn_groups fields."""
-    def conv(f, k, s, p, name):
-        return nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-                       dtype=mod.dtype, kernel_init=KAIMING_FAN_OUT,
-                       conv_general_dilated=conv_fn(mod.conv_impl), name=name)
-
-    def norm(name):
-        return batch_norm(train, mod.bn_momentum, mod.dtype, mod.bn_mode, mod.bn_groups, name)
-
-    def deconv(f, name):
-        return Deconv2x2(f, mod.dtype, name=name)
-    return conv, norm, deconv
-
-
-class BasicBlock(nn.Module):
-    """ResNet BasicBlock; up=True is de_resnet's: a stride-2 block's conv1 is deconv2x2 and
-    its identity path deconv2x2+BN (the 'upsample'). Shortcut params: shortcut_conv/_bn."""
-    features: int
-    strides: int = 1
-    up: bool = False
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_mode: str = 'batch'
-    bn_groups: int = 1
-    width_per_group: int = 64  # unused (BasicBlock needs 64), kept for a common signature
-    conv_impl: str = 'auto'
-
-    @nn.compact
-    def __call__(self, x, train):
-        conv, norm, deconv = _layers(self, train)
-        f = self.features
-        if self.up and self.strides == 2:
-            y = deconv(f, 'conv1')(x)
-        else:
-            y = conv(f, 3, self.strides, 1, 'conv1')(x)
-        y = nn.relu(norm('bn1')(y))
-        y = norm('bn2')(conv(f, 3, 1, 1, 'conv2')(y))
-        x = _shortcut(self, conv, norm, deconv, x, f)
-        return nn.relu(x + y)
-
-
-class Bottleneck(nn.Module):
-    """torchvision v1.5 Bottleneck (stride on the 3x3); up=True is de_resnet's Bottleneck
-    whose stride-2 3x3 conv2 is deconv2x2 and whose identity path is deconv2x2+BN."""
-    features: int
-    strides: int = 1
-    up: bool = False
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_mode: str = 'batch'
-    bn_groups: int = 1
-    width_per_group: int = 64
-    conv_impl: str = 'auto'
-
-    @nn.compact
-    def __call__(self, x, train):
-        conv, norm, deconv = _layers(self, train)
-        inner = int(self.features * (self.width_per_group / 64.0))
-        out = self.features * 4
-        y = nn.relu(norm('bn1')(conv(inner, 1, 1, 0, 'conv1')(x)))
-        if self.up and self.strides == 2:
-            y = deconv(inner, 'conv2')(y)
-        else:
-            y = conv(inner, 3, self.strides, 1, 'conv2')(y)
-        y = nn.relu(norm('bn2')(y))
-        y = norm('bn3')(conv(out, 1, 1, 0, 'conv3')(y))
-        x = _shortcut(self, conv, norm, deconv, x, out)
-        return nn.relu(x + y)
-
-
-def _shortcut(block, conv, norm, deconv, x, out):
-    if block.strides == 1 and x.shape[-1] == out:
-        return x
-    if block.up:
-        if block.strides != 2:
-            # the code would use deconv2x2 with stride 1 (output H+1); never built there
-            raise ConfigError('an up-sampling block with a channel change needs stride 2')
-        return norm('shortcut_bn')(deconv(out, 'shortcut_conv')(x))
-    return norm('shortcut_bn')(conv(out, 1, block.strides, 0, 'shortcut_conv')(x))
-
-
 def _stage(mod, x, planes, num_blocks, up, train, prefix):
-    """One ResNet stage of `mod`'s block type (Bottleneck for depth >= 50), stride 2 (or
-    up-sampling when `up`) in its first block; blocks named prefix + index."""
-    block_cls = Bottleneck if arch_spec(mod.depth)[1] == 4 else BasicBlock
+    """One ResNet stage of `mod`'s block type (jaxad.models.resnet's blocks, torch's
+    kaiming-normal fan_out init), stride 2 (up-sampling when `up`) in its first block;
+    blocks named prefix + index."""
+    _, block_cls, extra = block_spec(mod.depth, mod.width_per_group)
     for b in range(num_blocks):
-        x = block_cls(planes, 2 if b == 0 else 1, up, mod.dtype, mod.bn_momentum, mod.bn_mode,
-                      mod.bn_groups, mod.width_per_group, mod.conv_impl,
-                      name=f'{prefix}{b}')(x, train)
+        x = block_cls(planes, 2 if b == 0 else 1, mod.dtype, mod.bn_momentum, mod.bn_mode,
+                      mod.bn_groups, conv_impl=mod.conv_impl, up=up,
+                      kernel_init=KAIMING_FAN_OUT, name=f'{prefix}{b}', **extra)(x, train)
     return x
 
 
-class OCBE(nn.Module):
-    """RD4AD's `BN_layer` (one-class bottleneck embedding), scaled by the encoder width.
-
-    taps: (f1, f2, f3) = encoder layer1..layer3 outputs. Returns (N, H3/2, W3/2, 8*w*e) f32.
-    Param names: conv1/bn1, conv2/bn2 (the f1 path), conv3/bn3 (the f2 path),
-    bn_layer_{b} (the code's `bn_layer.{b}`).
-    """
+class _ResNetPart(nn.Module):
+    """The fields OCBE and the decoder share with the encoder; torch's conv init."""
     depth: int = 50
     width: int = 64
     width_per_group: int = 64
@@ -213,6 +105,19 @@ class OCBE(nn.Module):
     bn_mode: str = 'batch'
     bn_groups: int = 1
     conv_impl: str = 'auto'
+
+    @property
+    def kernel_init(self):
+        return KAIMING_FAN_OUT
+
+
+class OCBE(_ResNetPart):
+    """RD4AD's `BN_layer` (one-class bottleneck embedding), scaled by the encoder width.
+
+    taps: (f1, f2, f3) = encoder layer1..layer3 outputs. Returns (N, H3/2, W3/2, 8*w*e) f32.
+    Param names: conv1/bn1, conv2/bn2 (the f1 path), conv3/bn3 (the f2 path),
+    bn_layer_{b} (the code's `bn_layer.{b}`).
+    """
 
     @nn.compact
     def __call__(self, taps, train):
@@ -223,7 +128,7 @@ class OCBE(nn.Module):
         if (f1.shape[-1], f2.shape[-1], f3.shape[-1]) != want:
             raise ConfigError(f'OCBE(depth={self.depth}, width={w}) expects tap channels {want}, '
                               f'got {(f1.shape[-1], f2.shape[-1], f3.shape[-1])}')
-        conv, norm, _ = _layers(self, train)
+        conv, norm, _ = block_layers(self, train)
         l1 = nn.relu(norm('bn1')(conv(2 * w * e, 3, 2, 1, 'conv1')(f1.astype(self.dtype))))
         l1 = nn.relu(norm('bn2')(conv(4 * w * e, 3, 2, 1, 'conv2')(l1)))
         l2 = nn.relu(norm('bn3')(conv(4 * w * e, 3, 2, 1, 'conv3')(f2.astype(self.dtype))))
@@ -232,7 +137,7 @@ class OCBE(nn.Module):
         return x.astype(jnp.float32)
 
 
-class Decoder(nn.Module):
+class Decoder(_ResNetPart):
     """de_resnet's ResNet (`de_wide_resnet50_2(output_conv=2)` etc.), scaled by width.
 
     Returns a list over heads of [level1, level2, level3] float32 maps, level l at the
@@ -240,15 +145,7 @@ class Decoder(nn.Module):
     out2[i](f2), out3[i](f3) for i in heads]). output_conv=0: one 'head', the trunk.
     Param names: layer{s}_{b} (s = 1..3 from the bottleneck side), out{l}_{i}.
     """
-    depth: int = 50
-    width: int = 64
-    width_per_group: int = 64
     output_conv: int = 2
-    dtype: Any = jnp.float32
-    bn_momentum: float = 0.9
-    bn_mode: str = 'batch'
-    bn_groups: int = 1
-    conv_impl: str = 'auto'
 
     @nn.compact
     def __call__(self, z, train):

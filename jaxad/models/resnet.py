@@ -37,6 +37,7 @@ runs: 4 GPUs x 32 images); 'frozen' keeps the running statistics during training
 from typing import Any
 
 import flax.linen as nn
+from flax.linen.linear import default_kernel_init
 import jax
 import jax.numpy as jnp
 
@@ -116,22 +117,70 @@ def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name):
                         epsilon=1e-5, dtype=dtype, name=name)
 
 
-def _block_layers(block, train):
-    """(conv(features, kernel, stride, pad, name), norm(name)) makers for a residual block:
-    bias-free convs with torch's symmetric padding, and the configured BatchNorm."""
+# torch's default ConvTranspose2d init: bound 1/sqrt(weight.size(1) * k * k) = 1/sqrt(4*out),
+# which is the fan_out of the (2, 2, in, out) kernel
+TORCH_DECONV_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_out', 'uniform')
+
+
+class Deconv2x2(nn.Module):
+    """torch ConvTranspose2d(in, out, kernel_size=2, stride=2, bias=False) on NHWC.
+
+    Kernel (2, 2, in, out) with kernel[a, b] = torch_weight[:, :, a, b]: input pixel (i, j)
+    writes x[i, j] @ kernel[a, b] to output pixel (2i + a, 2j + b) (no overlap for k = s).
+    """
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param('kernel', TORCH_DECONV_INIT,
+                            (2, 2, x.shape[-1], self.features), jnp.float32)
+        n, h, w, _ = x.shape
+        y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype))
+        return y.reshape(n, 2 * h, 2 * w, self.features)
+
+
+def block_layers(block, train):
+    """(conv(features, kernel, stride, pad, name), norm(name), deconv(features, name))
+    makers for a residual block: bias-free convs with torch's symmetric padding and the
+    block's kernel_init, the configured BatchNorm, and the 2x2 up-sampling deconv."""
     def conv(f, k, s, p, name):
         return nn.Conv(f, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-                       dtype=block.dtype, conv_general_dilated=conv_fn(block.conv_impl),
-                       name=name)
+                       dtype=block.dtype, kernel_init=block.kernel_init,
+                       conv_general_dilated=conv_fn(block.conv_impl), name=name)
 
     def norm(name):
         return batch_norm(train, block.bn_momentum, block.dtype, block.bn_mode,
                           block.bn_groups, name)
-    return conv, norm
+
+    def deconv(f, name):
+        return Deconv2x2(f, block.dtype, name=name)
+    return conv, norm, deconv
+
+
+def _strided(block, conv, deconv, features, name):
+    """The block's strided 3x3 conv, or with up=True and stride 2 the deconv2x2 of RD4AD's
+    mirrored decoder (de_resnet)."""
+    if block.up and block.strides == 2:
+        return deconv(features, name)
+    return conv(features, 3, block.strides, 1, name)
+
+
+def _shortcut(block, conv, norm, deconv, x, out):
+    """Identity, or 1x1-conv+BN when the shape changes (deconv2x2+BN for up=True)."""
+    if block.strides == 1 and x.shape[-1] == out:
+        return x
+    if block.up:
+        if block.strides != 2:
+            # de_resnet would use deconv2x2 with stride 1 (output H+1); never built there
+            raise ConfigError('an up-sampling block with a channel change needs stride 2')
+        return norm('shortcut_bn')(deconv(out, 'shortcut_conv')(x))
+    return norm('shortcut_bn')(conv(out, 1, block.strides, 0, 'shortcut_conv')(x))
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs with a 1x1-conv+BN shortcut when the shape changes."""
+    """Two 3x3 convs with a 1x1-conv+BN shortcut when the shape changes. up=True is
+    de_resnet's block: a stride-2 block's conv1 and shortcut conv are deconv2x2."""
     features: int
     strides: int
     dtype: Any
@@ -139,22 +188,23 @@ class BasicBlock(nn.Module):
     bn_mode: str = 'batch'
     bn_groups: int = 1
     conv_impl: str = 'auto'
+    up: bool = False
+    kernel_init: Any = default_kernel_init  # flax's Conv default
 
     @nn.compact
     def __call__(self, x, train):
-        conv, norm = _block_layers(self, train)
-        y = nn.relu(norm('bn1')(conv(self.features, 3, self.strides, 1, 'conv1')(x)))
+        conv, norm, deconv = block_layers(self, train)
+        y = nn.relu(norm('bn1')(_strided(self, conv, deconv, self.features, 'conv1')(x)))
         y = norm('bn2')(conv(self.features, 3, 1, 1, 'conv2')(y))
-        if self.strides != 1 or x.shape[-1] != self.features:
-            x = norm('shortcut_bn')(conv(self.features, 1, self.strides, 0, 'shortcut_conv')(x))
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(self, conv, norm, deconv, x, self.features) + y)
 
 
 class Bottleneck(nn.Module):
     """torchvision's v1.5 Bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4), 1x1-conv+BN shortcut.
 
     `features` is torchvision's `planes`; the block outputs 4 * features channels and
-    its inner width is int(features * width_per_group / 64) (128: wide ResNets).
+    its inner width is int(features * width_per_group / 64) (128: wide ResNets). up=True is
+    de_resnet's block: a stride-2 block's 3x3 conv2 and shortcut conv are deconv2x2.
     """
     features: int
     strides: int
@@ -164,18 +214,18 @@ class Bottleneck(nn.Module):
     bn_groups: int = 1
     width_per_group: int = 64
     conv_impl: str = 'auto'
+    up: bool = False
+    kernel_init: Any = default_kernel_init  # flax's Conv default
 
     @nn.compact
     def __call__(self, x, train):
-        conv, norm = _block_layers(self, train)
+        conv, norm, deconv = block_layers(self, train)
         inner = int(self.features * (self.width_per_group / 64.0))
         out = self.features * 4
         y = nn.relu(norm('bn1')(conv(inner, 1, 1, 0, 'conv1')(x)))
-        y = nn.relu(norm('bn2')(conv(inner, 3, self.strides, 1, 'conv2')(y)))
+        y = nn.relu(norm('bn2')(_strided(self, conv, deconv, inner, 'conv2')(y)))
         y = norm('bn3')(conv(out, 1, 1, 0, 'conv3')(y))
-        if self.strides != 1 or x.shape[-1] != out:
-            x = norm('shortcut_bn')(conv(out, 1, self.strides, 0, 'shortcut_conv')(x))
-        return nn.relu(x + y)
+        return nn.relu(_shortcut(self, conv, norm, deconv, x, out) + y)
 
 
 def normalize_input(x, input_norm):
