@@ -22,12 +22,13 @@ setup(
         'pillow>=10.0,<14',
         'scikit-learn>=1.3,<2',
         'flatbuffers>=24,<26',  # jax.export serialisation (jaxad.export)
+        'tensorboardX>=2.6,<3',  # config.tensorboard event files (jaxad.writers); no TF
     ],
     extras_require={
         'tfds': ['tensorflow-datasets>=4.9,<5'],
         'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',
                  'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8',
-                 'tensorboard>=2.12,<3'],
+                 'tensorboard>=2.12,<3'],  # tensorboard: reads event files back (test_writers)
         'plots': ['matplotlib>=3.7,<4'],
     },
 )

@@ -1,10 +1,10 @@
 """MSC fine-tuning of the encoder of a finished jaxad run (e.g. a CSI run): no ImageNet needed.
 
 python -m jaxad.main --config=configs/csi_fmnist.py:normal_class=0 --workdir=/tmp/csi_fm0
-python -m jaxad.main --config=configs/msc_from_run.py:run=/tmp/csi_fm0,data=fashion_mnist \
-    --workdir=/tmp/msc_fm0
+python -m jaxad.main --config=configs/msc_from_run.py:run=/tmp/csi_fm0 --workdir=/tmp/msc_fm0
 
-The run's config gives the data set, normal class and encoder architecture; its latest
+There is no data= argument: the run's config gives the data set, normal class and encoder
+architecture (a one-class table run is refused: point run= at a single-class run); its latest
 checkpoint gives the encoder weights and BatchNorm statistics (`model.init_from=run`).
 The centre is computed from that encoder before the first step; BN stays frozen.
 Arguments: run (workdir), epochs, lr, angular, blur (probability), seed.

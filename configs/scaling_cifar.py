@@ -13,12 +13,15 @@ steps) and more frequent logging so even short runs give several
 throughput points. `get_sweep`: global batch 256..4096 x lr rule
 (linear, sqrt) x 3 seeds = 30 runs; `--axis` on launch/sweep.py replaces it.
 """
+import importlib.util
 import os
 
-from jaxad import sweep
-
-_csi_cifar = sweep.load_module(os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                            'csi_cifar.py'))
+# configs/csi_cifar.py, loaded by path so this file loads from any working directory.
+_spec = importlib.util.spec_from_file_location(
+    '_jaxad_cfg_csi_cifar', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         'csi_cifar.py'))
+_csi_cifar = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_csi_cifar)
 
 BATCH_SIZES = [256, 512, 1024, 2048, 4096]
 LR_RULES = ['linear', 'sqrt']

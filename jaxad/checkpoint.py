@@ -4,61 +4,383 @@ A checkpoint step holds the item 'state' (train state) and, for the final
 step, 'scoring' (what the evaluator needs: feature bank and normalising
 weights). Orbax writes each step to a temporary directory and renames it
 when complete, so an interrupted save never becomes the latest step.
+
+Damage and failures are never silent:
+
+* A step that cannot be read (truncated or missing array files, missing or
+  corrupt `_METADATA`, a missing item directory) raises `CheckpointDamaged`.
+  `restore_newest` then moves it out of Orbax's view, to
+  `<checkpoints>_damaged/<step>` (kept for the user), and resumes from the newest
+  readable step; when no step is readable it raises one TrainingError and moves
+  nothing.
+* Damage is told from a config change by the item's own metadata: when it reads
+  and its tree or shapes differ from what this config builds, the error says
+  so and the (good) checkpoint stays where it is.
+* The directory is checked for writability when it is opened; a save that fails
+  (at once or later in Orbax's async thread: at the next save, `wait` or `close`)
+  raises a TrainingError naming the directory and the step, and the previous
+  step stays the latest.
 """
+import gc
+import json
+import logging as py_logging
 import os
+import socket
+import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
+from jaxad import distributed
 from jaxad.errors import TrainingError
+
+_ITEMS = ('state', 'scoring')
+
+
+class CheckpointDamaged(TrainingError):
+    """A step (or one of its items) that exists but cannot be read."""
+
+    def __init__(self, directory, step, item, reason):
+        self.directory, self.step, self.item, self.reason = directory, step, item, reason
+        super().__init__(f'checkpoint {directory} step {step} is damaged ({item}: {reason})')
+
+
+def error_reason(error, limit=300):
+    """One line from an Orbax/TensorStore exception: its innermost cause, without the
+    multi-kilobyte TensorStore spec."""
+    e = error
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e)
+    for cut in (' [tensorstore_spec', ' See full TensorStore details'):
+        if cut in text:
+            text = text[:text.index(cut)]
+    text = ' '.join(text.split()) or repr(e)
+    if len(text) > limit:
+        text = text[:limit] + '...'
+    return f'{type(e).__name__}: {text}'
+
+
+class _AbandonedReadsFilter:
+    """Drops asyncio's 'Task exception was never retrieved' for Orbax's abandoned reads."""
+
+    def filter(self, record):
+        message = record.getMessage()
+        return not (message.startswith('Task exception was never retrieved')
+                    and 'orbax' in message)
+
+
+def quiet_abandoned_reads(collect=True):
+    """Silences the echoes of a failed read (installed before reading; `collect`: after
+    a failure, which is reported as damage, collect the abandoned coroutines now).
+
+    When one array of an item fails to read, Orbax gives up on the item while
+    TensorStore still has its other reads in flight; their late failures (an
+    'Event loop is closed' from TensorStore's threads, the abandoned coroutines when
+    collected, asyncio's never-retrieved tasks) would print hundreds of tracebacks
+    that repeat the damage already reported. Only those are dropped; every other
+    unraisable exception and log record still reaches the previous hook.
+    """
+    if not getattr(sys.unraisablehook, 'jaxad_quiet', False):  # (pytest swaps hooks)
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            exc, obj = unraisable.exc_value, unraisable.object
+            code = getattr(obj, 'cr_code', None)
+            if ((isinstance(exc, RuntimeError) and str(exc) == 'Event loop is closed'
+                 and obj is None)
+                    or (code is not None and 'orbax' in code.co_filename)):
+                return
+            previous(unraisable)
+        hook.jaxad_quiet = True
+        sys.unraisablehook = hook
+    asyncio_logger = py_logging.getLogger('asyncio')
+    if not any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_AbandonedReadsFilter())
+    if collect:
+        gc.collect()  # the abandoned coroutines go now, quietly
+
+
+def _key_name(k):
+    for attr in ('key', 'name', 'idx'):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _shapes(tree):
+    """{'a/b/c': shape} of the array leaves of `tree` (empty nodes and None dropped)."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return {'/'.join(_key_name(k) for k in path): tuple(getattr(v, 'shape', np.shape(v)))
+            for path, v in leaves}
+
+
+def _difference(saved, wanted):
+    """How the checkpoint's {path: shape} differs from this config's, or ''."""
+    only_saved = sorted(set(saved) - set(wanted))
+    only_wanted = sorted(set(wanted) - set(saved))
+    shapes = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    parts = []
+    if shapes:
+        k = shapes[0]
+        parts.append(f'{len(shapes)} array(s) differ in shape, e.g. {k} is {saved[k]} in the '
+                     f'checkpoint but {wanted[k]} in this config')
+    if only_wanted:
+        parts.append(f'{len(only_wanted)} array(s) of this config are not in the checkpoint, '
+                     f'e.g. {only_wanted[0]}')
+    if only_saved:
+        parts.append(f'{len(only_saved)} array(s) of the checkpoint are not in this config, '
+                     f'e.g. {only_saved[0]}')
+    return '; '.join(parts)
+
+
+def item_metadata(path):
+    """The tree of ArrayMetadata (shape, dtype) an item saved with StandardSave."""
+    from etils import epath
+    handler = ocp.StandardCheckpointHandler()
+    try:
+        meta = handler.metadata(epath.Path(path))
+    finally:
+        handler.close()
+    return getattr(meta, 'tree', meta)
 
 
 class Checkpoints:
-    """Async saves, `max_to_keep` rotation, resume from the latest step."""
+    """Async saves, `max_to_keep` rotation, resume from the newest readable step.
 
-    def __init__(self, directory, *, max_to_keep=3, use_async=True):
+    `read_only=True` (predict, export) neither creates nor probes the directory.
+    """
+
+    def __init__(self, directory, *, max_to_keep=3, use_async=True, read_only=False):
         self.directory = os.path.abspath(directory)
+        self.use_async = use_async
+        self._pending = None  # the step of an async save not yet known to be committed
+        self._failed = False  # a save failure was raised already (close stays quiet)
+        self._set_aside_count = 0
+        if not read_only:
+            self._check_writable()
         # The trainer decides when to save; Orbax only keeps and rotates.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=use_async, create=True)
+            max_to_keep=None if read_only else max_to_keep, read_only=read_only,
+            enable_async_checkpointing=use_async and not read_only, create=not read_only)
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=('state', 'scoring'))
+            self.directory, options=options, item_names=_ITEMS)
+
+    def _check_writable(self):
+        """TrainingError now, before any compute, when the directory cannot be written."""
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise TrainingError(f'checkpoint directory {self.directory} is a file, not a '
+                                'directory; move it away or choose another --workdir')
+        probe = os.path.join(self.directory,
+                             f'.jaxad_write_test.{socket.gethostname()}.{os.getpid()}')
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(probe, 'w') as f:
+                f.write('ok')
+            os.remove(probe)
+        except OSError as e:
+            raise TrainingError(
+                f'checkpoint directory {self.directory} is not writable '
+                f'({type(e).__name__}: {e.strerror or e}); choose another --workdir or fix '
+                'its permissions') from e
+
+    # ------------------------------------------------------------------ steps
 
     def latest_step(self):
         return self.manager.latest_step()
 
+    def all_steps(self):
+        return sorted(self.manager.all_steps())
+
+    def step_path(self, step):
+        return os.path.join(self.directory, str(step))
+
+    def item_path(self, step, item):
+        return os.path.join(self.directory, str(step), item)
+
+    def saved_items(self, step):
+        """The items Orbax recorded for `step` (its _CHECKPOINT_METADATA); () if unreadable."""
+        try:
+            with open(os.path.join(self.step_path(step), '_CHECKPOINT_METADATA')) as f:
+                return tuple(json.load(f).get('item_handlers') or ())
+        except (OSError, ValueError, AttributeError):
+            return ()
+
+    def has_scoring(self, step):
+        """Whether `step` was saved with a scoring state (even one since damaged)."""
+        return os.path.isdir(self.item_path(step, 'scoring')) or 'scoring' in self.saved_items(step)
+
+    # ------------------------------------------------------------------ saving
+
+    def _save_failed(self, step, error):
+        """The TrainingError of a failed save of `step`; Orbax's step list re-read from disk."""
+        self._failed = True
+        try:
+            self.manager.reload()
+            latest = self.manager.latest_step()
+        except Exception:  # pylint: disable=broad-except
+            latest = None
+        keep = (f'the latest complete checkpoint is still step {latest}' if latest is not None
+                else 'there is no complete checkpoint')
+        reason = error if isinstance(error, str) else error_reason(error)
+        return TrainingError(f'saving checkpoint step {step} to {self.directory} failed '
+                             f'({reason}); {keep}')
+
+    def _check_committed(self, step):
+        if distributed.is_main_process() and not os.path.isdir(self.step_path(step)):
+            raise self._save_failed(step, f'{self.step_path(step)} was not written')
+
+    def _finish_pending(self):
+        """Waits for the async save in flight; an error of it names its step."""
+        step, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(step if step is not None else '(unknown)', e) from e
+        if step is not None:
+            self._check_committed(step)
+
     def save(self, step, state, scoring=None):
+        self._finish_pending()
         items = {'state': ocp.args.StandardSave(state)}
         if scoring is not None:
             items['scoring'] = ocp.args.StandardSave(scoring)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-    def restore_state(self, step, abstract_state):
-        """Restores 'state' with the shardings/dtypes of `abstract_state`."""
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state)))
-        except (ValueError, KeyError, TypeError) as e:
-            raise TrainingError(
-                f'checkpoint {self.directory} step {step} does not match this config '
-                f'(model or optimizer changed?): {e}') from e
-        return out['state']
-
-    def has_scoring(self, step):
-        return os.path.isdir(os.path.join(self.directory, str(step), 'scoring'))
-
-    def restore_scoring(self, step, abstract_scoring):
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            scoring=ocp.args.StandardRestore(abstract_scoring)))
-        return out['scoring']
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # pylint: disable=broad-except
+            raise self._save_failed(step, e) from e
+        if self.use_async:
+            self._pending = step
+        else:
+            self._check_committed(step)
 
     def wait(self):
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self._finish_pending()
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:  # pylint: disable=broad-except
+                if not self._failed:  # else: the failure was reported already
+                    raise TrainingError(f'closing checkpoints {self.directory} failed '
+                                        f'({error_reason(e)})') from e
+                logging.warning('closing checkpoints %s: %s', self.directory, error_reason(e))
+
+    # ------------------------------------------------------------------ restoring
+
+    def _diagnose(self, step, item, abstract, error):
+        """Damage (CheckpointDamaged) or a config mismatch (TrainingError) behind `error`."""
+        path = self.item_path(step, item)
+        if not os.path.isdir(self.step_path(step)):
+            return CheckpointDamaged(self.directory, step, item,
+                                     f'{self.step_path(step)} is missing')
+        if not os.path.isdir(path):
+            return CheckpointDamaged(self.directory, step, item, f'{path} is missing')
+        try:
+            saved = _shapes(item_metadata(path))
+        except Exception as e:  # pylint: disable=broad-except
+            return CheckpointDamaged(self.directory, step, item,
+                                     f'unreadable metadata: {error_reason(e)}')
+        difference = _difference(saved, _shapes(abstract))
+        if difference:
+            return TrainingError(
+                f'checkpoint {self.directory} step {step} does not match this config '
+                f'({item}: {difference}): it was written by a different model, optimizer or '
+                'data config. Rerun with that config, or use a new --workdir; the checkpoint '
+                'was left in place')
+        return CheckpointDamaged(self.directory, step, item, error_reason(error))
+
+    def _restore(self, step, item, abstract):
+        quiet_abandoned_reads(collect=False)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(abstract)}))
+            return out[item]
+        except Exception as e:  # pylint: disable=broad-except
+            error = e
+        quiet_abandoned_reads()
+        raise self._diagnose(step, item, abstract, error) from error
+
+    def restore_state(self, step, abstract_state):
+        """Restores 'state' with the shardings/dtypes of `abstract_state`.
+
+        CheckpointDamaged when the step cannot be read; TrainingError when it reads
+        but was written by a different config."""
+        return self._restore(step, 'state', abstract_state)
+
+    def restore_scoring(self, step, abstract_scoring):
+        return self._restore(step, 'scoring', abstract_scoring)
+
+    def set_aside(self, step):
+        """Moves damaged `step` to `<checkpoints>_damaged/<step>`; returns where it went."""
+        src = self.step_path(step)
+        root = self.directory + '_damaged'
+        dest, n = os.path.join(root, str(step)), 2
+        while os.path.exists(dest):
+            dest, n = os.path.join(root, f'{step}-{n}'), n + 1
+        self._set_aside_count += 1
+        distributed.barrier(f'jaxad_set_aside_{self._set_aside_count}_start')
+        if distributed.is_main_process() and os.path.exists(src):
+            try:
+                os.makedirs(root, exist_ok=True)
+                os.rename(src, dest)
+            except OSError as e:
+                raise TrainingError(
+                    f'checkpoint {self.directory} step {step} is damaged and could not be '
+                    f'moved to {dest} ({e}); move or delete {src} by hand, then rerun') from e
+        distributed.barrier(f'jaxad_set_aside_{self._set_aside_count}_done')
+        self.manager.reload()  # Orbax caches its step list
+        return dest
+
+    def restore_newest(self, abstract_state, *, using='resuming from'):
+        """(state, step) of the newest readable step, or None when there is no step.
+
+        Damaged newer steps are set aside (with a warning saying where) once a readable
+        one is found; none readable: TrainingError, nothing moved. A config mismatch
+        raises at once and moves nothing.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            return None
+        damaged = []
+        for step in steps:
+            try:
+                state = self.restore_state(step, abstract_state)
+            except CheckpointDamaged as e:
+                logging.info('%s; trying an older step', e)
+                damaged.append(e)
+                continue
+            for e in damaged:
+                where = self.set_aside(e.step)
+                logging.warning('%s; moved it to %s (kept for you to inspect) and %s step %d, '
+                                'the newest readable step', e, where, using, step)
+            return state, step
+        tried = '; '.join(f'step {e.step}: {e.item}: {e.reason}' for e in damaged)
+        raise TrainingError(
+            f'no readable checkpoint in {self.directory}: tried steps '
+            f'{", ".join(str(e.step) for e in damaged)} ({tried}). Nothing was moved; move or '
+            f'delete {self.directory} to train from scratch')
+
+    def restore_or_refit_scoring(self, step, state, abstract_scoring, refit):
+        """The scoring state saved with `step`; when it is damaged, the step is set aside,
+        `refit()` recomputes the scoring state from `state` (read fine) and the step is
+        saved again, whole."""
+        try:
+            return self.restore_scoring(step, abstract_scoring)
+        except CheckpointDamaged as e:
+            where = self.set_aside(step)
+            logging.warning('%s; moved it to %s (kept for you to inspect); recomputing the '
+                            'scoring state from its train state and saving step %d again',
+                            e, where, step)
+        scoring = refit()
+        self.save(step, state, scoring=scoring)
+        self.wait()
+        return scoring
 
 
 def abstract_like(tree):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import distributed, plots
+from jaxad import distributed, fingerprint, plots
 from jaxad import metrics as metrics_lib
 from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
@@ -243,6 +243,7 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
         method, score_features(method, scoring, feats), test_set, normal_classes,
         config.method)
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
+    results.update(fingerprint.results_record(config))  # the settings behind these numbers
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'results.json'), 'w') as f:
             json.dump(results, f, indent=2)

@@ -40,14 +40,16 @@ from PIL import Image
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
+from jaxad import fingerprint
 from jaxad import thresholds
 from jaxad.config import load_run_config
+from jaxad.data import images as image_files
 from jaxad.errors import ConfigError, DataError, TrainingError
 from jaxad.methods import get_method
 from jaxad.writers import Progress
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp')
-_PIL_MODES = {1: 'L', 3: 'RGB'}
+IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS  # the one list, shared with the data sources
+_PIL_MODES = image_files.PIL_MODES
 _GLOB_CHARS = '*?['
 
 
@@ -139,6 +141,7 @@ def load_model(workdir, config=None):
     """The model and scoring state of the latest checkpoint of `workdir`."""
     workdir = os.fspath(workdir)
     config = config if config is not None else load_run_config(workdir)
+    fingerprint.check_scoring_use(config, workdir)  # the checkpoint's scoring state as saved
     if config.table.classes:
         raise ConfigError(f'workdir {workdir} holds a one-class table (table.classes='
                           f'{config.table.classes!r}); predict, calibrate and export score a '
@@ -147,17 +150,38 @@ def load_model(workdir, config=None):
     directory = os.path.join(workdir, 'checkpoints')
     if not os.path.isdir(directory):
         raise TrainingError(f'no checkpoint in {directory}; train first (--mode=train)')
-    checkpoints = ckpt_lib.Checkpoints(directory, use_async=False)
+    checkpoints = ckpt_lib.Checkpoints(directory, use_async=False, read_only=True)
     try:
-        step = checkpoints.latest_step()
-        if step is None:
+        steps = sorted(checkpoints.all_steps(), reverse=True)
+        if not steps:
             raise TrainingError(f'no checkpoint in {directory}; train first (--mode=train)')
-        if not checkpoints.has_scoring(step):
+        # The newest step with a scoring state that reads. A damaged one is reported and
+        # skipped (left in place: predict does not write to the run; --mode=train sets it
+        # aside and repairs the run).
+        damaged = []
+        for step in steps:
+            if not checkpoints.has_scoring(step):
+                if damaged:
+                    continue
+                raise TrainingError(
+                    f'checkpoint {directory} step {step} has no scoring state (training did '
+                    'not finish); rerun the same --mode=train command to finish it')
+            try:
+                state = _restore_item(checkpoints, step, 'state')
+                scoring = _restore_item(checkpoints, step, 'scoring')
+            except ckpt_lib.CheckpointDamaged as e:
+                damaged.append(e)
+                continue
+            break
+        else:
             raise TrainingError(
-                f'checkpoint {directory} step {step} has no scoring state (training did not '
-                'finish); rerun the same --mode=train command to finish it')
-        state = _restore_item(checkpoints, step, 'state')
-        scoring = _restore_item(checkpoints, step, 'scoring')
+                f'{damaged[0]}; no other step has a readable scoring state (steps tried: '
+                f'{", ".join(str(e.step) for e in damaged)}). Rerun the same --mode=train '
+                'command: it sets the damaged step aside and resumes from the newest '
+                'readable one')
+        for e in damaged:
+            logging.warning('%s; using step %d, the newest readable step with a scoring '
+                            'state (rerun --mode=train to repair the run)', e, step)
     finally:
         checkpoints.close()
     variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
@@ -187,17 +211,24 @@ def _restore_item(checkpoints, step, name):
     from etils import epath
 
     path = epath.Path(checkpoints.directory) / str(step) / name
+    if not path.is_dir():
+        raise ckpt_lib.CheckpointDamaged(checkpoints.directory, step, name, f'{path} is missing')
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     handler = ocp.StandardCheckpointHandler()  # the handler that saved the item
+    ckpt_lib.quiet_abandoned_reads(collect=False)
     try:
         meta = handler.metadata(path)
         tree = getattr(meta, 'tree', meta)
         abstract = jax.tree_util.tree_map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
         restored = handler.restore(path, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError, TypeError, AttributeError, FileNotFoundError) as e:
-        raise TrainingError(f'cannot restore {name!r} from checkpoint {checkpoints.directory} '
-                            f'step {step}: {e}') from e
+    except Exception as e:  # pylint: disable=broad-except
+        # The shapes are the checkpoint's own, so no config can mismatch here: any failure
+        # (TensorStore raises bare Exception/ValueError for truncated or missing array
+        # files, json/FileNotFoundError for _METADATA) is damage.
+        ckpt_lib.quiet_abandoned_reads()
+        raise ckpt_lib.CheckpointDamaged(checkpoints.directory, step, name,
+                                         ckpt_lib.error_reason(e)) from e
     finally:
         handler.close()
     return jax.device_get(restored)
@@ -292,27 +323,12 @@ def _npz_items(path):
 
 
 def load_image(source, image_size, channels):
-    """uint8 (image_size, image_size, channels) from a path or an HWC/HW uint8 array."""
-    mode = _PIL_MODES[channels]
-    if isinstance(source, np.ndarray):
-        array = source[..., 0] if source.ndim == 3 and source.shape[-1] == 1 else source
-        if array.shape[:2] == (image_size, image_size) and (
-                (channels == 1 and array.ndim == 2) or (channels == 3 and array.ndim == 3
-                                                         and array.shape[-1] == 3)):
-            return array.reshape(image_size, image_size, channels)  # exact, no PIL round trip
-        im = Image.fromarray(array)
-        return _to_model_size(im, mode, image_size)
-    with Image.open(source) as im:
-        return _to_model_size(im, mode, image_size)
+    """uint8 (image_size, image_size, channels) from a path or an HWC/HW uint8 array.
 
-
-def _to_model_size(im, mode, image_size):
-    if im.mode != mode:
-        im = im.convert(mode)
-    if im.size != (image_size, image_size):
-        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-    array = np.asarray(im, np.uint8)
-    return array[..., None] if array.ndim == 2 else array
+    `jaxad.data.images.read_image`, the reader of the training sources: an array of
+    that shape is returned as is; Pillow's errors propagate (`decoded_batches` skips).
+    """
+    return image_files.read_image(source, channels, image_size)
 
 
 def decoded_batches(inputs, image_size, channels, batch_size, skipped, progress=None):

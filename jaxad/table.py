@@ -32,7 +32,7 @@ from absl import logging
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
 from jaxad import distributed
-from jaxad import optim, sharding, stacking
+from jaxad import fingerprint, optim, sharding, stacking, thresholds
 from jaxad import train as train_lib
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.config import validate_config
@@ -117,11 +117,14 @@ class Group:
     def restore_latest(self, method, image_shape, seed):
         """(stacked state, step) from the latest checkpoint, or a fresh state and 0."""
         state = self.initial_state(method, image_shape, seed)
-        step = self.checkpoints.latest_step()
-        if step is None:
+        # A damaged newest step is set aside and the newest readable one used.
+        restored = self.checkpoints.restore_newest(ckpt_lib.abstract_like(state),
+                                                   using='using')
+        if restored is None:
             return state, 0
+        state, step = restored
         logging.info('group %s: resuming from step %d', self.name, step)
-        return self.checkpoints.restore_state(step, ckpt_lib.abstract_like(state)), step
+        return state, step
 
     def results_path(self):
         return os.path.join(self.directory, 'results.json')
@@ -135,11 +138,25 @@ def jit_stacked_step(train_step, mesh, mode):
                    in_shardings=(models, batch, models), out_shardings=(models, models))
 
 
+def check_no_threshold(config):
+    """A table scores many detectors and writes no threshold.json (predict, calibrate and
+    export take single runs): threshold settings would be silently ignored, so refuse them."""
+    if thresholds.holdout_fraction(config) > 0:
+        raise ConfigError(
+            f'threshold.holdout_fraction={config.threshold.holdout_fraction} with a one-class '
+            'table: a table calibrates no threshold and would train on the held-out images '
+            'anyway; set it to 0, or train the class as a single run (normal_class=N)')
+    if config.threshold.get('value') is not None:
+        raise ConfigError('threshold.value with a one-class table: a table writes no '
+                          'threshold; unset it, or set it on a single run')
+
+
 class TableSetup:
     """Data, members and groups of a table run (everything but train state)."""
 
     def __init__(self, config, workdir):
         validate_config(config)
+        check_no_threshold(config)
         self.config, self.workdir = config, workdir
         self.method = get_method(config)
         self.train_set = sources.load_split(config.data, 'train')
@@ -270,10 +287,13 @@ def _restore_group_scoring(setup, group, state, step):
     abstract = {f'm{i}': train_lib.scoring_shapes(setup.method, unstacked, setup.image_shape,
                                                   len(m.indices), rng)
                 for i, m in enumerate(group.members)}
-    return group.checkpoints.restore_scoring(step, abstract)
+    # Damaged: the step is set aside, the scoring states refitted from `state` and the
+    # step saved again.
+    return group.checkpoints.restore_or_refit_scoring(
+        step, state, abstract, lambda: _fit_group_scoring(setup, group, state))
 
 
-def _evaluate_group(setup, group, state, scorings, step):
+def _evaluate_group(setup, group, state, scorings, step, extra=None):
     """Per-member results from one stacked pass over the test split."""
     t0 = time.time()
     config = setup.config
@@ -287,7 +307,8 @@ def _evaluate_group(setup, group, state, scorings, step):
         r, _, _ = eval_lib.results_with_maps(
             setup.method, eval_lib.score_features(setup.method, scorings[f'm{i}'], member_feats),
             setup.test_set, m.normal_classes, config.method)
-        r.update(name=m.name, step=int(step), group=group.name)
+        r.update(name=m.name, step=int(step), group=group.name, **(extra or {}),
+                 **fingerprint.results_record(config))
         results.append(r)
     seconds = round(time.time() - t0, 2)
     for r in results:
@@ -301,24 +322,28 @@ def _save_group_results(group, results):
             json.dump(results, f, indent=2)
 
 
-def _saved_group_results(group, step):
-    """The group's results.json if it belongs to checkpoint `step`, else None."""
+def _saved_group_results(group, step, config):
+    """The group's results.json if it belongs to checkpoint `step` and was scored with
+    `config`'s training fingerprint and scoring settings, else None."""
     try:
         with open(group.results_path()) as f:
             results = json.load(f)
     except (OSError, ValueError):
         return None
-    if len(results) == group.k and all(r.get('step') == step for r in results):
+    record = fingerprint.results_record(config)
+    if len(results) == group.k and all(
+            r.get('step') == step and all(r.get(k) == v for k, v in record.items())
+            for r in results):
         return results
     return None
 
 
 def train_table(config, workdir):
     """Trains (resuming where it stopped) and evaluates every member; writes the table."""
-    os.makedirs(workdir, exist_ok=True)
+    fingerprint.check_workdir(config, workdir)  # before any data is read or compiled
     t0 = time.time()
+    train_lib.start_record(config, workdir)
     setup = TableSetup(config, workdir)
-    train_lib.write_config(config, workdir)
     # One bar for the whole table; steps already in checkpoints count as done for the ETA.
     progress = Progress(sum(g.total_steps for g in setup.groups), label='table',
                         first=sum(min(g.checkpoints.latest_step() or 0, g.total_steps)
@@ -331,20 +356,21 @@ def train_table(config, workdir):
                 state = _init_group_consts(setup, group, state)
             classes_done = f'{len(results)}/{len(setup.members)}'
             finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
-            saved = _saved_group_results(group, start) if finished else None
+            saved = _saved_group_results(group, start, config) if finished else None
             if saved is not None:
                 logging.info('group %s finished at step %d; reusing its results', group.name,
                              start)
                 group_results = saved
             elif finished:
-                scorings = _restore_group_scoring(setup, group, state, start)
-                group_results = _evaluate_group(setup, group, state, scorings, start)
+                scorings, extra = _finished_group_scoring(setup, group, state, start)
+                group_results = _evaluate_group(setup, group, state, scorings, start, extra)
             else:
                 state = _train_group(setup, group, state, start, progress, done_before,
                                      classes_done)
                 scorings = _fit_group_scoring(setup, group, state)
                 group.checkpoints.save(group.total_steps, state, scoring=scorings)
                 group.checkpoints.wait()
+                fingerprint.write_scoring_settings(config, group.directory)
                 group_results = _evaluate_group(setup, group, state, scorings, group.total_steps)
             _save_group_results(group, group_results)
             results.extend(group_results)
@@ -355,8 +381,22 @@ def train_table(config, workdir):
         setup.close()
 
 
+def _finished_group_scoring(setup, group, state, step):
+    """(scoring states, results extra) of a finished group: the saved ones, or, when the
+    config's scoring fields differ from those they were fitted with, refitted now."""
+    changes = fingerprint.scoring_changes(setup.config, group.directory, setup.workdir)
+    if not changes:
+        return _restore_group_scoring(setup, group, state, step), {}
+    logging.warning('group %s: scoring settings differ from those of its saved scoring '
+                    'state (%s): refitting it on the training images; the checkpoint keeps '
+                    'the saved one', group.name, '; '.join(changes))
+    return (_fit_group_scoring(setup, group, state),
+            dict(scoring_state='refitted', scoring_changes=changes))
+
+
 def evaluate_table(config, workdir):
     """`--mode=eval`: rebuilds the table from the groups' checkpoints alone."""
+    fingerprint.check_workdir(config, workdir)
     setup = TableSetup(config, workdir)
     try:
         results = []
@@ -365,13 +405,14 @@ def evaluate_table(config, workdir):
             if step == 0:
                 raise TrainingError(f'no checkpoint for group {group.name} in '
                                     f'{group.checkpoints.directory}; train first (--mode=train)')
+            extra = {}
             if group.checkpoints.has_scoring(step):
-                scorings = _restore_group_scoring(setup, group, state, step)
+                scorings, extra = _finished_group_scoring(setup, group, state, step)
             else:
                 logging.info('group %s step %d has no scoring state; computing it',
                              group.name, step)
                 scorings = _fit_group_scoring(setup, group, state)
-            group_results = _evaluate_group(setup, group, state, scorings, step)
+            group_results = _evaluate_group(setup, group, state, scorings, step, extra)
             _save_group_results(group, group_results)
             results.extend(group_results)
         return write_table(setup, results)
@@ -399,7 +440,7 @@ def write_table(setup, results, extra=None):
         'groups': [[m.name for m in g.members] for g in setup.groups],
         'classes': results, 'mean': _mean_row(results),
         'paper_image_AUROC_percent': paper, 'FPR@95TPR_positive_class': 'anomaly',
-        **(extra or {})}
+        **fingerprint.results_record(config), **(extra or {})}
     if jax.process_index() == 0:
         with open(os.path.join(setup.workdir, 'results.json'), 'w') as f:
             json.dump(table, f, indent=2)

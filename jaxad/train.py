@@ -18,7 +18,7 @@ from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import optim, predict, sharding, thresholds
+from jaxad import fingerprint, optim, predict, sharding, thresholds
 from jaxad.config import validate_config
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
@@ -237,12 +237,16 @@ class Setup:
     def restore_latest(self):
         """(state, step) from the latest checkpoint, or a fresh state and 0."""
         state = self.initial_state()
-        step = self.checkpoints.latest_step()
-        if step is None:
+        # A damaged newest step is set aside and the newest readable one used
+        # (`Checkpoints.restore_newest`); a config mismatch is an error.
+        restored = self.checkpoints.restore_newest(ckpt_lib.abstract_like(state),
+                                                   using='using')
+        if restored is None:
             return init_consts(self.method, state, self.train_set, self.normal_indices,
                                self.config, self.mesh), 0
+        state, step = restored
         logging.info('resuming from %s step %d', self.checkpoints.directory, step)
-        return self.checkpoints.restore_state(step, ckpt_lib.abstract_like(state)), step
+        return state, step
 
 
 def check_image_shape(image_set, data_cfg):
@@ -257,9 +261,8 @@ def check_image_shape(image_set, data_cfg):
 
 
 def write_config(config, workdir):
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'config.json'), 'w') as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    """config.json and fingerprint.json of `config` in `workdir` (jaxad.fingerprint)."""
+    fingerprint.write_run_record(config, workdir)
 
 
 def log_and_save_flags(step, total_steps, config):
@@ -334,6 +337,9 @@ def finish(setup, state, extra=None):
     step = int(state.step)
     setup.checkpoints.save(step, state, scoring=scoring)
     setup.checkpoints.wait()
+    # config.json and the scoring settings now describe the saved scoring state.
+    fingerprint.write_run_record(config, setup.workdir)
+    fingerprint.write_scoring_settings(config, setup.workdir)
     threshold = predict.calibrate_after_training(setup, variables, scoring, step)
     extra = dict(extra or {}, **({'threshold': threshold} if threshold else {}))
     return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
@@ -344,30 +350,46 @@ def finish(setup, state, extra=None):
 def train_and_evaluate(config, workdir):
     """Trains (or resumes) the configured detector and evaluates it.
 
-    Rerunning a finished run trains nothing and rescores from its checkpoint.
-    Returns the results dict also written to `workdir/results.json`. With
-    `table.classes` set this trains the one-class table (`jaxad.table`).
+    A workdir whose checkpoints another training config made is refused first
+    (`jaxad.fingerprint`). Rerunning a finished run trains nothing and rescores from its
+    checkpoint (refitting the scoring state when the scoring settings changed). Returns
+    the results dict also written to `workdir/results.json`. With `table.classes` set
+    this trains the one-class table (`jaxad.table`).
     """
+    workdir = os.fspath(workdir)
+    fingerprint.check_workdir(config, workdir)  # before any data is read or compiled
     if config.table.classes:
         from jaxad import table
         return table.train_table(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
     t0 = time.time()
+    start_record(config, workdir)
     setup = Setup(config, workdir)
-    write_config(config, workdir)
     try:
         state, start = setup.restore_latest()
         if start >= setup.total_steps and setup.checkpoints.has_scoring(start):
             logging.info('run already finished at step %d; evaluating only', start)
-            return _evaluate_saved(setup, state, start)
+            return _evaluate_finished(setup, state, start)
         state = train(setup, state, start)
         return finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)))
     finally:
         setup.checkpoints.close()
 
 
+def start_record(config, workdir):
+    """Creates `workdir` and, when it holds no checkpoint yet, records the run's config
+    and training fingerprint there (an existing run's record was checked, not rewritten)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not fingerprint.has_checkpoints(workdir):
+            fingerprint.write_run_record(config, workdir)
+    except OSError as e:
+        raise TrainingError(f'cannot write to workdir {workdir}: {e}') from e
+
+
 def evaluate_checkpoint(config, workdir):
     """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
+    workdir = os.fspath(workdir)
+    fingerprint.check_workdir(config, workdir)
     if config.table.classes:
         from jaxad import table
         return table.evaluate_table(config, workdir)
@@ -377,9 +399,30 @@ def evaluate_checkpoint(config, workdir):
         if step == 0:
             raise TrainingError(f'no checkpoint in {setup.checkpoints.directory}; '
                                 'train first (--mode=train)')
-        return _evaluate_saved(setup, state, step)
+        return _evaluate_finished(setup, state, step)
     finally:
         setup.checkpoints.close()
+
+
+def _evaluate_finished(setup, state, step):
+    """Evaluates a restored state: with its saved scoring state, or, when this config's
+    scoring fields differ from those it was fitted with, a scoring state refitted now
+    (results.json names the changes; the saved one is kept)."""
+    changes = []
+    if setup.checkpoints.has_scoring(step):
+        changes = fingerprint.scoring_changes(setup.config, setup.workdir, setup.workdir)
+    if not changes:
+        return _evaluate_saved(setup, state, step)
+    logging.warning('scoring settings differ from those of the saved scoring state (%s): '
+                    'refitting it on the training images; the checkpoint keeps the saved '
+                    'one', '; '.join(changes))
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,
+                                   setup.normal_indices, config=setup.config, mesh=setup.mesh)
+    return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
+                             setup.normal_classes, config=setup.config, mesh=setup.mesh,
+                             workdir=setup.workdir,
+                             extra=dict(step=step, scoring_state='refitted', scoring_changes=changes))
 
 
 def _evaluate_saved(setup, state, step):
@@ -388,7 +431,12 @@ def _evaluate_saved(setup, state, step):
     if setup.checkpoints.has_scoring(step):
         abstract = scoring_shapes(setup.method, variables, setup.image_shape,
                                   len(setup.normal_indices), setup.rng)
-        scoring = setup.checkpoints.restore_scoring(step, abstract)
+        # Damaged: the step is set aside, its scoring state refitted from `state` (exactly
+        # what `finish` fitted) and the step saved again.
+        scoring = setup.checkpoints.restore_or_refit_scoring(
+            step, state, abstract, lambda: eval_lib.fit_scoring(
+                setup.method, variables, setup.train_set, setup.normal_indices,
+                config=setup.config, mesh=setup.mesh))
     else:
         logging.info('checkpoint step %d has no scoring state; computing it', step)
         scoring = eval_lib.fit_scoring(setup.method, variables, setup.train_set,

@@ -1,8 +1,10 @@
 """torchvision-layout ResNets -> jaxad encoders (`jaxad.models.convert`).
 
-The torch side is torchvision when it is importable, else `torch_resnet` below: a
-plain-torch copy of torchvision's ResNet with the same module names (so the same
-state_dict keys), checked against torchvision where both exist.
+The torch side is `torch_resnet` below: a plain-torch copy of torchvision's ResNet with
+the same module names (so the same state_dict keys), anchored to torchvision's published
+parameter totals (TORCHVISION_PARAMS). torch comes through tests.helpers.import_torch (a
+skip off CI, a failure on CI); torchvision is not needed, so nothing here depends on
+whether it is installed.
 """
 import json
 
@@ -19,12 +21,20 @@ from jaxad.errors import ConfigError
 from jaxad.methods import get_method
 from jaxad.models import convert
 from jaxad.models.resnet import ResNet, build_model, count_params
-from tests.helpers import ON_CI, import_torch
+from tests.helpers import import_torch
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 LAYERS = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3], 50: [3, 4, 6, 3], 101: [3, 4, 23, 3],
           152: [3, 8, 36, 3]}
+# torchvision's parameter totals, fc (1000 classes) included, per (depth, width_per_group).
+TORCHVISION_PARAMS = {(18, 64): 11_689_512, (34, 64): 21_797_672, (50, 64): 25_557_032,
+                      (101, 64): 44_549_160, (152, 64): 60_192_808, (50, 128): 68_883_240}
+
+
+def fc_params(depth):
+    """The 1000-class fc layer: (512 or 2048) x 1000 weights + 1000 biases."""
+    return (512 if depth < 50 else 2048) * 1000 + 1000
 
 
 def torch_resnet(torch, depth, width_per_group=64, num_classes=1000):
@@ -103,15 +113,6 @@ def torch_resnet(torch, depth, width_per_group=64, num_classes=1000):
     return TorchResNet()
 
 
-def torchvision_or_plain(torch, depth, width_per_group=64):
-    try:
-        import torchvision
-    except ImportError:
-        return torch_resnet(torch, depth, width_per_group)
-    name = f'wide_resnet{depth}_2' if width_per_group == 128 else f'resnet{depth}'
-    return getattr(torchvision.models, name)(weights=None)
-
-
 def torch_features(torch, m, x):
     """(pooled avgpool output before fc, [layer1..layer4 outputs]) of a torchvision ResNet."""
     x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
@@ -147,7 +148,7 @@ def numpy_state_dict(model):
 def torch_reference(torch, depth, size, seed=0):
     """(model, state_dict as numpy, images in [0, 1] NHWC, pooled features, stages NHWC)."""
     torch.manual_seed(seed)
-    model = randomised(torch, torchvision_or_plain(torch, depth), seed)
+    model = randomised(torch, torch_resnet(torch, depth), seed)
     x = np.random.default_rng(seed).uniform(size=(2, size, size, 3)).astype(np.float32)
     with torch.no_grad():
         pooled, stages = torch_features(
@@ -185,30 +186,26 @@ def test_features_match_torch(torch_mod, depth, resnet18_ref):
                                    atol=5e-5 * max(1.0, float(np.abs(want).max())))
 
 
-def test_encoder_param_counts_and_torch_keys():
-    """Every architecture: torchvision's parameter count and, where torch is installed,
-    every torch key maps onto the flax encoder with its shape (eval_shape, no compute)."""
-    try:
-        import torch
-    except ImportError:
-        if ON_CI:
-            raise
-        torch = None
-    # torchvision totals minus fc (2048 x 1000 + 1000; 512 x 1000 + 1000 for BasicBlocks).
-    want = {(18, 64): 11_689_512 - 513_000, (34, 64): 21_797_672 - 513_000,
-            (50, 64): 25_557_032 - 2_049_000, (101, 64): 44_549_160 - 2_049_000,
-            (152, 64): 60_192_808 - 2_049_000, (50, 128): 68_883_240 - 2_049_000}
-    assert want[(152, 64)] == 58_143_808
-    for (depth, wpg), n in want.items():
-        assert count_params(convert.encoder_shapes(depth, wpg)['params']) == n, (depth, wpg)
-        if torch is None:
-            continue
-        with torch.device('meta'):
-            sd = torch_resnet(torch, depth, wpg).state_dict()
-        got = {k: tuple(v.shape) for k, v in sd.items()
-               if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
-        assert got == {k: v[2] for k, v in convert.expected_keys(depth, wpg).items()}
-        assert convert.infer_arch(sd) == (depth, wpg, 64)
+def test_encoder_param_counts():
+    """Every architecture: torchvision's parameter count minus fc (no torch needed)."""
+    assert TORCHVISION_PARAMS[(152, 64)] - fc_params(152) == 58_143_808
+    for (depth, wpg), n in TORCHVISION_PARAMS.items():
+        got = count_params(convert.encoder_shapes(depth, wpg)['params'])
+        assert got == n - fc_params(depth), (depth, wpg)
+
+
+@pytest.mark.parametrize('depth,wpg', sorted(TORCHVISION_PARAMS))
+def test_torch_keys_match_the_encoder(torch_mod, depth, wpg):
+    """Every torch key maps onto the flax encoder with its shape (meta device, no compute),
+    and the plain-torch copy has torchvision's parameter total."""
+    with torch_mod.device('meta'):
+        model = torch_resnet(torch_mod, depth, wpg)
+    assert sum(p.numel() for p in model.parameters()) == TORCHVISION_PARAMS[(depth, wpg)]
+    sd = model.state_dict()
+    got = {k: tuple(v.shape) for k, v in sd.items()
+           if not k.startswith('fc.') and not k.endswith('num_batches_tracked')}
+    assert got == {k: v[2] for k, v in convert.expected_keys(depth, wpg).items()}
+    assert convert.infer_arch(sd) == (depth, wpg, 64)
 
 
 def test_cli_pth_and_npz(torch_mod, resnet18_ref, tmp_path, capsys):

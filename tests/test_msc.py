@@ -12,52 +12,120 @@ import scipy.ndimage
 from sklearn.neighbors import NearestNeighbors
 
 from jaxad import config as jc
-from jaxad import optim, train
+from jaxad import losses, optim, train
 from jaxad import checkpoint as ckpt_lib
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods import get_method, msc
-from tests.helpers import make_npz, tiny_config
+from tests.helpers import import_torch, make_npz, tiny_config
 
 
 def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def msc_loss_ref(phi, centre, tau, angular):
-    """L_msc (+ L_center) in float64, written from §3.1 with explicit loops."""
-    phi, centre = np.asarray(phi, np.float64), np.asarray(centre, np.float64)
-    n = len(phi)
-    b = n // 2
-    theta = unit(phi - centre)
-    total = 0.0
-    for i in range(n):
-        p = i + b if i < b else i - b
-        sims = np.array([theta[i] @ theta[j] / tau for j in range(n)])
-        denom = sum(np.exp(sims[j]) for j in range(n) if j != i)
-        total += -np.log(np.exp(sims[p]) / denom)
-    loss = total / n
+def msc_loss_ref(phi, bank, angular):
+    """The loss of one batch by the ORIGINAL code path, transcribed to float64 NumPy.
+
+    Follows talreiss/Mean-Shifted-Anomaly-Detection main.py: `train_model` (the centre is
+    the mean of the initial model's unit features, then normalised when --angular),
+    `run_epoch` (that same centre is subtracted from both views' unit features, the
+    differences go to the contrastive loss, and --angular adds the mean squared norms of
+    the same differences) and `contrastive_loss` (F.normalize, exp(cos / 0.25), diagonal
+    masked out, -log(positive / row sum), mean over the 2B rows). `phi` (2B, D) is the
+    model output [view 1; view 2], `bank` (N, D) the initial features of the train set.
+    Written independently of jaxad: it never calls jaxad.losses or msc.
+    """
+    phi, bank = np.asarray(phi, np.float64), np.asarray(bank, np.float64)
+
+    def normalize(x):  # F.normalize(x, dim=-1), eps = 1e-12
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+    center = bank.mean(0)
     if angular:
-        c = centre / np.linalg.norm(centre)
-        loss += np.mean(np.sum((phi[:b] - c) ** 2, 1)) + np.mean(np.sum((phi[b:] - c) ** 2, 1))
+        center = normalize(center)
+    b = len(phi) // 2
+    out_1, out_2 = phi[:b] - center, phi[b:] - center
+    z1, z2 = normalize(out_1), normalize(out_2)
+    out = np.concatenate([z1, z2])
+    sim = np.exp(out @ out.T / 0.25)
+    rowsum = sim.sum(1) - np.diag(sim)  # the masked (2B, 2B - 1) matrix summed by row
+    pos = np.exp(np.sum(z1 * z2, axis=-1) / 0.25)
+    pos = np.concatenate([pos, pos])
+    loss = np.mean(-np.log(pos / rowsum))
+    if angular:
+        loss += np.mean(np.sum(out_1 ** 2, 1)) + np.mean(np.sum(out_2 ** 2, 1))
     return loss
+
+
+def msc_features(seed=0, b=8, d=16, n_bank=64):
+    """Clustered unit features, as pretrained ones are: the centre's norm is about 0.51,
+    far from 1, so a loss that skips normalising the centre for --angular is visibly off."""
+    rng = np.random.default_rng(seed)
+    bank = unit(rng.normal(size=(n_bank, d)) + 0.6)
+    phi = unit(rng.normal(size=(2 * b, d)) + 0.6)
+    # Round to float32 first so the reference sees the very inputs jaxad gets.
+    return phi.astype(np.float32), bank.astype(np.float32)
 
 
 @pytest.mark.parametrize('angular', [False, True])
 def test_loss_matches_numpy(angular):
-    rng = np.random.default_rng(0)
-    phi = unit(rng.normal(size=(12, 16)) + 1.5)  # clustered, as pretrained features are
-    centre = phi.mean(0) + 0.01 * rng.normal(size=16)  # not re-normalised
-    loss, metrics = msc.loss_and_aux(jnp.asarray(phi, jnp.float32),
-                                     jnp.asarray(centre, jnp.float32), 0.25, angular)
-    np.testing.assert_allclose(float(loss), msc_loss_ref(phi, centre, 0.25, angular),
-                               rtol=1e-5)
+    phi, bank = msc_features()
+    centre = msc.MSC.fit_consts(None, {'phi': jnp.asarray(bank)})['centre']
+    assert 0.4 < float(jnp.linalg.norm(centre)) < 0.6
+    loss, metrics = msc.loss_and_aux(jnp.asarray(phi), centre, 0.25, angular)
+    # float32 error: each logit is a 16-term dot product of unit vectors over tau = 0.25,
+    # off by at most ~D eps / tau = 16 x 6e-8 x 4 ~ 4e-6 (the centre, a 64-term mean, adds
+    # less); a log-sum-exp minus a logit moves by at most twice that, so the loss (3.4
+    # without, 5.3 with the angular term) is within ~3e-6 relative. rtol 1e-5 keeps a margin (the observed error
+    # is 4e-8); the old raw-centre contrastive term gave 5.5092 against 5.3224, off by 3.5e-2.
+    np.testing.assert_allclose(float(loss), msc_loss_ref(phi, bank, angular), rtol=1e-5)
     assert ('loss_center' in metrics) == angular
     if angular:  # the Euclidean centre loss on unit vectors is 2(2 - phi1.c - phi2.c)
-        c = unit(centre)
+        c = unit(bank.astype(np.float64).mean(0))
         np.testing.assert_allclose(float(metrics['loss_center']),
-                                   4 - 2 * (phi[:6] @ c).mean() - 2 * (phi[6:] @ c).mean(),
+                                   4 - 2 * (phi[:8] @ c).mean() - 2 * (phi[8:] @ c).mean(),
                                    rtol=1e-5)
+
+
+@pytest.mark.parametrize('angular', [False, True])
+def test_gradient_matches_torch_autograd_of_the_original(angular):
+    """d loss / d backbone output, through the unit-norm features: jaxad (MSC._phi then
+    loss_and_aux) against torch autograd of the original's path (main.py `train_model`,
+    `run_epoch`, `contrastive_loss`; utils.py `Model.forward` normalises the backbone
+    output), re-written here in float64 torch; the centre is a constant in both."""
+    torch = import_torch()
+    import torch.nn.functional as F
+    rng = np.random.default_rng(5)
+    z = (rng.normal(size=(16, 16)) + 0.6).astype(np.float32)  # raw backbone outputs
+    _, bank = msc_features()
+
+    def jax_loss(z_):
+        return msc.loss_and_aux(losses.l2_normalize(z_), msc.MSC.fit_consts(
+            None, {'phi': jnp.asarray(bank)})['centre'], 0.25, angular)[0]
+    got = np.asarray(jax.grad(jax_loss)(jnp.asarray(z)))
+
+    zt = torch.tensor(z, dtype=torch.float64, requires_grad=True)
+    center = torch.tensor(bank, dtype=torch.float64).mean(0)
+    if angular:
+        center = F.normalize(center, dim=-1)
+    out = F.normalize(zt, dim=-1) - center
+    u = F.normalize(out, dim=-1)
+    logits = u @ u.T / 0.25
+    off_diag = ~torch.eye(16, dtype=torch.bool)
+    rowsum = torch.exp(logits)[off_diag].view(16, 15).sum(1)
+    pos = torch.exp((u[:8] * u[8:]).sum(-1) / 0.25).repeat(2)
+    loss = (-torch.log(pos / rowsum)).mean()
+    if angular:
+        loss = loss + (out[:8] ** 2).sum(1).mean() + (out[8:] ** 2).sum(1).mean()
+    loss.backward()
+    want = zt.grad.numpy()
+    # Gradient entries are at most ~0.1; float32 backprop through two normalisations and a
+    # softmax over 16 rows (a few dozen roundings of O(eps) = 6e-8 each, times logits up to
+    # 1/tau = 4) keeps them within ~1e-7 absolute (observed 3e-8), so atol 1e-6 has a
+    # margin; the old raw-centre contrastive term was off by 3.7e-2 here.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert loss.item() == pytest.approx(float(jax_loss(jnp.asarray(z))), rel=1e-5)
 
 
 def test_centre_is_the_mean_not_renormalised():
@@ -187,7 +255,11 @@ def test_end_to_end_centre_fixed_at_step_0_and_frozen_parts_unchanged(npz, tmp_p
         assert all(np.isfinite(json.loads(line)['loss']) for line in f)
 
 
-def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path):
+class Preempted(Exception):
+    """Stands in for a job killed after its step-2 checkpoint."""
+
+
+def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path, monkeypatch):
     first = tmp_path / 'first'
     train.train_and_evaluate(msc_config(npz, total_steps=2), str(first))
     trained = latest_state(str(first))
@@ -198,13 +270,29 @@ def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path)
     for a, b in zip(jax.tree_util.tree_leaves(start['params']['encoder']),
                     jax.tree_util.tree_leaves(trained['params']['encoder'])):
         np.testing.assert_array_equal(a, b)
-    second = tmp_path / 'second'
-    train.train_and_evaluate(config, str(second))
-    centre = latest_state(str(second))['consts']['centre']
-    # A longer run resumed from step 2 keeps the step-0 centre.
+    # A 4-step run stopped after its step-2 checkpoint, then resumed, keeps the step-0
+    # centre. (A workdir's total_steps cannot grow: jaxad.fingerprint refuses it.)
     config.total_steps = 4
+    second = tmp_path / 'second'
+    real_write = train.MetricWriter.write
+
+    def stop_at_step_3(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 3:
+            raise Preempted
+    monkeypatch.setattr(train.MetricWriter, 'write', stop_at_step_3)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(tiny_log(config), str(second))
+    centre = latest_state(str(second))['consts']['centre']
+    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
     train.train_and_evaluate(config, str(second))
     np.testing.assert_array_equal(latest_state(str(second))['consts']['centre'], centre)
+
+
+def tiny_log(config):
+    c = config.copy_and_resolve_references()
+    c.log_every = 1
+    return c
 
 
 def test_table_members_get_their_own_centres(npz, tmp_path):

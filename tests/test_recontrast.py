@@ -5,6 +5,10 @@ F.conv_transpose2d, F.cosine_similarity, the code's global_cosine_hm with its ba
 scipy.ndimage.gaussian_filter, and a torch re-build of the code's BN_layer / de_resnet
 modules (channel constants scaled by width / 64), anchored to the parameter counts of the
 official modules at full width.
+
+torch comes lazily through tests.helpers.import_torch (the `torch` fixture): without it
+the torch comparisons skip off CI and fail on CI (.ci/run installs it), and the torch-free
+tests here still run.
 """
 import functools
 
@@ -15,10 +19,13 @@ import pytest
 import scipy.ndimage
 
 from jaxad.methods import recontrast as rc
+from tests.helpers import import_torch
 
-import torch  # noqa: E402  (CI installs it: .ci/run; a missing torch fails, not skips)
-F = torch.nn.functional
-tnn = torch.nn
+
+@pytest.fixture(scope='module')
+def torch():
+    """torch (a skip off CI when it is not installed, a failure on CI)."""
+    return import_torch()
 
 
 def _rand(key, shape, scale=1.0):
@@ -27,8 +34,9 @@ def _rand(key, shape, scale=1.0):
 
 # ----------------------------------------------------------------------------- loss
 
-def _torch_global_cosine_hm(a, b, alpha=1., factor=0.):
+def _torch_global_cosine_hm(torch, a, b, alpha=1., factor=0.):
     """utils.global_cosine_hm @381ef13 (with modify_grad), verbatim in substance."""
+    tnn = torch.nn
     def modify_grad(x, inds, factor=0.):
         inds = inds.expand_as(x)
         x[inds] *= factor
@@ -81,12 +89,12 @@ def test_global_cosine_hm_forward_and_masked_gradient(alpha):
 
 
 @pytest.mark.parametrize('alpha,factor', [(-3.0, 0.0), (0.2, 0.0), (1.0, 0.1)])
-def test_global_cosine_hm_matches_torch_hook(alpha, factor):
+def test_global_cosine_hm_matches_torch_hook(torch, alpha, factor):
     a, b = _pairs(seed=3, n=3)
     ta = [torch.tensor(np.ascontiguousarray(x.transpose(0, 3, 1, 2))) for x in a]
     tb = [torch.tensor(np.ascontiguousarray(x.transpose(0, 3, 1, 2)), requires_grad=True)
           for x in b]
-    tloss = _torch_global_cosine_hm(ta, tb, alpha, factor)
+    tloss = _torch_global_cosine_hm(torch, ta, tb, alpha, factor)
     tloss.backward()
     val, grads = jax.value_and_grad(
         lambda bs: rc.global_cosine_hm([jnp.asarray(x) for x in a], bs, alpha, factor))(
@@ -105,7 +113,8 @@ def test_recontrast_loss_is_half_of_both_directions():
     np.testing.assert_allclose(float(rc.recontrast_loss(en, de, 0.3)), float(want), rtol=1e-7)
 
 
-def test_cosine_similarity_matches_torch_including_zero_vectors():
+def test_cosine_similarity_matches_torch_including_zero_vectors(torch):
+    F = torch.nn.functional
     x, y = _rand(1, (5, 7)), _rand(2, (5, 7))
     x[0] = 0.0
     y[1] = 1e-12
@@ -136,7 +145,8 @@ def test_alpha_schedule():
 @pytest.mark.parametrize('size_in,size_out', [((4, 4), (16, 16)), ((5, 7), (13, 11)),
                                               ((8, 8), (256, 256)), ((3, 3), (3, 3)),
                                               ((9, 9), (4, 6)), ((6, 2), (1, 5))])
-def test_bilinear_align_corners_matches_torch(size_in, size_out):
+def test_bilinear_align_corners_matches_torch(torch, size_in, size_out):
+    F = torch.nn.functional
     x = _rand(7, (2,) + size_in)
     got = rc.resize_bilinear_align_corners(jnp.asarray(x, jnp.float32), size_out)
     want = F.interpolate(torch.tensor(x, dtype=torch.float32)[:, None], size=size_out,
@@ -157,8 +167,9 @@ def test_gaussian_filter_matches_scipy(mode, shape):
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)
 
 
-def test_gaussian_5x5_zero_padded_kernel_matches_code_conv():
+def test_gaussian_5x5_zero_padded_kernel_matches_code_conv(torch):
     """The multi-class evaluation's get_gaussian_kernel(5, 4): a zero-padded 5x5 conv."""
+    F = torch.nn.functional
     x = np.abs(_rand(12, (2, 20, 17)))
     ks, sigma = 5, 4.0
     coords = torch.arange(ks).float()
@@ -170,8 +181,9 @@ def test_gaussian_5x5_zero_padded_kernel_matches_code_conv():
     np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
 
 
-def _code_anomaly_map(en, de, out_size):
+def _code_anomaly_map(torch, en, de, out_size):
     """utils.cal_anomaly_map(amap_mode='a') + gaussian_filter(sigma=4), one image."""
+    F = torch.nn.functional
     amap = np.zeros((out_size, out_size))
     for fs, ft in zip(en, de):
         a = 1 - F.cosine_similarity(torch.tensor(fs.transpose(0, 3, 1, 2)),
@@ -195,7 +207,7 @@ def test_anomaly_map_identical_features_is_zero():
     np.testing.assert_allclose(np.asarray(m), 0.0, atol=1e-6)
 
 
-def test_anomaly_map_peak_location_and_code_reference():
+def test_anomaly_map_peak_location_and_code_reference(torch):
     en, de = _feature_pairs(30)
     de[0][0, 3, 5] = -de[0][0, 3, 5]  # one differing point at level 1 (8x8)
     raw = np.asarray(rc.anomaly_map(en, de, 32, sigma=0))[0]
@@ -207,7 +219,7 @@ def test_anomaly_map_peak_location_and_code_reference():
     en2 = [np.abs(_rand(40 + i, x.shape)).astype(np.float32) for i, x in enumerate(en)]
     de2 = [np.abs(_rand(50 + i, x.shape)).astype(np.float32) for i, x in enumerate(en)]
     got = np.asarray(rc.anomaly_map(en2 + de2, de2 + en2, 32))[0]
-    want = _code_anomaly_map(en2 + de2, de2 + en2, 32)
+    want = _code_anomaly_map(torch, en2 + de2, de2 + en2, 32)
     np.testing.assert_allclose(got, want, atol=2e-5)
 
 
@@ -224,7 +236,8 @@ def test_image_score_max_and_top_ratio():
 
 # ----------------------------------------------------------------------------- modules
 
-def test_deconv2x2_matches_torch_conv_transpose():
+def test_deconv2x2_matches_torch_conv_transpose(torch):
+    F = torch.nn.functional
     x = _rand(70, (2, 3, 5, 4)).astype(np.float32)
     mod = rc.Deconv2x2(6)
     v = mod.init(jax.random.PRNGKey(0), jnp.asarray(x))
@@ -285,127 +298,131 @@ def test_param_counts_match_official_modules(arch):
 
 
 # --- a torch re-build of the code's modules with the channel constants scaled by w / 64
+# (classes built on first use: torch is imported lazily, through the `torch` fixture)
 
-def _t_conv3(i, o, s=1):
-    return tnn.Conv2d(i, o, 3, s, 1, bias=False)
+@functools.cache
+def _torch_module_classes(torch):
+    """(BasicBlock, Bottleneck, BN_layer, decoder) torch classes, 64 -> w."""
+    F = torch.nn.functional
+    tnn = torch.nn
+
+    def _t_conv3(i, o, s=1):
+        return tnn.Conv2d(i, o, 3, s, 1, bias=False)
+
+    def _t_conv1(i, o, s=1):
+        return tnn.Conv2d(i, o, 1, s, bias=False)
+
+    def _t_deconv(i, o, s):
+        return tnn.ConvTranspose2d(i, o, 2, s, bias=False)
+
+    def _identity(block, x):
+        res = getattr(block, block._res_name)
+        return x if res is None else res(x)
+
+    class _TBasic(tnn.Module):
+        expansion = 1
+
+        def __init__(self, inplanes, planes, stride=1, resample=None, base_width=64, up=False):
+            super().__init__()
+            self.conv1 = _t_deconv(inplanes, planes, 2) if up and stride == 2 \
+                else _t_conv3(inplanes, planes, stride)
+            self.bn1 = tnn.BatchNorm2d(planes)
+            self.conv2 = _t_conv3(planes, planes)
+            self.bn2 = tnn.BatchNorm2d(planes)
+            self._res_name = 'upsample' if up else 'downsample'
+            setattr(self, self._res_name, resample)
+
+        def forward(self, x):
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(out + _identity(self, x))
+
+    class _TBottle(tnn.Module):
+        expansion = 4
+
+        def __init__(self, inplanes, planes, stride=1, resample=None, base_width=64, up=False):
+            super().__init__()
+            width = int(planes * (base_width / 64.))
+            self.conv1 = _t_conv1(inplanes, width)
+            self.bn1 = tnn.BatchNorm2d(width)
+            self.conv2 = _t_deconv(width, width, 2) if up and stride == 2 \
+                else _t_conv3(width, width, stride)
+            self.bn2 = tnn.BatchNorm2d(width)
+            self.conv3 = _t_conv1(width, planes * 4)
+            self.bn3 = tnn.BatchNorm2d(planes * 4)
+            self._res_name = 'upsample' if up else 'downsample'
+            setattr(self, self._res_name, resample)
+
+        def forward(self, x):
+            out = F.relu(self.bn1(self.conv1(x)))
+            out = F.relu(self.bn2(self.conv2(out)))
+            out = self.bn3(self.conv3(out))
+            return F.relu(out + _identity(self, x))
+
+    class _TBNLayer(tnn.Module):
+        """models/resnet.py BN_layer with 64 -> w."""
+
+        def __init__(self, block, layers, w, base_width=64):
+            super().__init__()
+            e = block.expansion
+            inplanes = 4 * w * e
+            down = tnn.Sequential(_t_conv1(inplanes * 3, 8 * w * e, 2),
+                                  tnn.BatchNorm2d(8 * w * e))
+            blocks = [block(inplanes * 3, 8 * w, 2, down, base_width)]
+            blocks += [block(8 * w * e, 8 * w, base_width=base_width) for _ in range(1, layers)]
+            self.bn_layer = tnn.Sequential(*blocks)
+            self.conv1 = _t_conv3(w * e, 2 * w * e, 2)
+            self.bn1 = tnn.BatchNorm2d(2 * w * e)
+            self.conv2 = _t_conv3(2 * w * e, 4 * w * e, 2)
+            self.bn2 = tnn.BatchNorm2d(4 * w * e)
+            self.conv3 = _t_conv3(2 * w * e, 4 * w * e, 2)
+            self.bn3 = tnn.BatchNorm2d(4 * w * e)
+            self.conv4 = _t_conv1(16 * w * e, 8 * w * e, 1)  # unused, as in the code
+            self.bn4 = tnn.BatchNorm2d(8 * w * e)
+
+        def forward(self, x):
+            l1 = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x[0]))))))
+            l2 = F.relu(self.bn3(self.conv3(x[1])))
+            return self.bn_layer(torch.cat([l1, l2, x[2]], 1))
+
+    class _TDecoder(tnn.Module):
+        """models/de_resnet.py ResNet(output_conv=2) with 64 -> w."""
+
+        def __init__(self, block, layers, w, base_width=64, output_conv=2):
+            super().__init__()
+            e = block.expansion
+            self.inplanes = 8 * w * e
+            self.layer1 = self._make_layer(block, 4 * w, layers[0], base_width)
+            self.layer2 = self._make_layer(block, 2 * w, layers[1], base_width)
+            self.layer3 = self._make_layer(block, w, layers[2], base_width)
+            self.out1, self.out2, self.out3 = tnn.ModuleList(), tnn.ModuleList(), tnn.ModuleList()
+            for _ in range(output_conv):
+                self.out1.append(tnn.Conv2d(w * e, w * e, 1))
+                self.out2.append(tnn.Conv2d(2 * w * e, 2 * w * e, 1))
+                self.out3.append(tnn.Conv2d(4 * w * e, 4 * w * e, 1))
+
+        def _make_layer(self, block, planes, blocks, base_width):
+            up = tnn.Sequential(_t_deconv(self.inplanes, planes * block.expansion, 2),
+                                tnn.BatchNorm2d(planes * block.expansion))
+            layers = [block(self.inplanes, planes, 2, up, base_width, up=True)]
+            self.inplanes = planes * block.expansion
+            layers += [block(self.inplanes, planes, base_width=base_width, up=True)
+                       for _ in range(1, blocks)]
+            return tnn.Sequential(*layers)
+
+        def forward(self, x):
+            f3 = self.layer1(x)
+            f2 = self.layer2(f3)
+            f1 = self.layer3(f2)
+            out = []
+            for i in range(len(self.out1)):
+                out += [self.out1[i](f1), self.out2[i](f2), self.out3[i](f3)]
+            return out
+
+    return _TBasic, _TBottle, _TBNLayer, _TDecoder
 
 
-def _t_conv1(i, o, s=1):
-    return tnn.Conv2d(i, o, 1, s, bias=False)
-
-
-def _t_deconv(i, o, s):
-    return tnn.ConvTranspose2d(i, o, 2, s, bias=False)
-
-
-def _identity(block, x):
-    res = getattr(block, block._res_name)
-    return x if res is None else res(x)
-
-
-class _TBasic(tnn.Module):
-    expansion = 1
-
-    def __init__(self, inplanes, planes, stride=1, resample=None, base_width=64, up=False):
-        super().__init__()
-        self.conv1 = _t_deconv(inplanes, planes, 2) if up and stride == 2 \
-            else _t_conv3(inplanes, planes, stride)
-        self.bn1 = tnn.BatchNorm2d(planes)
-        self.conv2 = _t_conv3(planes, planes)
-        self.bn2 = tnn.BatchNorm2d(planes)
-        self._res_name = 'upsample' if up else 'downsample'
-        setattr(self, self._res_name, resample)
-
-    def forward(self, x):
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        return F.relu(out + _identity(self, x))
-
-
-class _TBottle(tnn.Module):
-    expansion = 4
-
-    def __init__(self, inplanes, planes, stride=1, resample=None, base_width=64, up=False):
-        super().__init__()
-        width = int(planes * (base_width / 64.))
-        self.conv1 = _t_conv1(inplanes, width)
-        self.bn1 = tnn.BatchNorm2d(width)
-        self.conv2 = _t_deconv(width, width, 2) if up and stride == 2 \
-            else _t_conv3(width, width, stride)
-        self.bn2 = tnn.BatchNorm2d(width)
-        self.conv3 = _t_conv1(width, planes * 4)
-        self.bn3 = tnn.BatchNorm2d(planes * 4)
-        self._res_name = 'upsample' if up else 'downsample'
-        setattr(self, self._res_name, resample)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return F.relu(out + _identity(self, x))
-
-
-class _TBNLayer(tnn.Module):
-    """models/resnet.py BN_layer with 64 -> w."""
-
-    def __init__(self, block, layers, w, base_width=64):
-        super().__init__()
-        e = block.expansion
-        inplanes = 4 * w * e
-        down = tnn.Sequential(_t_conv1(inplanes * 3, 8 * w * e, 2), tnn.BatchNorm2d(8 * w * e))
-        blocks = [block(inplanes * 3, 8 * w, 2, down, base_width)]
-        blocks += [block(8 * w * e, 8 * w, base_width=base_width) for _ in range(1, layers)]
-        self.bn_layer = tnn.Sequential(*blocks)
-        self.conv1 = _t_conv3(w * e, 2 * w * e, 2)
-        self.bn1 = tnn.BatchNorm2d(2 * w * e)
-        self.conv2 = _t_conv3(2 * w * e, 4 * w * e, 2)
-        self.bn2 = tnn.BatchNorm2d(4 * w * e)
-        self.conv3 = _t_conv3(2 * w * e, 4 * w * e, 2)
-        self.bn3 = tnn.BatchNorm2d(4 * w * e)
-        self.conv4 = _t_conv1(16 * w * e, 8 * w * e, 1)  # unused, as in the code
-        self.bn4 = tnn.BatchNorm2d(8 * w * e)
-
-    def forward(self, x):
-        l1 = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x[0]))))))
-        l2 = F.relu(self.bn3(self.conv3(x[1])))
-        return self.bn_layer(torch.cat([l1, l2, x[2]], 1))
-
-
-class _TDecoder(tnn.Module):
-    """models/de_resnet.py ResNet(output_conv=2) with 64 -> w."""
-
-    def __init__(self, block, layers, w, base_width=64, output_conv=2):
-        super().__init__()
-        e = block.expansion
-        self.inplanes = 8 * w * e
-        self.layer1 = self._make_layer(block, 4 * w, layers[0], base_width)
-        self.layer2 = self._make_layer(block, 2 * w, layers[1], base_width)
-        self.layer3 = self._make_layer(block, w, layers[2], base_width)
-        self.out1, self.out2, self.out3 = tnn.ModuleList(), tnn.ModuleList(), tnn.ModuleList()
-        for _ in range(output_conv):
-            self.out1.append(tnn.Conv2d(w * e, w * e, 1))
-            self.out2.append(tnn.Conv2d(2 * w * e, 2 * w * e, 1))
-            self.out3.append(tnn.Conv2d(4 * w * e, 4 * w * e, 1))
-
-    def _make_layer(self, block, planes, blocks, base_width):
-        up = tnn.Sequential(_t_deconv(self.inplanes, planes * block.expansion, 2),
-                            tnn.BatchNorm2d(planes * block.expansion))
-        layers = [block(self.inplanes, planes, 2, up, base_width, up=True)]
-        self.inplanes = planes * block.expansion
-        layers += [block(self.inplanes, planes, base_width=base_width, up=True)
-                   for _ in range(1, blocks)]
-        return tnn.Sequential(*layers)
-
-    def forward(self, x):
-        f3 = self.layer1(x)
-        f2 = self.layer2(f3)
-        f1 = self.layer3(f2)
-        out = []
-        for i in range(len(self.out1)):
-            out += [self.out1[i](f1), self.out2[i](f2), self.out3[i](f3)]
-        return out
-
-
-def _torch_modules(depth, w, wpg):
+def _torch_modules(torch, depth, w, wpg):
+    _TBasic, _TBottle, _TBNLayer, _TDecoder = _torch_module_classes(torch)
     stages, e = rc.arch_spec(depth)
     block = _TBottle if e == 4 else _TBasic
     return (_TBNLayer(block, stages[3], w, wpg), _TDecoder(block, stages[:3], w, wpg))
@@ -416,10 +433,10 @@ def _count(m, skip=()):
 
 
 @pytest.mark.parametrize('arch', sorted(OFFICIAL_COUNTS))
-def test_torch_rebuild_matches_official_counts(arch):
+def test_torch_rebuild_matches_official_counts(torch, arch):
     """Anchors the scaled re-build to the official module definitions at width 64."""
     with torch.device('meta'):
-        bn, dec = _torch_modules(arch[0], 64, arch[1])
+        bn, dec = _torch_modules(torch, arch[0], 64, arch[1])
     assert (_count(bn, ('conv4', 'bn4')), _count(dec)) == OFFICIAL_COUNTS[arch]
 
 
@@ -458,12 +475,12 @@ def _torch_to_flax(module):
 
 
 @pytest.mark.parametrize('depth,wpg', [(18, 64), (50, 128)])
-def test_bottleneck_decoder_match_torch_rebuild(depth, wpg):
+def test_bottleneck_decoder_match_torch_rebuild(torch, depth, wpg):
     """OCBE + decoder (train-mode BN over the concatenated batch, and eval mode) against
     the torch re-build with the same weights, tiny width."""
     w, n = 4, 4
     torch.manual_seed(0)
-    tbn, tdec = _torch_modules(depth, w, wpg)
+    tbn, tdec = _torch_modules(torch, depth, w, wpg)
     _, e = rc.arch_spec(depth)
     taps = [np.abs(_rand(80 + i, (n, 16 // 2 ** i, 16 // 2 ** i, (2 ** i) * w * e)))
             .astype(np.float32) for i in range(3)]

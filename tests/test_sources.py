@@ -149,6 +149,51 @@ def test_real_cifar10_test_split():
     assert s.class_names[0] == 'airplane' and s.class_names[9] == 'truck'
 
 
+def test_one_reader_and_one_extension_list(tmp_path):
+    """jaxad.data.images is the reader of the folder sources, the pixel sources and predict."""
+    from jaxad import predict
+    from jaxad.data import images, pixel_sources
+
+    assert sources.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS is predict.IMAGE_EXTENSIONS
+    assert pixel_sources.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS
+    assert sources.ImageSet is pixel_sources.ImageSet is images.ImageSet
+    assert images.is_image_file('a.BMP') and images.is_image_file('b.webp')
+    assert not images.is_image_file('.hidden.png') and not images.is_image_file('notes.txt')
+    # A .bmp (and any other listed extension) is an image for the training folders too.
+    root = write_tree(tmp_path / 'data')
+    Image.fromarray(pattern(30)).save(root / 'train' / 'cat' / 'zz.bmp')
+    np.testing.assert_array_equal(sources.load_image_folder(root, 'train').images[-1],
+                                  pattern(30))
+
+    rgba = np.concatenate([pattern(1, 12), np.full((12, 12, 1), 9, np.uint8)], -1)
+    path = tmp_path / 'x.png'
+    Image.fromarray(rgba, 'RGBA').save(path)
+    with Image.open(path) as im:  # the reference: convert, then bilinear resize
+        want = np.asarray(im.convert('RGB').resize((8, 8), Image.Resampling.BILINEAR))
+    np.testing.assert_array_equal(images.read_image(path, 3, 8), want)
+    np.testing.assert_array_equal(images.read_image(path.read_bytes(), 3, 8), want)
+    np.testing.assert_array_equal(images.read_image(rgba, 3, 8), want)
+    np.testing.assert_array_equal(predict.load_image(str(path), 8, 3), want)
+    grey, wh = images.read_image(path, 1, (6, 10), return_size=True)
+    assert grey.shape == (6, 10, 1) and wh == (12, 12)
+    same = pattern(2)
+    assert np.shares_memory(images.read_image(same, 3, 8), same)  # that shape: as is
+    assert images.read_image(path, None).shape == (12, 12, 4)  # channels None: decoded mode
+    mask = np.zeros((5, 5), np.uint8)
+    mask[1:3, 2:4] = 1
+    np.testing.assert_array_equal(  # nearest neighbour keeps a mask binary
+        images.read_image(mask, size=10, resample=images.NEAREST),
+        np.repeat(np.repeat(mask, 2, 0), 2, 1))
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(images.DECODE_ERRORS):
+        images.read_image(tmp_path / 'bad.png', 3)
+    with pytest.raises(DataError, match='cannot decode mask .*bad.png'):
+        with images.decode_errors(tmp_path / 'bad.png', 'mask'):
+            images.read_image(tmp_path / 'bad.png')
+    with pytest.raises(ConfigError, match='channels=2'):
+        images.check_channels(2)
+
+
 # -------------------------------------------------------------------------- IDX
 
 

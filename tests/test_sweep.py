@@ -1,4 +1,6 @@
-"""jaxad.sweep, launch/sweep.py and the shell launchers (no training here: see test_notebooks)."""
+"""launch/sweep.py (module and command line) and the shell launchers (no training here: see
+test_notebooks). `launch` imports from the repository root, which pytest puts on sys.path
+(as for `tests.helpers`)."""
 import importlib
 import json
 import os
@@ -10,8 +12,8 @@ import textwrap
 import pytest
 
 from jaxad import config as jc
-from jaxad import sweep
 from jaxad.errors import ConfigError
+from launch import sweep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(REPO, 'launch')
@@ -300,6 +302,14 @@ def test_launch_sweep_cli_formats():
     assert out.returncode == 1 and 'jaxad: error: axis' in out.stderr
 
 
+def test_importing_launch_sweep_defines_no_flags():
+    """Only the script defines its flags, so the module imports next to jaxad.main's."""
+    code = ('import launch.sweep, jaxad.main; from absl import flags; '
+            'assert "root" not in flags.FLAGS and "axis" not in flags.FLAGS')
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def _stub_bin(tmp_path, **scripts):
     """A directory of stand-in commands: name -> bash body."""
     d = tmp_path / 'bin'
@@ -362,11 +372,17 @@ def test_slurm_multinode_with_stand_ins(tmp_path):
 
 
 def test_launcher_flags_exist_in_jaxad_main():
-    """The flags the launchers pass are jaxad.main's (skipped until the multi-host flags land)."""
-    out = subprocess.run([sys.executable, '-m', 'jaxad.main', '--helpfull'], capture_output=True,
-                         text=True, cwd=REPO).stdout
-    if '--coordinator_address' not in out:
-        pytest.skip('jaxad.main has no multi-process flags yet')
+    """The flags the launchers pass are jaxad.main's.
+
+    No skip: jaxad.main has these flags, so a missing one, or a jaxad.main that crashes
+    before printing its help, is a failure (absl exits 1 after --helpfull, as does an
+    uncaught exception, so the traceback and the printed flags tell them apart).
+    """
+    proc = subprocess.run([sys.executable, '-m', 'jaxad.main', '--helpfull'],
+                          capture_output=True, text=True, cwd=REPO)
+    out = proc.stdout
+    crash = f'jaxad.main --helpfull (exit {proc.returncode}) stderr:\n{proc.stderr[-4000:]}'
+    assert 'Traceback' not in proc.stderr, crash
     for flag in ('--coordinator_address', '--num_processes', '--process_id', '--distributed'):
-        assert flag in out
+        assert flag in out, f'{flag} not in the help; {crash}'
     assert 'auto' in out.split('--distributed')[1].split('--')[0]

@@ -6,9 +6,10 @@ follow the library's convention: class 0 is the normal class (set
 `data.normal_classes=(0,)`), every other class is an anomaly.
 
 Resizing (`image_size` > 0): images with Pillow bilinear, masks with nearest
-neighbour so they stay binary; both to image_size x image_size. Masks are
-binarised (> 0) before resizing, so nearest neighbour picks the same pixels a
-resize of the original mask would. `image_size` 0/None keeps the original size,
+neighbour so they stay binary; both to image_size x image_size, by
+`jaxad.data.images.read_image` (the reader of every image file source and of
+predict). Masks are binarised (> 0) before resizing, so nearest neighbour picks
+the same pixels a resize of the original mask would. `image_size` 0/None keeps the original size,
 and then every image of the split must have the same size. Grey images (MVTec's
 grid, screw, zipper) and RGBA images are converted to `channels`.
 
@@ -22,9 +23,9 @@ import os
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from jaxad.data.sources import _PIL_MODES, IMAGE_EXTENSIONS, ImageSet, _is_image_file
+from jaxad.data.images import (IMAGE_EXTENSIONS, NEAREST, ImageSet, check_channels,
+                               decode_errors, is_image_file, read_image)
 from jaxad.errors import ConfigError, DataError
 
 MVTEC_GOOD = 'good'
@@ -66,7 +67,7 @@ def load_mvtec(root, category, split, image_size=None, channels=3):
     image without its mask is a DataError). Files are sorted by name.
     """
     root, split = os.fspath(root), _check_split(split)
-    _check_channels(channels)
+    check_channels(channels)
     if not os.path.isdir(root):
         raise DataError(f'MVTec-AD folder {root} does not exist')
     cat_dir = os.path.join(root, category) if category else ''
@@ -119,7 +120,7 @@ def load_folder_masks(normal_dir, split, abnormal_dir='', mask_dir='', normal_te
     (image-level methods need nothing else). Folders are read flat (no recursion).
     """
     split = _check_split(split)
-    _check_channels(channels)
+    check_channels(channels)
     if not normal_dir:
         raise ConfigError('data.normal_dir is empty: name the folder of normal images')
     normal = _image_files(normal_dir, 'normal')
@@ -180,11 +181,6 @@ def _check_split(split):
     return split
 
 
-def _check_channels(channels):
-    if channels not in _PIL_MODES:
-        raise ConfigError(f'channels={channels}: images can be decoded to 1 or 3 channels')
-
-
 def _subdirs(folder):
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith('.'))
 
@@ -194,7 +190,7 @@ def _image_files(folder, what):
     if not os.path.isdir(folder):
         raise DataError(f'{what} folder {folder} does not exist')
     names = sorted(n for n in os.listdir(folder)
-                   if _is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
+                   if is_image_file(n) and os.path.isfile(os.path.join(folder, n)))
     if not names:
         raise DataError(f'{what} folder {folder} has no {"/".join(IMAGE_EXTENSIONS)} images')
     return [os.path.join(folder, n) for n in names]
@@ -208,10 +204,10 @@ def _load_pairs(pairs, image_size, channels, with_masks, what):
     """
     if len(pairs) >= _LOG_EVERY:
         logging.info('decoding %d images from %s', len(pairs), what)
-    mode = _PIL_MODES[channels]
     images = masks = None
     for i, (path, mask_path) in enumerate(pairs):
-        image, size = _read_image(path, mode, image_size)
+        with decode_errors(path):  # converted to `channels`, resized bilinear; original (W, H)
+            image, size = read_image(path, channels, image_size or None, return_size=True)
         if images is None:
             first_path, first_size = path, size
             images = np.empty((len(pairs),) + image.shape, np.uint8)
@@ -227,33 +223,16 @@ def _load_pairs(pairs, image_size, channels, with_masks, what):
     return images, masks
 
 
-def _read_image(path, mode, image_size):
-    """(HWC uint8 array converted to `mode`, resized bilinear; original (W, H))."""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im = im if im.mode == mode else im.convert(mode)
-            if image_size and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            array = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f'cannot decode image {path}: {e}') from e
-    return (array[..., None] if array.ndim == 2 else array), size
-
-
 def _read_mask(path, image_path, image_wh, image_size):
-    """HW {0, 1} mask: any non-zero value (any channel) is 1; resized nearest neighbour."""
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            array = np.asarray(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f'cannot decode mask {path}: {e}') from e
+    """HW {0, 1} mask: any non-zero value (any channel) is 1; resized nearest neighbour.
+
+    Read in its own mode (no conversion) and binarised before the resize, so the
+    resize picks pixels of the binary mask.
+    """
+    with decode_errors(path, 'mask'):
+        array, size = read_image(path, return_size=True)
     if size != image_wh:
         raise DataError(f'mask {path} is {size[1]}x{size[0]} (HxW) but its image {image_path} '
                         f'is {image_wh[1]}x{image_wh[0]}')
     binary = (array.reshape(array.shape[:2] + (-1,)) > 0).any(-1).astype(np.uint8)
-    if image_size and size != (image_size, image_size):
-        binary = np.asarray(Image.fromarray(binary).resize((image_size, image_size),
-                                                           Image.Resampling.NEAREST))
-    return binary
+    return read_image(binary, size=image_size or None, resample=NEAREST)

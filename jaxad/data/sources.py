@@ -19,19 +19,18 @@ the images.
 """
 import dataclasses
 import gzip
-import io
 import os
 import tarfile
 import time
-from typing import Sequence
 
 import numpy as np
 from absl import logging
-from PIL import Image
 
+from jaxad.data import pixel_sources
+from jaxad.data.images import IMAGE_EXTENSIONS, ImageSet  # noqa: F401 (re-exported)
+from jaxad.data.images import check_channels, decode_errors, is_image_file, read_image
 from jaxad.errors import ConfigError, DataError
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 FASHION_MNIST_ROOT = '/usr/share/datasets/fashion-mnist'
 FASHION_MNIST_CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
                          'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -39,23 +38,7 @@ SOURCES = ('folder', 'idx', 'fashion_mnist', 'digits', 'tfds', 'numpy', 'mvtec',
            'folder_masks')
 PIXEL_SOURCES = ('mvtec', 'folder_masks')  # jaxad.data.pixel_sources
 _IDX_PREFIX = {'train': 'train', 'test': 't10k'}  # MNIST file naming
-_PIL_MODES = {1: 'L', 3: 'RGB'}
 _LOG_EVERY = 10000  # images; loads at least this big log their progress
-
-
-@dataclasses.dataclass
-class ImageSet:
-    """One split: images (uint8 NHWC array or a lazy sequence of HWC arrays) and labels."""
-    images: np.ndarray | Sequence[np.ndarray]
-    labels: np.ndarray  # int64, label i is class_names[i]
-    class_names: list[str]
-    name: str  # for messages
-    # Pixel ground truth: uint8 (N, H, W) in {0, 1}, 1 = anomalous pixel, zeros for
-    # normal images; None when the set has none (every source but mvtec/folder_masks).
-    masks: np.ndarray | None = None
-
-    def __len__(self):
-        return len(self.labels)
 
 
 def from_numpy(images, labels, class_names=None, name='numpy'):
@@ -96,16 +79,16 @@ def from_numpy(images, labels, class_names=None, name='numpy'):
 
 
 def load_image_folder(root, split, image_size=None, channels=3):
-    """`root/<split>/<class>/*.{png,jpg,jpeg}` (or a .tar.gz of it) decoded into one array.
+    """`root/<split>/<class>/<image files>` (or a .tar.gz of it) decoded into one array.
 
     Class folders sorted by name are labels 0..K-1; files are sorted by name
     within a class so the order does not depend on the file system or archive.
     Every image must have the same size (and be image_size x image_size when
-    given); grey and RGBA images are converted to `channels`.
+    given); grey and RGBA images are converted to `channels`. Image files are those
+    with an extension of `jaxad.data.images.IMAGE_EXTENSIONS`.
     """
     root = os.fspath(root)
-    if channels not in _PIL_MODES:
-        raise ConfigError(f'channels={channels}: images can be decoded to 1 or 3 channels')
+    check_channels(channels)
     if not os.path.exists(root):
         raise DataError(f'image folder {root} does not exist')
     if os.path.isdir(root):
@@ -117,12 +100,8 @@ def load_image_folder(root, split, image_size=None, channels=3):
     class_names = sorted(files)
     items = [(name, data) for c in class_names for name, data in files[c]]
     labels = np.repeat(np.arange(len(class_names)), [len(files[c]) for c in class_names])
-    images = _decode_all(items, image_size, _PIL_MODES[channels], f'{root} [{split}]')
+    images = _decode_all(items, image_size, channels, f'{root} [{split}]')
     return ImageSet(images, labels.astype(np.int64), class_names, f'{root} [{split}]')
-
-
-def _is_image_file(name):
-    return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def _list_folder(root, split):
@@ -137,7 +116,7 @@ def _list_folder(root, split):
     files = {}
     for c in classes:
         class_dir = os.path.join(split_dir, c)
-        names = sorted(n for n in os.listdir(class_dir) if _is_image_file(n))
+        names = sorted(n for n in os.listdir(class_dir) if is_image_file(n))
         if not names:
             raise DataError(f'class folder {c!r} ({class_dir}) has no '
                             f'{"/".join(IMAGE_EXTENSIONS)} images')
@@ -158,7 +137,7 @@ def _read_archive(path, split):
                 split_seen |= split in parts[:2]
                 if member.isdir():
                     class_parts = parts
-                elif member.isfile() and _is_image_file(parts[-1]):
+                elif member.isfile() and is_image_file(parts[-1]):
                     class_parts = parts[:-1]
                 else:
                     continue
@@ -186,26 +165,20 @@ def _read_archive(path, split):
     return files
 
 
-def _decode(name, data, mode):
-    try:
-        if data is None:
-            with open(name, 'rb') as f:
-                data = f.read()
-        with Image.open(io.BytesIO(data)) as im:
-            array = np.asarray(im if im.mode == mode else im.convert(mode))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f'cannot decode image {name}: {e}') from e
-    return array[..., None] if array.ndim == 2 else array
+def _decode(name, data, channels):
+    """HWC uint8 of a file (`data` None: read from the path `name`) or archive member."""
+    with decode_errors(name):
+        return read_image(name if data is None else data, channels)
 
 
-def _decode_all(items, image_size, mode, what):
+def _decode_all(items, image_size, channels, what):
     """Decodes into one preallocated array, checking every size against the first.
 
     Serial on purpose: Pillow's per-image Python overhead dominates for small
     images, and a thread pool measured slower than this loop on CIFAR-10.
     """
     t0 = time.time()
-    first = _decode(*items[0], mode)
+    first = _decode(*items[0], channels)
     h, w = first.shape[:2]
     if image_size is not None and (h, w) != (image_size, image_size):
         raise DataError(f'image {items[0][0]} is {h}x{w} (HxW) but image_size is '
@@ -215,7 +188,7 @@ def _decode_all(items, image_size, mode, what):
     if len(items) >= _LOG_EVERY:
         logging.info('decoding %d images from %s', len(items), what)
     for i in range(1, len(items)):
-        array = _decode(*items[i], mode)
+        array = _decode(*items[i], channels)
         if array.shape != first.shape:
             raise DataError(f'image {items[i][0]} is {array.shape[0]}x{array.shape[1]} (HxW) '
                             f'but {items[0][0]} is {h}x{w}; all images must have one size')
@@ -304,9 +277,8 @@ def load_digits(split, image_size=16, test_fraction=0.5, seed=0):
         np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed)
     idx = np.sort(train_idx if split == 'train' else test_idx)
     grey = np.round(digits.images[idx] * (255 / 16)).astype(np.uint8)
-    resized = np.stack([np.asarray(Image.fromarray(g).resize(
-        (image_size, image_size), Image.Resampling.BILINEAR)) for g in grey])
-    images = np.repeat(resized[..., None], 3, axis=-1)
+    resized = np.stack([read_image(g, 1, image_size) for g in grey])  # (N, S, S, 1)
+    images = np.repeat(resized, 3, axis=-1)
     return ImageSet(images, labels[idx], [str(d) for d in range(10)], f'digits [{split}]')
 
 
@@ -367,7 +339,6 @@ def load_split(data_cfg, split):
     """The `split` ('train' or 'test') of the data set `data_cfg` describes."""
     source = data_cfg.source
     if source in PIXEL_SOURCES:
-        from jaxad.data import pixel_sources  # imports this module
         return pixel_sources.load_split(data_cfg, split)
     if source == 'folder':
         return load_image_folder(data_cfg.path, split, data_cfg.image_size, data_cfg.channels)
@@ -475,10 +446,7 @@ def _fit_images(images, shape):
     h, w, c = shape
     out = np.empty((len(images), h, w, c), np.uint8)
     for i, image in enumerate(images):
-        im = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
-        im = im.convert(_PIL_MODES[c]).resize((w, h), Image.BILINEAR)
-        array = np.asarray(im)
-        out[i] = array[..., None] if array.ndim == 2 else array
+        out[i] = read_image(image, c, (h, w))
     return out
 
 

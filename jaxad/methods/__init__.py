@@ -19,6 +19,33 @@ from jaxad.errors import ConfigError
 
 METHODS = ('csi', 'msc', 'mcl', 'oecl', 'self_oecl', 'recontrast', 'anomem')
 
+# name -> (module, class, the config section its knobs live in)
+_CLASSES = {
+    'csi': ('jaxad.methods.csi', 'CSI', 'csi'),
+    'msc': ('jaxad.methods.msc', 'MSC', 'msc'),
+    'mcl': ('jaxad.methods.mcl', 'MCL', 'mcl'),
+    'oecl': ('jaxad.methods.oecl', 'OECL', 'oecl'),
+    'self_oecl': ('jaxad.methods.oecl', 'OECL', 'oecl'),
+    'recontrast': ('jaxad.methods.recontrast', 'ReContrast', 'recontrast'),
+    'anomem': ('jaxad.methods.anomem', 'AnoMem', 'anomem'),
+}
+
+
+def config_section(name):
+    """The config section of method `name` (`self_oecl` reads `oecl.*`); the name itself
+    for an unknown method (get_method reports that)."""
+    return _CLASSES[name][2] if name in _CLASSES else name
+
+
+def scoring_fields(name):
+    """Dotted config fields that change method `name`'s scores but not its training
+    (its class's `scoring_fields`); jaxad.fingerprint rescores rather than refuses them."""
+    if name not in _CLASSES:
+        return ()
+    import importlib
+    module, cls, _ = _CLASSES[name]
+    return tuple(getattr(getattr(importlib.import_module(module), cls), 'scoring_fields', ()))
+
 
 def _build(config):
     name = config.method

@@ -309,6 +309,8 @@ def _detector_class_counts(data_cfg, table_cfg):
 class MCL:
     """The MCL method object for the shared trainer and evaluator."""
     headline_score = 'sei'
+    # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
+    scoring_fields = ('mcl.sei_views', 'mcl.combine', 'mcl.fit_fraction', 'mcl.cov_ridge')
     inputs = ('label',)
 
     def __init__(self, config):

@@ -4,12 +4,19 @@ An encoder that already gives good features (ImageNet ResNet-152 in the paper, o
 jaxad CSI run's encoder: `model.init_from`) is fine-tuned:
 
   phi(x)   = normalize(phi0(x))                   encoder features, unit norm
-  c        = mean over the normal training images of phi(x) under the INITIAL encoder,
-             computed once before step 1 (`fit_consts`, kept in the train state) and
-             never re-normalised (except inside the angular loss)
+  m        = mean over the normal training images of phi(x) under the INITIAL encoder,
+             computed once before step 1 (`fit_consts`, kept raw in the train state)
+  c        = m, or m / ||m|| when msc.angular
   theta(x) = normalize(phi(x) - c)
   L_msc    = NT-Xent over u = [theta(x1); theta(x2)], tau = 0.25, no eps
-  L_center = mean ||phi(x1) - c/||c|| ||^2 + mean ||phi(x2) - c/||c|| ||^2   (msc.angular)
+  L_center = mean ||phi(x1) - c||^2 + mean ||phi(x2) - c||^2          (msc.angular only)
+
+The angular case follows the official code (talreiss/Mean-Shifted-Anomaly-Detection,
+main.py): `train_model` takes the mean of the initial features and, under --angular,
+replaces it by `F.normalize(center)` before training; `run_epoch` then subtracts that one
+normalised centre from both views, feeds the differences to `contrastive_loss` (which
+normalises them) and adds their mean squared norms. So with msc.angular the unit centre
+is in BOTH terms; without it the raw mean is used in the contrastive term.
 
 BatchNorm stays in eval mode for the whole run (model.bn_mode='frozen': running
 statistics, affine parameters trained); the optimiser is SGD without momentum and
@@ -60,15 +67,22 @@ def positive_index(batch_size):
 
 
 def loss_and_aux(phi, centre, temperature, angular):
-    """MSC loss of unit features phi (2B, D) laid out [v1; v2] and the fixed centre (D,)."""
+    """MSC loss of unit features phi (2B, D) laid out [v1; v2] and the fixed centre (D,).
+
+    `centre` is the raw mean of the initial features (`fit_consts`). With `angular` it is
+    normalised first and that unit centre is used in both the contrastive and the centre
+    term, as in the official main.py (`if args.angular: center = F.normalize(center)` in
+    `train_model`, then `out = model(img) - center` feeds both terms in `run_epoch`).
+    """
     b = phi.shape[0] // 2
-    theta = losses.l2_normalize(phi - centre)
+    c = losses.l2_normalize(centre) if angular else centre
+    diff = phi - c
+    theta = losses.l2_normalize(diff)
     loss_msc = losses.nt_xent(theta, positive_index(b), temperature, eps=0.0)
     metrics = {'loss_msc': loss_msc}
     loss = loss_msc
     if angular:
-        c = losses.l2_normalize(centre)
-        sq = jnp.sum(jnp.square(phi - c), axis=-1)
+        sq = jnp.sum(jnp.square(diff), axis=-1)
         loss_center = jnp.mean(sq[:b]) + jnp.mean(sq[b:])
         loss = loss + loss_center
         metrics['loss_center'] = loss_center
@@ -86,6 +100,8 @@ def scores(bank, phi, k=2, test_block=1024, bank_block=4096):
 class MSC:
     """The MSC method object for the shared trainer and evaluator."""
     headline_score = 'knn'
+    # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
+    scoring_fields = ('msc.knn_k', 'msc.eval_center_crop')
 
     def __init__(self, config):
         from jaxad.models.resnet import build_model
@@ -144,7 +160,9 @@ class MSC:
         return {'phi': self._phi(variables, x, False)}
 
     def fit_consts(self, train_features):
-        """The centre of the initial model's normal features (not re-normalised)."""
+        """The centre of the initial model's normal features, stored raw (not re-normalised):
+        `loss_and_aux` normalises it when msc.angular, which equals the official code's
+        normalising it once before training since it never changes."""
         return {'centre': jnp.mean(train_features['phi'], axis=0)}
 
     def fit_scoring(self, train_features):

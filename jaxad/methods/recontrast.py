@@ -460,6 +460,8 @@ class ReContrast:
     """
     needs_step = True   # alpha(step) inside the loss
     needs_bank = False  # the scores use no training features
+    # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
+    scoring_fields = ('recontrast.sigma', 'recontrast.map_reduce', 'recontrast.max_ratio')
     frozen_params = ('^frozen_encoder/',)
 
     def __init__(self, config):
