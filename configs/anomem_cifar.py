@@ -12,21 +12,24 @@ Arguments (after ':', comma separated):
   epochs        training epochs (default 500 [inferred]; the paper's schedule was not recovered)
   seed
 
-Recipe (`jaxad.config.anomem_base`): CIFAR ResNet-18 with Hopfield memories after layer2,
+Recipe (`anomem_base`, configs/recipes.py): CIFAR ResNet-18 with Hopfield memories after layer2,
 layer3 and layer4; 256 images per step x 2 SimCLR views, NT-Xent tau 0.5 + VICReg variance
 term + memory pull; CSI's LARS (lr 0.1, x10 warm-up over 10 epochs, cosine). Scores: the
 inverse-std-normalised sum of the per-scale mean deviations (`anomem`), and the anomaly map.
 """
-from configs.csi_cifar import set_cifar_data
 from jaxad import config as jc
+
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', dataset='cifar10_jpg', path='',
                        tfds_data_dir='', epochs=500, seed=0)
-    c = jc.anomem_base()
+    c = recipes.anomem_base()
     c.seed = arg.seed
     c.optim.epochs = arg.epochs
     jc.set_normal_classes(c, arg.normal_class)
-    set_cifar_data(c, arg)
+    csi_cifar.set_cifar_data(c, arg)
     return c

@@ -13,9 +13,12 @@ trained with BCE, normal vs those anomalies, jointly with the memory; its logit
 Arguments: those of configs/anomem_cifar.py, plus num_anomalies (default 10, > 0) and
 hinge (default 0.0: the weight of the anomalies' deviation hinge on the memory).
 """
-from configs.csi_cifar import set_cifar_data
 from jaxad import config as jc
 from jaxad.errors import ConfigError
+
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 
 def get_config(arg=None):
@@ -23,11 +26,11 @@ def get_config(arg=None):
                        tfds_data_dir='', epochs=500, seed=0, num_anomalies=10, hinge=0.0)
     if arg.num_anomalies <= 0:
         raise ConfigError(f'num_anomalies must be > 0, got {arg.num_anomalies}')
-    c = jc.anomem_base()
+    c = recipes.anomem_base()
     c.seed = arg.seed
     c.optim.epochs = arg.epochs
     jc.set_normal_classes(c, arg.normal_class)
-    set_cifar_data(c, arg)
+    csi_cifar.set_cifar_data(c, arg)
     c.anomem.few_anomalies = True
     c.anomem.hinge_weight = float(arg.hinge)
     c.oe.source = 'other_classes'

@@ -13,11 +13,14 @@ python -m jaxad.main --config=configs/anomem_fmnist.py:normal_class=0,width=16 \
 """
 from jaxad import config as jc
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', epochs=100, width=64,
                        path='/usr/share/datasets/fashion-mnist', seed=0)
-    c = jc.anomem_base()
+    c = recipes.anomem_base()
     c.seed = arg.seed
     c.data.source = 'fashion_mnist'
     c.data.path = arg.path

@@ -27,6 +27,9 @@ import os
 
 from jaxad import config as jc
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
                            'cifar10-jpg.tar.gz')
 
@@ -34,7 +37,7 @@ DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dat
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', path='', arch='resnet34', epochs=400,
                        batch_size=256, sei_views=8, combine='wa', ood='', seed=0)
-    c = jc.mcl_base()
+    c = recipes.mcl_base()
     c.seed = arg.seed
     c.data.source = 'folder'
     c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)

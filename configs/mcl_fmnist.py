@@ -12,12 +12,15 @@ arch, width, epochs, batch_size, sei_views, path, seed.
 """
 from jaxad import config as jc
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', arch='resnet18', width=16, epochs=10,
                        batch_size=32, sei_views=8, path='/usr/share/datasets/fashion-mnist',
                        seed=0)
-    c = jc.mcl_base()
+    c = recipes.mcl_base()
     c.seed = arg.seed
     c.data.source = 'fashion_mnist'
     c.data.path = arg.path

@@ -12,6 +12,9 @@ weights (converted DIR), arch (resnet152 | resnet18), epochs, path, angular, see
 from jaxad import config as jc
 from jaxad.errors import ConfigError
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 FROZEN_R152 = ('^encoder/(conv1|bn1|layer1_|layer2_)',)  # requires_grad=False in main.py
 
 
@@ -22,7 +25,7 @@ def get_config(arg=None):
         raise ConfigError('configs/msc_cifar.py needs ImageNet weights: convert them with '
                           '`python -m jaxad.models.convert --in resnet152.pth --out DIR` and '
                           'pass weights=DIR (or use configs/msc_from_run.py)')
-    c = jc.msc_base()
+    c = recipes.msc_base()
     c.seed = arg.seed
     c.data.source = 'folder'
     c.data.path = arg.path

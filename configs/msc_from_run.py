@@ -12,13 +12,16 @@ Arguments: run (workdir), epochs, lr, angular, blur (probability), seed.
 from jaxad import config as jc
 from jaxad.errors import ConfigError
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, run='', epochs=20, lr=1e-5, angular=False, blur=0.0, seed=0)
     if not arg.run:
         raise ConfigError('configs/msc_from_run.py needs run=WORKDIR of a finished jaxad run')
     base = jc.load_run_config(arg.run)
-    c = jc.msc_base()
+    c = recipes.msc_base()
     c.seed = arg.seed
     c.data = base.data
     c.table.classes = ''

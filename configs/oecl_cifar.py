@@ -23,7 +23,9 @@ Linear-BN-ReLU-Linear(128) head; alpha = 0 for 50 epochs, then 1.
 import os
 
 from jaxad import config as jc
-from jaxad.methods.oecl import set_outlier_exposure
+
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
 
 DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
                            'cifar10-jpg.tar.gz')
@@ -32,13 +34,13 @@ DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dat
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', path='', oe='folder', oe_path='', epochs=500,
                        alpha=1.0, warmup_epochs=50, seed=0)
-    c = jc.oecl_base()
+    c = recipes.oecl_base()
     c.seed = arg.seed
     c.data.source = 'folder'
     c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
     c.data.image_size = 32
     jc.set_normal_classes(c, arg.normal_class)
-    set_outlier_exposure(c, arg.oe, arg.oe_path, 'configs/oecl_cifar.py')
+    recipes.set_outlier_exposure(c, arg.oe, arg.oe_path, 'configs/oecl_cifar.py')
     c.oecl.alpha = arg.alpha
     c.oecl.warmup_epochs = arg.warmup_epochs
     c.optim.epochs = arg.epochs

@@ -18,7 +18,9 @@ path (IDX dir), oe (folder | numpy | other_classes), oe_path (default: CIFAR-10)
 import os
 
 from jaxad import config as jc
-from jaxad.methods.oecl import set_outlier_exposure
+
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
 
 DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
                            'cifar10-jpg.tar.gz')
@@ -29,7 +31,7 @@ def get_config(arg=None):
                        width=16, batch_size=0, num_samples=8, alpha=1.0,
                        path='/usr/share/datasets/fashion-mnist', oe='folder', oe_path='',
                        seed=0)
-    c = jc.oecl_base()
+    c = recipes.oecl_base()
     c.seed = arg.seed
     c.data.source = 'fashion_mnist'
     c.data.path = arg.path
@@ -48,7 +50,7 @@ def get_config(arg=None):
         c.oe.source = 'normal'
     else:
         c.batch_size = arg.batch_size or 64
-        set_outlier_exposure(c, arg.oe, arg.oe_path or os.path.abspath(DEFAULT_JPG),
+        recipes.set_outlier_exposure(c, arg.oe, arg.oe_path or os.path.abspath(DEFAULT_JPG),
                              'configs/oecl_fmnist.py')
         c.oecl.oe_grayscale = arg.oe != 'other_classes'  # FMNIST's own classes are grey
     return c

@@ -23,7 +23,9 @@ eval), max_ratio (0), factor (0), width (64), stem (imagenet | cifar), seed (111
 """
 from jaxad import config as jc
 from jaxad.errors import ConfigError
-from jaxad.methods.recontrast import EVAL_BN_CATEGORIES
+
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
 
 
 def get_config(arg=None):
@@ -35,7 +37,7 @@ def get_config(arg=None):
                           'holding bottle/, cable/, ...) and category=<name>')
     if arg.encoder_bn not in ('auto', 'train', 'eval'):
         raise ConfigError(f'encoder_bn must be auto, train or eval, got {arg.encoder_bn!r}')
-    c = jc.recontrast_base()
+    c = recipes.recontrast_base()
     c.seed = arg.seed
     c.data.source = 'mvtec'
     c.data.path = arg.path
@@ -45,7 +47,7 @@ def get_config(arg=None):
     c.model.width = arg.width
     c.model.stem = arg.stem  # 'cifar': taps at full, 1/2 and 1/4 resolution (small images)
     c.model.init_from = arg.weights
-    eval_bn = (arg.category in EVAL_BN_CATEGORIES['mvtec'] if arg.encoder_bn == 'auto'
+    eval_bn = (arg.category in recipes.EVAL_BN_CATEGORIES['mvtec'] if arg.encoder_bn == 'auto'
                else arg.encoder_bn == 'eval')
     c.model.bn_mode = 'frozen' if eval_bn else 'batch'
     c.batch_size = arg.batch_size

@@ -14,6 +14,9 @@ import os
 
 from jaxad import config as jc
 
+# Loaded by path (not `from configs import ...`): works from any working directory.
+recipes = jc.config_module(__file__, 'recipes')
+
 DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
                            'cifar10-jpg.tar.gz')
 
@@ -21,7 +24,7 @@ DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'dat
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', path='', epochs=500, alpha=1.0,
                        warmup_epochs=50, seed=0)
-    c = jc.oecl_base()
+    c = recipes.oecl_base()
     c.method = 'self_oecl'
     c.seed = arg.seed
     c.batch_size = 32

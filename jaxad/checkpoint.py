@@ -5,6 +5,11 @@ step, 'scoring' (what the evaluator needs: feature bank and normalising
 weights). Orbax writes each step to a temporary directory and renames it
 when complete, so an interrupted save never becomes the latest step.
 
+Every read goes through `Checkpoints.restore(step, item, like=None, sharding=None)`:
+the train state into the abstract tree the run builds with `jax.eval_shape` (its
+shardings; no initial state is computed), the scoring state (and, in predict and
+export, the state too) from the item's own Orbax metadata.
+
 Damage and failures are never silent:
 
 * A step that cannot be read (truncated or missing array files, missing or
@@ -295,26 +300,47 @@ class Checkpoints:
                 'was left in place')
         return CheckpointDamaged(self.directory, step, item, error_reason(error))
 
-    def _restore(self, step, item, abstract):
+    def restore(self, step, item, like=None, sharding=None):
+        """Item `item` ('state' or 'scoring') of `step`: the one way a checkpoint is read
+        (training, evaluation, tables, predict and export).
+
+        like: the abstract tree this config builds (ShapeDtypeStructs with shardings: the
+        train state's is `jax.eval_shape` of its init function, so no state is built to
+        restore into). The arrays come back with those shardings, and a failed read is told
+        apart: CheckpointDamaged when the step cannot be read, TrainingError when it reads
+        but another config wrote it.
+        like=None: shapes and dtypes from the item's own Orbax metadata (no config needed:
+        the scoring state, whose bank size is the data's; predict and export), every array
+        placed with `sharding` (default: this process's first device); any failure is then
+        damage (CheckpointDamaged).
+        """
+        path = self.item_path(step, item)
         quiet_abandoned_reads(collect=False)
         try:
+            if like is None:
+                if not os.path.isdir(path):
+                    raise CheckpointDamaged(self.directory, step, item, f'{path} is missing')
+                where = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                abstract = jax.tree_util.tree_map(
+                    lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=where),
+                    item_metadata(path))
+            else:
+                abstract = like
             out = self.manager.restore(step, args=ocp.args.Composite(
                 **{item: ocp.args.StandardRestore(abstract)}))
             return out[item]
+        except CheckpointDamaged:
+            raise
         except Exception as e:  # pylint: disable=broad-except
             error = e
         quiet_abandoned_reads()
-        raise self._diagnose(step, item, abstract, error) from error
-
-    def restore_state(self, step, abstract_state):
-        """Restores 'state' with the shardings/dtypes of `abstract_state`.
-
-        CheckpointDamaged when the step cannot be read; TrainingError when it reads
-        but was written by a different config."""
-        return self._restore(step, 'state', abstract_state)
-
-    def restore_scoring(self, step, abstract_scoring):
-        return self._restore(step, 'scoring', abstract_scoring)
+        if like is None:
+            # The shapes are the checkpoint's own, so no config can mismatch: any failure
+            # (TensorStore raises bare Exception/ValueError for truncated or missing array
+            # files, json/FileNotFoundError for _METADATA) is damage.
+            raise CheckpointDamaged(self.directory, step, item,
+                                    error_reason(error)) from error
+        raise self._diagnose(step, item, like, error) from error
 
     def set_aside(self, step):
         """Moves damaged `step` to `<checkpoints>_damaged/<step>`; returns where it went."""
@@ -350,7 +376,7 @@ class Checkpoints:
         damaged = []
         for step in steps:
             try:
-                state = self.restore_state(step, abstract_state)
+                state = self.restore(step, 'state', abstract_state)
             except CheckpointDamaged as e:
                 logging.info('%s; trying an older step', e)
                 damaged.append(e)
@@ -366,12 +392,13 @@ class Checkpoints:
             f'{", ".join(str(e.step) for e in damaged)} ({tried}). Nothing was moved; move or '
             f'delete {self.directory} to train from scratch')
 
-    def restore_or_refit_scoring(self, step, state, abstract_scoring, refit):
-        """The scoring state saved with `step`; when it is damaged, the step is set aside,
-        `refit()` recomputes the scoring state from `state` (read fine) and the step is
-        saved again, whole."""
+    def restore_or_refit_scoring(self, step, state, refit):
+        """The scoring state saved with `step` (host arrays, shapes from its own metadata,
+        as `refit` gives them); when it is damaged, the step is set aside, `refit()`
+        recomputes the scoring state from `state` (read fine) and the step is saved again,
+        whole."""
         try:
-            return self.restore_scoring(step, abstract_scoring)
+            return jax.device_get(self.restore(step, 'scoring'))
         except CheckpointDamaged as e:
             where = self.set_aside(step)
             logging.warning('%s; moved it to %s (kept for you to inspect); recomputing the '
@@ -382,11 +409,3 @@ class Checkpoints:
         self.wait()
         return scoring
 
-
-def abstract_like(tree):
-    """ShapeDtypeStructs (with shardings) describing `tree`, for restore."""
-    def one(x):
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
-    return jax.tree_util.tree_map(one, tree)

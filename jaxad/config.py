@@ -2,8 +2,17 @@
 
 Every number that changes results lives in the ConfigDict; `train.py` writes
 it to `workdir/config.json`. Config files call `parse_arg` for their
-`--config=file.py:key=val,flag` argument and start from `csi_base`.
+`--config=file.py:key=val,flag` argument and start from `base_config` (`csi_base`
+is CSI's) or from a method recipe of configs/recipes.py.
+
+The shared sections (data, model, optim, eval, ...) are defined here; each method's own
+section (`config.csi`, `config.msc`, ...) and its checks belong to the method class
+(`default_config`, `validate`; jaxad/methods/base.py). This module imports jaxad.methods
+only inside functions, and no method module imports it.
 """
+import importlib.util
+import os
+
 import ml_collections
 
 from jaxad.errors import ConfigError
@@ -94,10 +103,45 @@ def set_normal_classes(c, value):
         c.data.normal_classes = normal_classes(value)
 
 
+def config_module(anchor, name):
+    """The module `name`.py beside the file `anchor` (a config file's `__file__`), e.g. the
+    method recipes: `recipes = jc.config_module(__file__, 'recipes')`.
+
+    Loaded by path, as ml_collections loads config files: `configs` is importable as a
+    package only from the repository root, not when jaxad is installed and a config file
+    is given by path from elsewhere.
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(anchor)), f'{name}.py')
+    spec = importlib.util.spec_from_file_location(f'_jaxad_config_{name}', path)
+    if spec is None or not os.path.isfile(path):
+        raise ConfigError(f'config module {path} does not exist')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def method_sections():
+    """{section name: the registered method class that owns it}, in registry order (one
+    entry per section: self_oecl shares OECL's `oecl`)."""
+    from jaxad.methods import REGISTRY
+    out = {}
+    for cls in REGISTRY.values():
+        out.setdefault(cls.config_section, cls)
+    return out
+
+
 def csi_base():
-    """CSI with the paper's defaults (methods.md §2); datasets override `data`."""
+    """CSI with the paper's defaults (methods.md §2); datasets override `data`. The common
+    base of every config: `base_config('csi')`."""
+    return base_config('csi')
+
+
+def base_config(method='csi'):
+    """The common base: the shared sections with their defaults, every registered method's
+    own section (its `default_config()`), and `method`. The method recipes of
+    configs/recipes.py start from it."""
     c = ml_collections.ConfigDict()
-    c.method = 'csi'
+    c.method = method
     c.seed = 0
     c.num_devices = 0  # 0 = all visible devices
     c.batch_size = 128  # global images per step: 32 per GPU x 4 GPUs; x 4 rotations x 2 views
@@ -152,69 +196,10 @@ def csi_base():
     c.model.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
     c.model.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
 
-    c.csi = ml_collections.ConfigDict()
-    c.csi.num_shifts = 4  # rotations 0, 90, 180, 270
-    c.csi.temperature = 0.5  # hard-coded in CSI's simclr_CSI.py
-    c.csi.shift_weight = 1.0  # lambda of L_cls-SI
-    c.csi.eps = 1e-8  # eps inside CSI's NT_xent
-
-    # The other methods' knobs (methods.md §3, §4, §6); each is read only by its method.
-    c.msc = ml_collections.ConfigDict()
-    c.msc.temperature = 0.25
-    c.msc.angular = False  # add the centre loss ||phi - c||^2 (v1 paper; code default off)
-    c.msc.knn_k = 2
-    c.msc.image_size = 0  # side the encoder sees (224 for ImageNet weights); 0 = data size
-    c.msc.crop_scale = (0.2, 1.0)  # MoCo-v2 views
-    c.msc.blur_p = 0.5  # Gaussian blur, sigma ~ U(0.1, 2) pixels at msc.image_size
-    c.msc.eval_center_crop = 0.875  # Resize(S/0.875) -> CenterCrop(S) (R152); 1.0: Resize(S)
-
-    c.mcl = ml_collections.ConfigDict()
-    c.mcl.num_shifts = 4
-    c.mcl.temperature = 0.2
-    c.mcl.alpha = 0.05  # multiplier: same class, same rotation, other image
-    c.mcl.beta = 2.0  # multiplier: same class, other rotation
-    c.mcl.clamp = 1e-7  # cosines are clamped below at this before scaling
-    c.mcl.spa_weight = 1.0  # weight of stochastic positive attraction
-    c.mcl.num_classes = 10  # class part of the joint label y = class + num_classes * rot
-    c.mcl.sei_views = 8  # 8: 4 rotations x (flip, no flip) (SEI-8); 4: rotations (SEI-4)
-    c.mcl.combine = 'wa'  # wa (harmonic mean) | mean | min
-    c.mcl.fit_fraction = 0.2  # fraction of the training set the Gaussians see (code: 1/5)
-    c.mcl.cov_ridge = 1e-9
-
-    c.recontrast = ml_collections.ConfigDict()
-    c.recontrast.factor = 0.0  # gradient scale at the easy points (every official script: 0)
-    c.recontrast.alpha_warmup_fraction = 0.1  # alpha -3 -> 1 over this share of the steps
-    c.recontrast.sigma = 4.0  # Gaussian smoothing of the anomaly map (0: none)
-    c.recontrast.map_reduce = 'sum'  # sum (class-separated) | mean (multi-class) of the 6 maps
-    c.recontrast.max_ratio = 0.0  # 0: image score = max of the map; > 0: mean of the top share
-
-    c.oecl = ml_collections.ConfigDict()
-    c.oecl.temperature = 0.5
-    c.oecl.alpha = 1.0  # weight of mean ||z|| of outlier views after the warm-up
-    c.oecl.warmup_epochs = 50  # alpha = 0 before this (pure SimCLR)
-    c.oecl.warmup_steps = 0  # > 0 overrides warmup_epochs
-    c.oecl.oe_grayscale = False  # grey the OE images first (colour OE for grey data)
-    c.oecl.eps = 1e-8  # eps inside NT-Xent (CSI's form, as NTXentOE)
-
-    # AnoMem (methods.md §7; jaxad/methods/anomem.py). [inferred] = a guess, not from the
-    # paper (no code, equations not recovered): see the module docstring.
-    c.anomem = ml_collections.ConfigDict()
-    c.anomem.scales = ('layer2', 'layer3', 'layer4')  # memory after these stages [inferred]
-    c.anomem.num_prototypes = 64  # N_s, every scale [inferred]
-    c.anomem.beta = 16.0  # Hopfield inverse temperature on cosines [inferred]
-    c.anomem.memory_mix = 'replace'  # next stage sees r | 'residual': q + r [inferred]
-    c.anomem.deviation = 'l2'  # D = ||q - r||^2 | 'cos': 1 - cos(q, r)
-    c.anomem.temperature = 0.5  # NT-Xent tau (SimCLR CIFAR) [inferred]
-    c.anomem.eps = 1e-8  # eps inside NT-Xent (CSI's form)
-    c.anomem.var_gamma = 0.5  # VICReg variance hinge target std [inferred]
-    c.anomem.var_weight = 1.0  # [inferred]
-    c.anomem.pull_weight = 1.0  # pull memory to normal features (y=1 of Eqs. 2-4) [inferred]
-    c.anomem.pull_stop_grad = True  # pull/hinge move the memory only [inferred]
-    c.anomem.few_anomalies = False  # outlier-exposure mode: classifier on deviation maps
-    c.anomem.cls_hidden = 16  # classifier CNN channels [inferred]
-    c.anomem.cls_weight = 1.0  # BCE weight, trained jointly (stop-gradient maps) [inferred]
-    c.anomem.hinge_weight = 0.0  # anomalies' deviation hinge (y=0 of Eqs. 2-4); 0 = off
-    c.anomem.hinge_margin = 2.0  # anomaly mean deviation >= margin x normal batch mean
+    # Each registered method's knobs (methods.md §2-§7), read only by that method: the
+    # defaults are its class's `default_config()` (jaxad/methods/<name>.py).
+    for section, cls in method_sections().items():
+        c[section] = cls.default_config()
 
     # Outlier exposure (OECL): '' none; 'normal' (the normal images again, shuffled on
     # their own: self-OECL); 'other_classes' (the data set's non-normal training images);
@@ -315,119 +300,9 @@ def csi_base():
     return c
 
 
-def msc_base():
-    """MSC's training recipe (methods.md §3.2) on top of csi_base(); data and encoder are
-    the config file's."""
-    c = csi_base()
-    c.method = 'msc'
-    c.model.bn_mode = 'frozen'  # model.eval() for the whole run
-    c.model.proj_dim = 0
-    c.batch_size = 64
-    c.optim.name = 'sgd'
-    c.optim.lr = 1e-5
-    c.optim.momentum = 0.0
-    c.optim.weight_decay = 5e-5
-    c.optim.schedule = 'constant'
-    c.optim.epochs = 20
-    c.eval.batch_size = 128
-    c.checkpoint.every_steps = 500
-    return c
-
-
-def mcl_base():
-    """MCL's training recipe (methods.md §4.2, `mcl_main.py`) on top of csi_base(); data and
-    mcl.num_classes are the config file's."""
-    c = csi_base()
-    c.method = 'mcl'
-    c.model.name = 'resnet34'
-    c.model.stem = 'cifar'  # conv1 3x3 stride 1, no max-pool
-    c.model.input_norm = 'none'  # ToTensor() only
-    c.model.proj_hidden = 2048  # Linear(512, 2048) - ReLU - Linear(2048, 128), no BN
-    c.model.proj_dim = 128
-    # Images per step; x 4 rotations = the code's batch_size 1024, x 2 views = 2048 rows.
-    c.batch_size = 256
-    c.optim.name = 'sgd'
-    c.optim.nesterov = True
-    c.optim.momentum = 0.9
-    c.optim.weight_decay = 1e-6
-    # The code's lr = 0.3 * (rotated images per batch) / 256 = 0.3 * batch_size / 64: 1.2 at
-    # the default batch, and the same rule at any other batch size.
-    c.optim.lr = 0.3
-    c.optim.lr_rule = 'linear'
-    c.optim.lr_base_batch = 64
-    c.optim.schedule = 'cosine'  # CosineAnnealingLR per step, no warm-up
-    c.optim.final_lr_fraction = 5e-4  # eta_min = lr * 5e-4
-    c.optim.epochs = 400
-    c.eval.batch_size = 128  # x 8 SEI views
-    return c
-
-
-def oecl_base():
-    """OECL's recipe (methods.md §6.2) on top of csi_base(); data and oe are the config
-    file's. realOECL's "LARS" never applies its trust ratio: plain SGD + momentum with
-    coupled weight decay, cosine over 500 epochs (per step here, per epoch there)."""
-    c = csi_base()
-    c.method = 'oecl'
-    c.batch_size = 64  # ID images per step (+ as many OE images); self-OECL: 32
-    c.model.proj_hidden = 0  # Linear(feat, feat): 512 for ResNet-18
-    c.model.proj_bn = True  # Linear -> BatchNorm1d -> ReLU -> Linear(128)
-    c.model.input_norm = 'cifar'  # mean (125.3, 123.0, 113.9)/255, std (63.0, 62.1, 66.7)/255
-    c.optim.name = 'sgd'
-    c.optim.lr = 0.1
-    c.optim.momentum = 0.9
-    c.optim.weight_decay = 5e-4
-    c.optim.schedule = 'cosine'
-    c.optim.epochs = 500
-    c.augment.crop_scale = (0.08, 1.0)
-    c.eval.num_samples = 32  # num_aug: the clean view + 32 SimCLR views per test image
-    c.eval.batch_size = 128
-    return c
-
-
-def recontrast_base():
-    """ReContrast's MVTec recipe (methods.md §5.3, recontrast_mvtec.py) on top of csi_base():
-    WideResNet-50-2 (ImageNet stem and normalisation), 256 px, batch 16, 2000 iterations,
-    AdamW(2e-3) on bottleneck + decoder and AdamW(1e-5) on the encoder (betas 0.9/0.999,
-    decay 1e-5), constant rates, no augmentation. Data (mvtec or folder_masks) and the
-    encoder BN mode (model.bn_mode; per category in the code) are the config file's."""
-    c = csi_base()
-    c.method = 'recontrast'
-    c.model.name = 'wide_resnet50_2'
-    c.model.stem = 'imagenet'
-    c.model.input_norm = 'imagenet'
-    c.model.proj_dim = 0
-    c.data.image_size = 256
-    c.data.normal_classes = (0,)
-    c.batch_size = 16
-    c.total_steps = 2000
-    c.optim.name = 'adamw'
-    c.optim.lr = 2e-3
-    c.optim.betas = (0.9, 0.999)
-    c.optim.weight_decay = 1e-5
-    c.optim.eps = 1e-8
-    c.optim.schedule = 'constant'
-    c.optim.group_lr = (('^encoder/', 1e-5),)
-    c.eval.batch_size = 16
-    c.checkpoint.every_steps = 250
-    c.log_every = 50
-    return c
-
-
-def anomem_base():
-    """AnoMem (methods.md §7, an [inferred] sketch) on top of csi_base(); data and oe are the
-    config file's. CSI-like SimCLR training: CSI's LARS (lr 0.1, momentum 0.9, wd 1e-6,
-    x10 warm-up over 10 epochs then cosine) and augmentations, 2 views per image (no
-    rotations), so twice CSI's images per step fit in half its rows. 500 epochs [inferred]."""
-    c = csi_base()
-    c.method = 'anomem'
-    c.batch_size = 256  # x 2 views = 512 rows (CSI: 128 x 4 rotations x 2 views)
-    c.optim.epochs = 500
-    c.eval.num_samples = 1  # unused: AnoMem scores the clean test image
-    return c
-
-
 def validate_config(config):
-    """Checks that catch a bad config before any data is loaded."""
+    """Checks that catch a bad config before any data is loaded: the shared sections
+    here, the method's own by its class (`validate`)."""
     def positive(name, value):
         if value <= 0:
             raise ConfigError(f'{name} must be > 0, got {value}')
@@ -457,16 +332,10 @@ def validate_config(config):
         if config.eval.knn_reduce not in density.KNN_REDUCES:
             raise ConfigError(f'eval.knn_reduce must be one of {density.KNN_REDUCES}')
         positive('eval.kde_temperature', config.eval.kde_temperature)
-    if config.method == 'csi':
-        positive('csi.num_shifts', config.csi.num_shifts)
-        positive('csi.temperature', config.csi.temperature)
-        if config.csi.num_shifts > 4:
-            raise ConfigError(f'csi.num_shifts={config.csi.num_shifts}: rotations give at most 4 shifts')
     if config.oe.get('max_images', 0) < 0:
         raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {config.oe.max_images}')
-    if config.method == 'anomem':
-        from jaxad.methods import anomem
-        anomem.validate(config)
+    from jaxad.methods import method_class
+    method_class(config.method).validate(config)  # the method's own checks (unknown: error)
 
 
 def load_run_config(workdir):

@@ -40,8 +40,8 @@ k <= M guarantees k real candidates. Only one (test_block, bank_block) tile exis
 
 `fit(names, bank, cfg)` / `score(names, state, test, cfg)` select several evaluators by name
 (`DENSITY_SCORERS`) and score them together in one jitted pass over the test blocks that
-scans the bank once (kNN and KDE share the cosine tile). `with_density` attaches them to a
-method object so its scoring state (checkpointed) and score dict include them.
+scans the bank once (kNN and KDE share the cosine tile). `jaxad.methods.base.with_density`
+attaches them to a method so its scoring state (checkpointed) and score dict include them.
 """
 import collections
 import functools
@@ -443,6 +443,11 @@ def config_names(eval_cfg):
     return tuple(part.strip() for n in names for part in n.split(',') if part.strip())
 
 
+def check_names(names):
+    """`names` as a tuple of known, distinct evaluator names (ValueError otherwise)."""
+    return _names(names)
+
+
 def _names(names):
     names = (names,) if isinstance(names, str) else tuple(names)
     unknown = [n for n in names if n not in DENSITY_SCORERS]
@@ -525,55 +530,3 @@ def score(names, state, test, cfg=None):
     names = _names(names)
     out = _score(names, state, test, _cfg(cfg))
     return {n: out[n] for n in names}  # jit returns dicts with sorted keys
-
-
-# ---------------------------------------------------------------------------------------------
-# Attaching the evaluators to a method object
-
-class WithDensity:
-    """A method whose `fit_scoring`/`score` also fit and return the density evaluators.
-
-    Everything else is delegated to the wrapped method. The density state lives under
-    scoring['density'], so it is checkpointed and restored with the method's own state
-    (its shapes come from `jax.eval_shape(fit_scoring, bank)` like the rest).
-    """
-
-    def __init__(self, method, names, cfg, feature_fn):
-        self.method = method
-        self.density_names = _names(names)
-        self.density_cfg = _cfg(cfg)
-        self.density_feature_fn = feature_fn
-
-    def __getattr__(self, name):
-        if name == 'method':  # not set yet (copy/pickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.method, name)
-
-    def fit_scoring(self, train_features):
-        scoring = dict(self.method.fit_scoring(train_features))
-        scoring['density'] = fit(self.density_names, self.density_feature_fn(train_features),
-                                 self.density_cfg)
-        return scoring
-
-    def score(self, scoring, test_features):
-        scoring = dict(scoring)
-        state = scoring.pop('density')
-        scores = dict(self.method.score(scoring, test_features))
-        extra = score(self.density_names, state, self.density_feature_fn(test_features),
-                      self.density_cfg)
-        clash = set(scores) & set(extra)
-        if clash:
-            raise ValueError(f'density score names {sorted(clash)} clash with the method\'s')
-        scores.update(extra)
-        return scores
-
-
-def with_density(method, eval_cfg, feature_fn):
-    """`method` with the evaluators named by `eval_cfg.density` attached (unchanged if none).
-
-    feature_fn(features tree) -> (N, D) array: the features the evaluators see.
-    """
-    names = config_names(eval_cfg)
-    if not names:
-        return method
-    return WithDensity(method, names, DensityConfig.from_config(eval_cfg), feature_fn)

@@ -340,8 +340,9 @@ def scoring_from_features(method, train_features):
 
 def with_bank_labels(method, train_features, bank_labels):
     """Adds 'label' (each bank image's position among the normal classes) to the bank
-    features of a method that trains with labels (MCL fits one Gaussian per class)."""
-    if 'label' not in getattr(method, 'inputs', ()):
+    features of a method that trains with labels (`method.needs_bank_labels`: MCL fits one
+    Gaussian per class)."""
+    if not method.needs_bank_labels:
         return train_features
     bank_labels = np.asarray(bank_labels)
     positions = np.searchsorted(np.unique(bank_labels), bank_labels).astype(np.int32)
@@ -358,9 +359,10 @@ def feature_shapes(method, variables, image_shape, num_images, rng):
 
 
 def needs_bank_pass(method):
-    """False for density-free scores (OECL's norms) with no eval.density attached: then the
-    bank's features are never computed (OECL would run 1 + T views over every image)."""
-    return getattr(method, 'needs_bank', True) or bool(getattr(method, 'density_names', ()))
+    """`method.needs_bank`: False for density-free scores (OECL's norms) with no eval.density
+    attached (a method with evaluators attached needs the bank): then the bank's features
+    are never computed (OECL would run 1 + T views over every image)."""
+    return method.needs_bank
 
 
 def bankless_scoring(method, variables, image_shape, num_bank, key):

@@ -3,7 +3,7 @@
 `--mode=export --workdir=DIR [--output=OUT]` (default OUT = DIR/export) writes
 
   score_fn.jax_export  the serialized `jax.export.Exported` of
-                       `jaxad.predict.make_score_fn(...)`: uint8 (B, H, W, C) ->
+                       `jaxad.scoring.make_score_fn(...)`: uint8 (B, H, W, C) ->
                        {score name: (B,) float32}. The model variables, the
                        scoring state (feature bank, weights) and the test-time
                        augmentation key are constants inside it; uint8 -> float
@@ -65,9 +65,9 @@ def _export(fn, image_shape, fixed_batch):
 
 
 def export_model(model, output, threshold=None):
-    """Writes the artifact of a `jaxad.predict.Model` to `output`; returns the meta dict."""
+    """Writes the artifact of a `jaxad.scoring.Model` to `output`; returns the meta dict."""
     import jaxad
-    from jaxad import predict
+    from jaxad.data import images as image_files
 
     _check_serialization()
     config = model.config
@@ -80,10 +80,10 @@ def export_model(model, output, threshold=None):
                   'dtype': 'uint8', 'layout': 'NHWC', 'batch': batch,
                   'value_range': '0..255 (uint8); converted to float inside the artifact'},
         'image_size': int(config.data.image_size), 'channels': int(config.data.channels),
-        'color_mode': predict._PIL_MODES[int(config.data.channels)],
+        'color_mode': image_files.PIL_MODES[int(config.data.channels)],
         'host_preprocessing': ('decode with Pillow, convert to color_mode, resize to '
                                'image_size x image_size with Pillow BILINEAR when the size '
-                               'differs (jaxad.predict.load_image)'),
+                               'differs (jaxad.inputs.load_image)'),
         'score_names': score_names, 'headline_score': model.score_name,
         'higher_is_more_anomalous': True,
         'threshold': threshold, 'threshold_rule': threshold['rule'] if threshold else 'none',
@@ -113,9 +113,9 @@ def export_model(model, output, threshold=None):
 
 def export_run(workdir, output=None, config=None):
     """`--mode=export`: the artifact of the run in `workdir` (default output workdir/export)."""
-    from jaxad import predict, thresholds
+    from jaxad import scoring, thresholds
 
-    model = predict.load_model(workdir, config)
+    model = scoring.load_model(workdir, config)
     threshold = thresholds.resolve(model.config, workdir, model.score_name, model.step)
     output = os.fspath(output) if output else os.path.join(os.fspath(workdir), 'export')
     return export_model(model, output, threshold)
@@ -179,11 +179,11 @@ class ScoringArtifact:
 
     def score_files(self, spec, batch_size=None):
         """(names, scores, skipped) for files named like --input, decoded as predict does."""
-        from jaxad import predict
+        from jaxad import inputs as inputs_lib
         size, channels = self.meta['image_size'], self.meta['channels']
-        inputs = predict.list_inputs(spec)
+        inputs = inputs_lib.list_inputs(spec)
         skipped, names, arrays = [], [], []
-        for batch_names, images, n in predict.decoded_batches(
+        for batch_names, images, n in inputs_lib.decoded_batches(
                 inputs, size, channels, len(inputs.items), skipped):
             names.extend(batch_names)
             arrays.append(images[:n])

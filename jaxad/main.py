@@ -107,21 +107,20 @@ def main(argv):
         _fail(f'--config is required for --mode={mode}')
     if mode in ('predict', 'calibrate') and not _INPUT.value:
         _fail(f'--input is required for --mode={mode} (a folder, glob, list file, image or .npz)')
-    from jaxad import train  # after flag parsing: a bad flag fails fast
+    # After flag parsing (a bad flag fails fast). train/eval take single runs and tables
+    # alike; predict, calibrate and export read WORKDIR/config.json unless --config is given.
+    from jaxad import export, predict, train
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    run = {
+        'train': lambda: train.train_and_evaluate(config, workdir),
+        'eval': lambda: train.evaluate_checkpoint(config, workdir),
+        'predict': lambda: predict.predict(workdir, _INPUT.value, _OUTPUT.value, config=config),
+        'calibrate': lambda: predict.calibrate(workdir, _INPUT.value, _ANOMALIES.value,
+                                               config=config),
+        'export': lambda: export.export_run(workdir, _OUTPUT.value, config=config),
+    }[mode]
     try:
-        if mode == 'train':
-            train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-        elif mode == 'eval':
-            train.evaluate_checkpoint(_CONFIG.value, _WORKDIR.value)
-        else:  # the run's config.json unless --config is given
-            from jaxad import export, predict
-            config = _CONFIG.value
-            if mode == 'predict':
-                predict.predict(_WORKDIR.value, _INPUT.value, _OUTPUT.value, config=config)
-            elif mode == 'calibrate':
-                predict.calibrate(_WORKDIR.value, _INPUT.value, _ANOMALIES.value, config=config)
-            else:
-                export.export_run(_WORKDIR.value, _OUTPUT.value, config=config)
+        run()
     except JaxadError as e:
         logging.flush()
         _fail(e)

@@ -1,379 +1,39 @@
-"""Scoring new images from a finished run's checkpoint alone (`--mode=predict`).
+"""Scoring new images from a finished run's checkpoint alone: `--mode=predict` and
+`--mode=calibrate`, and the threshold a finished training run calibrates.
 
-Everything scoring needs is in the workdir: `config.json` (model, image size,
-channels, test-time augmentation), the final checkpoint (model variables and
-the method's scoring state: feature bank and weights) and, when calibrated,
-`threshold.json`. No training data is read.
+Three modules, one job each:
+  jaxad.scoring  the score function and the restored run (`load_model`, `Model`,
+                 `score_array`, `make_score_fn`: what `jaxad.export` serialises);
+  jaxad.inputs   what to score: `list_inputs` (folder, glob, list file, image,
+                 .npz) and decoding with the training sources' image reader;
+  jaxad.predict  this module: the modes and their outputs, predictions.{csv,json}
+                 (`write_predictions`, pixel methods' maps `write_anomaly_maps`),
+                 and threshold.json (`calibrate`, `calibrate_after_training`).
 
-One function scores: `score_images(method, variables, scoring, key, images)`,
-uint8 (B, H, W, C) -> {score name: (B,)}. Every image is scored with the same
-test-time augmentation draws whatever its position or batch (`indices` are all
-0 under the fixed key `predict_key(config)`), so an image's score depends on
-the image alone. `make_score_fn` closes it over a model; `jaxad.export`
-serialises exactly that closure; predict and calibration run the same function
-jitted with the variables as arguments (one compile per method and batch shape,
-no model-sized constants in the program).
-
-Inputs (`list_inputs`): a folder (recursive, image extensions), a glob, a text
-file listing one path per line (relative paths are relative to the list
-file's folder; '#' starts a comment), a single image, or a `.npz` holding
-`images` (uint8 NHWC or NHW) and optionally `names`. Files are decoded with
-Pillow, converted to the run's channels (L or RGB, as the training folder
-reader does) and, when not already image_size x image_size, resized to it with
-Pillow's bilinear filter (antialiased when shrinking; aspect ratio not kept).
-Training images were already that size for every source except sklearn digits,
-which were resized with the same bilinear filter. Unreadable files are logged
-once each, listed under `skipped` with the reason, and never stop the run.
+Predict and calibrate read the workdir only (config.json, the final checkpoint and,
+once calibrated, threshold.json: `jaxad.thresholds`), never the training data.
 """
 import csv
-import dataclasses
-import functools
-import glob
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from PIL import Image
 
-from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint
 from jaxad import thresholds
 from jaxad.config import load_run_config
-from jaxad.data import images as image_files
-from jaxad.errors import ConfigError, DataError, TrainingError
-from jaxad.methods import get_method
-from jaxad.writers import Progress
+from jaxad.errors import DataError
+from jaxad.inputs import IMAGE_EXTENSIONS, list_inputs, score_inputs
+from jaxad.inputs import load_image  # noqa: F401 (re-exported)
+from jaxad.scoring import Model, load_model, predict_key, score_array
 
-IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS  # the one list, shared with the data sources
-_PIL_MODES = image_files.PIL_MODES
-_GLOB_CHARS = '*?['
-
-
-# ------------------------------------------------------------------ the score
-
-
-def predict_key(config):
-    """The test-time augmentation key of predict, calibrate and export."""
-    return eval_lib.eval_test_key(config.seed)
-
-
-def score_images(method, variables, scoring, key, images):
-    """uint8 (B, H, W, C) -> {score name: (B,) float32}, each image on its own.
-
-    All images use augmentation index 0 of `key`: an image's score does not
-    depend on its batch, its position in it or the batch size.
-    """
-    indices = jnp.zeros(images.shape[:1], jnp.int32)
-    return method.score(scoring, method.features(variables, images, indices, key))
-
-
-def make_score_fn(method, variables, scoring, key):
-    """`f(uint8 images (B, H, W, C)) -> dict of scores` closed over one model."""
-    return functools.partial(score_images, method, variables, scoring, key)
-
-
-@functools.lru_cache(maxsize=None)
-def _jitted(method):
-    return jax.jit(functools.partial(score_images, method))
-
-
-def score_batches(method, variables, scoring, key, batches):
-    """Scores an iterable of uint8 batches (all of one shape); host arrays, in order."""
-    fn = _jitted(method)
-    variables, scoring = jax.device_put((variables, scoring))  # once, not per batch
-    outs = [fn(variables, scoring, key, b) for b in batches]  # dispatch all, then fetch
-    outs = jax.device_get(outs)
-    if not outs:
-        return {}
-    return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
-
-
-def pad_batch(images, batch_size):
-    """`images` (n <= batch_size) padded with copies of its first row to batch_size."""
-    n = len(images)
-    if n == batch_size:
-        return images
-    return np.concatenate([images, np.repeat(images[:1], batch_size - n, axis=0)])
-
-
-def score_array(model, images, batch_size=None):
-    """Scores of a uint8 (N, H, W, C) array at the model's size, in fixed padded batches."""
-    images = np.asarray(images)
-    batch_size = batch_size or model.config.eval.batch_size
-    n = len(images)
-    batches = (pad_batch(images[s:s + batch_size], batch_size) for s in range(0, n, batch_size))
-    scores = score_batches(model.method, model.variables, model.scoring, model.key, batches)
-    return {k: v[:n] for k, v in scores.items()}
-
-
-# ------------------------------------------------------------------ the model
-
-
-@dataclasses.dataclass
-class Model:
-    """A finished run, restored for scoring: host arrays, no training data."""
-    config: object
-    method: object
-    variables: dict
-    scoring: dict
-    step: int
-    key: jax.Array
-    workdir: str
-
-    @property
-    def image_shape(self):
-        d = self.config.data
-        return (d.image_size, d.image_size, d.channels)
-
-    @property
-    def score_name(self):
-        return self.method.headline_score
-
-    def score_fn(self):
-        return make_score_fn(self.method, self.variables, self.scoring, self.key)
-
-
-def load_model(workdir, config=None):
-    """The model and scoring state of the latest checkpoint of `workdir`."""
-    workdir = os.fspath(workdir)
-    config = config if config is not None else load_run_config(workdir)
-    fingerprint.check_scoring_use(config, workdir)  # the checkpoint's scoring state as saved
-    if config.table.classes:
-        raise ConfigError(f'workdir {workdir} holds a one-class table (table.classes='
-                          f'{config.table.classes!r}); predict, calibrate and export score a '
-                          'single detector')
-    method = _method_for(config)
-    directory = os.path.join(workdir, 'checkpoints')
-    if not os.path.isdir(directory):
-        raise TrainingError(f'no checkpoint in {directory}; train first (--mode=train)')
-    checkpoints = ckpt_lib.Checkpoints(directory, use_async=False, read_only=True)
-    try:
-        steps = sorted(checkpoints.all_steps(), reverse=True)
-        if not steps:
-            raise TrainingError(f'no checkpoint in {directory}; train first (--mode=train)')
-        # The newest step with a scoring state that reads. A damaged one is reported and
-        # skipped (left in place: predict does not write to the run; --mode=train sets it
-        # aside and repairs the run).
-        damaged = []
-        for step in steps:
-            if not checkpoints.has_scoring(step):
-                if damaged:
-                    continue
-                raise TrainingError(
-                    f'checkpoint {directory} step {step} has no scoring state (training did '
-                    'not finish); rerun the same --mode=train command to finish it')
-            try:
-                state = _restore_item(checkpoints, step, 'state')
-                scoring = _restore_item(checkpoints, step, 'scoring')
-            except ckpt_lib.CheckpointDamaged as e:
-                damaged.append(e)
-                continue
-            break
-        else:
-            raise TrainingError(
-                f'{damaged[0]}; no other step has a readable scoring state (steps tried: '
-                f'{", ".join(str(e.step) for e in damaged)}). Rerun the same --mode=train '
-                'command: it sets the damaged step aside and resumes from the newest '
-                'readable one')
-        for e in damaged:
-            logging.warning('%s; using step %d, the newest readable step with a scoring '
-                            'state (rerun --mode=train to repair the run)', e, step)
-    finally:
-        checkpoints.close()
-    variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
-    return Model(config, method, variables, scoring, int(step), predict_key(config), workdir)
-
-
-_METHODS = {}
-
-
-def _method_for(config):
-    """One method object per distinct config, so repeated loads share compiled scorers."""
-    described = {k: v for k, v in config.to_dict().items() if k != 'threshold'}
-    key = json.dumps(described, sort_keys=True, default=repr)
-    if key not in _METHODS:
-        _METHODS[key] = get_method(config)
-    return _METHODS[key]
-
-
-def _restore_item(checkpoints, step, name):
-    """Item `name` of `step` as host arrays.
-
-    Shapes come from the checkpoint's own metadata, so neither the bank size
-    nor the optimizer has to be rebuilt from the training data; the item is read
-    onto this process's first device, whatever mesh saved it.
-    """
-    import orbax.checkpoint as ocp
-    from etils import epath
-
-    path = epath.Path(checkpoints.directory) / str(step) / name
-    if not path.is_dir():
-        raise ckpt_lib.CheckpointDamaged(checkpoints.directory, step, name, f'{path} is missing')
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    handler = ocp.StandardCheckpointHandler()  # the handler that saved the item
-    ckpt_lib.quiet_abandoned_reads(collect=False)
-    try:
-        meta = handler.metadata(path)
-        tree = getattr(meta, 'tree', meta)
-        abstract = jax.tree_util.tree_map(
-            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
-        restored = handler.restore(path, args=ocp.args.StandardRestore(abstract))
-    except Exception as e:  # pylint: disable=broad-except
-        # The shapes are the checkpoint's own, so no config can mismatch here: any failure
-        # (TensorStore raises bare Exception/ValueError for truncated or missing array
-        # files, json/FileNotFoundError for _METADATA) is damage.
-        ckpt_lib.quiet_abandoned_reads()
-        raise ckpt_lib.CheckpointDamaged(checkpoints.directory, step, name,
-                                         ckpt_lib.error_reason(e)) from e
-    finally:
-        handler.close()
-    return jax.device_get(restored)
-
-
-# ------------------------------------------------------------------- inputs
-
-
-@dataclasses.dataclass
-class Inputs:
-    """What to score: (name, path or uint8 array) items, and what was left out."""
-    items: list
-    ignored: int = 0  # files of a folder/glob without an image extension
-    what: str = ''
-
-
-def list_inputs(spec):
-    """The images `spec` names; DataError when it names none."""
-    spec = os.fspath(spec)
-    if os.path.isdir(spec):
-        items, ignored = [], 0
-        for root, dirs, files in os.walk(spec):
-            dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
-            for f in sorted(files):
-                if f.startswith('.'):
-                    continue
-                if f.lower().endswith(IMAGE_EXTENSIONS):
-                    items.append((os.path.join(root, f), None))
-                else:
-                    ignored += 1
-        if not items:
-            raise DataError(f'folder {spec} has no images ({"/".join(IMAGE_EXTENSIONS)}, '
-                            'searched recursively)')
-        return Inputs(items, ignored, f'folder {spec}')
-    if os.path.isfile(spec):
-        lower = spec.lower()
-        if lower.endswith('.npz'):
-            return Inputs(_npz_items(spec), 0, f'{spec}')
-        if lower.endswith(IMAGE_EXTENSIONS):
-            return Inputs([(spec, None)], 0, spec)
-        return Inputs(_list_file_items(spec), 0, f'list file {spec}')
-    if any(c in spec for c in _GLOB_CHARS):
-        matches = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-        items = [(p, None) for p in matches if p.lower().endswith(IMAGE_EXTENSIONS)]
-        if not items:
-            raise DataError(f'no image files ({"/".join(IMAGE_EXTENSIONS)}) match {spec!r}'
-                            + (f' ({len(matches)} other files do)' if matches else ''))
-        return Inputs(items, len(matches) - len(items), f'glob {spec}')
-    raise DataError(f'input {spec} does not exist (expected a folder, a glob, a list file, '
-                    'an image or a .npz)')
-
-
-def _list_file_items(path):
-    try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f'{path} is not an image, a .npz or a text file listing image paths '
-                        f'({e})') from e
-    base = os.path.dirname(os.path.abspath(path))
-    entries = [line.strip() for line in lines]
-    entries = [e for e in entries if e and not e.startswith('#')]
-    if not entries:
-        raise DataError(f'list file {path} names no images')
-    return [(e if os.path.isabs(e) else os.path.join(base, e), None) for e in entries]
-
-
-def _npz_items(path):
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if 'images' not in npz:
-                raise DataError(f'{path} has no `images` array (it has {sorted(npz.files)})')
-            images = npz['images']
-            names = [str(n) for n in npz['names']] if 'names' in npz else None
-    except (OSError, ValueError) as e:
-        raise DataError(f'cannot read {path}: {e}') from e
-    if images.ndim == 3:
-        images = images[..., None]
-    if images.ndim != 4 or len(images) == 0 or images.shape[-1] not in (1, 3, 4):
-        raise DataError(f'{path}: `images` must be a non-empty uint8 NHWC (C = 1, 3 or 4) or NHW '
-                        f'array, got shape {images.shape}')
-    if images.dtype != np.uint8:
-        if not (np.issubdtype(images.dtype, np.integer) and images.min() >= 0
-                and images.max() <= 255):
-            raise DataError(f'{path}: `images` must be uint8 (or integers in 0..255), got '
-                            f'{images.dtype}')
-        images = images.astype(np.uint8)
-    if names is not None and len(names) != len(images):
-        raise DataError(f'{path}: {len(names)} names for {len(images)} images')
-    names = names or [f'{path}[{i}]' for i in range(len(images))]
-    return list(zip(names, images))
-
-
-def load_image(source, image_size, channels):
-    """uint8 (image_size, image_size, channels) from a path or an HWC/HW uint8 array.
-
-    `jaxad.data.images.read_image`, the reader of the training sources: an array of
-    that shape is returned as is; Pillow's errors propagate (`decoded_batches` skips).
-    """
-    return image_files.read_image(source, channels, image_size)
-
-
-def decoded_batches(inputs, image_size, channels, batch_size, skipped, progress=None):
-    """Yields (names, uint8 (batch_size, S, S, C), n_valid); unreadable items go to `skipped`."""
-    names, arrays = [], []
-    done = 0
-    for name, source in inputs.items:
-        done += 1
-        try:
-            arrays.append(load_image(name if source is None else source, image_size, channels))
-            names.append(name)
-        except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as e:
-            reason = f'{type(e).__name__}: {e}'
-            logging.warning('skipping %s: %s', name, reason)
-            skipped.append({'path': name, 'reason': reason})
-        if len(arrays) == batch_size:
-            yield names, np.stack(arrays), batch_size
-            names, arrays = [], []
-            if progress:
-                progress.update(done, skipped=len(skipped))
-    if arrays:
-        yield names, pad_batch(np.stack(arrays), batch_size), len(arrays)
-    if progress:
-        progress.update(done, skipped=len(skipped))
-
-
-def score_inputs(model, inputs, batch_size=None, label='predict'):
-    """(names, {score: (N,)}, skipped) for `inputs`, decoded and scored in padded batches."""
-    batch_size = batch_size or model.config.eval.batch_size
-    d = model.config.data
-    skipped, names, valid = [], [], []
-    progress = Progress(len(inputs.items), label=label)
-
-    def batches():
-        for batch_names, images, n in decoded_batches(inputs, d.image_size, d.channels,
-                                                      batch_size, skipped, progress):
-            names.extend(batch_names)
-            valid.append(n)
-            yield images
-
-    scores = score_batches(model.method, model.variables, model.scoring, model.key, batches())
-    if not names:
-        return names, {}, skipped
-    keep = np.concatenate([np.arange(n) + i * batch_size for i, n in enumerate(valid)])
-    return names, {k: v[keep] for k, v in scores.items()}, skipped
+# Besides the modes, `predict.load_model`, `predict.IMAGE_EXTENSIONS` and `predict.load_image`
+# stay reachable here for their older callers (tests/test_checkpoint_recovery.py,
+# tests/test_workdir_guard.py, tests/test_sources.py); new code imports jaxad.scoring /
+# jaxad.inputs.
 
 
 # ------------------------------------------------------------------ predict
@@ -522,7 +182,7 @@ def calibrate_after_training(setup, variables, scoring, step):
     predict scores. Otherwise nothing (returns None).
     """
     config, name = setup.config, setup.method.headline_score
-    holdout = getattr(setup, 'holdout_indices', ())
+    holdout = setup.holdout_indices  # train.Setup's; empty when threshold.holdout_fraction is 0
     if 'threshold' in config and config.threshold.value is not None:
         record = thresholds.fixed(config.threshold.value, score_name=name, step=step)
     elif len(holdout):

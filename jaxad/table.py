@@ -14,7 +14,8 @@ Members stack when their step budgets agree (same images per class, hence
 same steps per epoch and learning-rate schedule); `table.stack_size` bounds
 a stack (memory) and the rest run as following groups. Each group is its own
 Orbax checkpoint directory under `workdir/groups/<classes>/`, so rerunning the
-command resumes the unfinished group and never retrains a finished one.
+command resumes the unfinished group and never retrains a finished one. A group is a
+`jaxad.loop.Run`: it restores, trains, logs and saves with the single run's loop.
 
 Outputs: `workdir/results.json` (per-member metrics and their mean) and
 `workdir/results.md` (the table a person pastes into a paper).
@@ -29,17 +30,14 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import distributed
-from jaxad import fingerprint, optim, sharding, stacking, thresholds
-from jaxad import train as train_lib
+from jaxad import fingerprint, loop, sharding, stacking, thresholds
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.config import validate_config
-from jaxad.data import pipeline, sources
+from jaxad.data import sources
 from jaxad.errors import ConfigError, TrainingError
-from jaxad.methods import get_method
-from jaxad.writers import MetricWriter, Progress
+from jaxad.methods import StepBudget, get_method
+from jaxad.writers import Progress
 
 METRICS = ('image_AUROC', 'image_AUPR', 'FPR@95TPR')
 
@@ -52,6 +50,10 @@ class Member:
     indices: np.ndarray  # its normal training images
     steps_per_epoch: int
     total_steps: int
+
+    @property
+    def budget(self):
+        return StepBudget(self.steps_per_epoch, self.total_steps)
 
 
 def parse_members(spec, class_names):
@@ -81,50 +83,71 @@ def make_groups(members, stack_size):
     return [ms[i:i + size] for ms in by_budget.values() for i in range(0, len(ms), size)]
 
 
-class Group:
-    """A stack of members trained as one program, with its own checkpoints."""
+class Group(loop.Run):
+    """A stack of members trained as one program (`loop.Run`), with its own checkpoints
+    and metrics.jsonl under WORKDIR/groups/<classes>/."""
 
-    def __init__(self, config, workdir, members, method):
-        self.members = members
-        self.k = len(members)
-        self.steps_per_epoch = members[0].steps_per_epoch
-        self.total_steps = members[0].total_steps
+    def __init__(self, setup, members):
+        config = setup.config
+        self.setup, self.members, self.k = setup, members, len(members)
+        self.member_names = [m.name for m in members]
         self.mode = stacking.resolve_mode(config.table.stack_mode)
         # Unrolled models index the model axis one by one: keep it whole on every device.
         # Several processes: likewise (each process feeds all K models' batch slices).
         by_model = self.mode == 'vmap' and jax.process_count() == 1
-        self.mesh = sharding.make_mesh(config.num_devices, num_models=self.k if by_model else 1)
-        sharding.check_batch_divides(config.batch_size, self.mesh)
-        self.tx, self.schedule = optim.make_optimizer(
-            config.optim, self.steps_per_epoch, self.total_steps, config.batch_size,
-            freeze=getattr(method, 'frozen_params', ()))
-        self.name = 'classes_' + '_'.join('+'.join(map(str, m.normal_classes)) for m in members)
-        self.directory = os.path.join(workdir, 'groups', self.name)
-        os.makedirs(self.directory, exist_ok=True)
-        self.checkpoints = ckpt_lib.Checkpoints(
-            os.path.join(self.directory, 'checkpoints'),
-            max_to_keep=config.checkpoint.max_to_keep, use_async=config.checkpoint.use_async)
+        mesh = sharding.make_mesh(config.num_devices, num_models=self.k if by_model else 1)
+        name = 'classes_' + '_'.join('+'.join(map(str, m.normal_classes)) for m in members)
+        directory = os.path.join(setup.workdir, 'groups', name)
+        os.makedirs(directory, exist_ok=True)
+        budget = members[0].budget
+        self._build(config, directory, budget, mesh, setup.image_shape, name,
+                    method=setup.method_for(budget))
+        self.state_sharding = sharding.model_sharding(mesh)
         # Every member uses the run's seed, as K separate runs of the paper protocol would.
         seeds = np.full(self.k, config.seed, np.uint32)
-        self.rngs = jax.device_put(jax.vmap(jax.random.key)(seeds),
-                                   sharding.model_sharding(self.mesh))
+        self.rng = jax.device_put(jax.vmap(jax.random.key)(seeds), self.state_sharding)
 
-    def initial_state(self, method, image_shape, seed):
-        init = stacking.stacked(train_lib.make_init_fn(method, self.tx, image_shape), self.mode)
-        keys = jax.vmap(train_lib.init_key)(np.full(self.k, seed, np.uint32))
-        return jax.jit(init, out_shardings=sharding.model_sharding(self.mesh))(keys)
+    def init_fn(self):
+        return stacking.stacked(loop.make_init_fn(self.method, self.tx, self.image_shape),
+                                self.mode)
 
-    def restore_latest(self, method, image_shape, seed):
-        """(stacked state, step) from the latest checkpoint, or a fresh state and 0."""
-        state = self.initial_state(method, image_shape, seed)
-        # A damaged newest step is set aside and the newest readable one used.
-        restored = self.checkpoints.restore_newest(ckpt_lib.abstract_like(state),
-                                                   using='using')
-        if restored is None:
-            return state, 0
-        state, step = restored
-        logging.info('group %s: resuming from step %d', self.name, step)
-        return state, step
+    def init_keys(self):
+        return jax.vmap(loop.init_key)(np.full(self.k, self.config.seed, np.uint32))
+
+    def jit_step(self, train_step):
+        return jit_stacked_step(train_step, self.mesh, self.mode)
+
+    def batches(self, start_step):
+        """Member k's batch of its own class from its own stream, stacked on axis 0."""
+        s = self.setup
+        streams = [loop.train_batches(self.method, self.config, s.train_set, m.indices,
+                                      m.normal_classes, s.outlier_set, start_step,
+                                      read_threads=1 if self.k > 2 else 2)
+                   for m in self.members]
+        where = sharding.stacked_data_sharding(self.mesh)
+        while True:
+            batches = [next(stream) for stream in streams]
+            yield sharding.to_global({k: np.stack([b[k] for b in batches]) for k in batches[0]},
+                                     self.mesh, where)
+
+    def fit_consts(self, state):
+        """Each member's method constants from its initial model and its own normal images
+        (`train.init_consts` for a stack); unchanged for methods without constants."""
+        if not self.method.uses_consts:
+            return state
+        feats = self.member_features(state, 'initial features')
+        fit = jax.jit(self.method.fit_consts)
+        consts = [jax.device_get(fit(f)) for f in feats]
+        stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *consts)
+        return state.replace(consts=jax.device_put(stacked, self.state_sharding))
+
+    def member_features(self, state, label):
+        """Each member's features of its own normal training images, one stacked pass."""
+        s = self.setup
+        return eval_lib.extract_stacked_features(
+            self.method, _variables(state), s.train_set, [m.indices for m in self.members],
+            batch_size=self.config.eval.batch_size, mesh=self.mesh, mode=self.mode,
+            key=eval_lib.eval_bank_key(self.config.seed), label=f'{self.name} {label}')
 
     def results_path(self):
         return os.path.join(self.directory, 'results.json')
@@ -158,12 +181,14 @@ class TableSetup:
         validate_config(config)
         check_no_threshold(config)
         self.config, self.workdir = config, workdir
+        # The table's own questions (headline score, published numbers, outlier input);
+        # each group trains with a method built for its step budget.
         self.method = get_method(config)
         self.train_set = sources.load_split(config.data, 'train')
         self.test_set = sources.with_ood(sources.load_split(config.data, 'test'),
                                          config.eval.ood)
-        self.image_shape = train_lib.check_image_shape(self.train_set, config.data)
-        train_lib.check_image_shape(self.test_set, config.data)
+        self.image_shape = loop.check_image_shape(self.train_set, config.data)
+        loop.check_image_shape(self.test_set, config.data)
         names = self.train_set.class_names
         self.members = []
         for classes in parse_members(config.table.classes, names):
@@ -171,75 +196,28 @@ class TableSetup:
                                                 self.train_set.name)
             sources.one_class_indices(self.test_set.labels, classes, len(names),
                                       self.test_set.name)
-            spe, total = train_lib.step_budget(config, len(indices), f'class(es) {classes}')
+            budget = loop.step_budget(config, len(indices), f'class(es) {classes}')
             self.members.append(Member(tuple(classes), '+'.join(names[c] for c in classes),
-                                       indices, spe, total))
-        self.outlier_set = train_lib.load_auxiliary_outliers(self.method, config,
-                                                             self.image_shape)
-        self.groups = [Group(config, workdir, ms, self.method)
-                       for ms in make_groups(self.members, config.table.stack_size)]
+                                       indices, budget.steps_per_epoch, budget.total_steps))
+        self.outlier_set = loop.load_auxiliary_outliers(self.method, config, self.image_shape)
+        self._methods, self.groups = {}, []
+        try:
+            for ms in make_groups(self.members, config.table.stack_size):
+                self.groups.append(Group(self, ms))
+        except BaseException:
+            self.close()
+            raise
+
+    def method_for(self, budget):
+        """The method of groups with step budget `budget` (one object per budget, so groups
+        of equal budgets share its compiled programs)."""
+        if budget not in self._methods:
+            self._methods[budget] = get_method(self.config, budget)
+        return self._methods[budget]
 
     def close(self):
         for g in self.groups:
             g.checkpoints.close()
-
-
-def _train_group(setup, group, state, start_step, progress, done_before, classes_done):
-    """Trains one stack from `start_step` to its total; returns the stacked state."""
-    config, mesh = setup.config, group.mesh
-    step_fn = jit_stacked_step(
-        train_lib.make_train_step(setup.method, group.tx, group.schedule,
-                                  group.steps_per_epoch), mesh, group.mode)
-    streams = [pipeline.method_train_iterator(
-        getattr(setup.method, 'inputs', ()), setup.train_set, m.indices, m.normal_classes,
-        global_batch_size=config.batch_size, seed=config.seed,
-        outliers=train_lib.outlier_source(config, setup.train_set, m.indices, m.normal_classes,
-                                          setup.outlier_set),
-        start_step=start_step, process_index=jax.process_index(),
-        process_count=jax.process_count(), read_threads=1 if group.k > 2 else 2)
-        for m in group.members]
-    where = sharding.stacked_data_sharding(mesh)
-    writer = MetricWriter(group.directory, tensorboard=config.get('tensorboard', False))
-    logging.info('group %s: %d models (%s) x %d steps, %d images per model per step, mesh %s',
-                 group.name, group.k, group.mode, group.total_steps, config.batch_size,
-                 dict(mesh.shape))
-    geometry = train_lib.batch_geometry(config, mesh, group.schedule, group.steps_per_epoch)
-    last_saved, t_last, step_last = start_step, time.time(), start_step
-    for step in range(start_step + 1, group.total_steps + 1):
-        batches = [next(s) for s in streams]
-        batch = {k: np.stack([b[k] for b in batches]) for k in batches[0]}
-        state, metrics = step_fn(state, sharding.to_global(batch, mesh, where), group.rngs)
-        is_log, is_save = train_lib.log_and_save_flags(step, group.total_steps, config)
-        if is_log or is_save:
-            metrics = {k: np.asarray(v, np.float64)
-                       for k, v in distributed.to_host(metrics).items()}
-            _check_members_finite(group, step, metrics, last_saved)
-        if is_log:
-            rate = (step - step_last) / max(time.time() - t_last, 1e-9)
-            record = {k: float(v.mean()) for k, v in metrics.items()}
-            record.update({f'{k}/{m.name}': float(v[i]) for k, v in metrics.items()
-                           if k.startswith('loss') for i, m in enumerate(group.members)})
-            record.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size * group.k,
-                          epoch=step / group.steps_per_epoch, **geometry)
-            writer.write(step, record)
-            progress.update(done_before + step, classes=classes_done,
-                            group=group.name, loss=record['loss'],
-                            img_s=round(record['images_per_sec'], 1))
-            t_last, step_last = time.time(), step
-        if is_save:
-            group.checkpoints.save(step, state)
-            last_saved = step
-    return state
-
-
-def _check_members_finite(group, step, metrics, last_saved):
-    bad = sorted({m.name for v in metrics.values() for m, x in zip(group.members, v)
-                  if not np.isfinite(x)})
-    if bad:
-        raise TrainingError(
-            f'non-finite training metrics at step {step} for class(es) {bad} (group '
-            f'{group.name}). Stopping; the last good checkpoint is step {last_saved} '
-            '(lower optim.lr or check the data).')
 
 
 def _variables(state):
@@ -248,64 +226,42 @@ def _variables(state):
 
 def _fit_group_scoring(setup, group, state):
     """Scoring states of all members, from one stacked pass over their train banks."""
-    if not eval_lib.needs_bank_pass(setup.method):
+    method = group.method
+    if not eval_lib.needs_bank_pass(method):
         one = jax.tree_util.tree_map(lambda x: x[0], _variables(state))
-        return {f'm{i}': eval_lib.bankless_scoring(setup.method, one, setup.image_shape,
+        return {f'm{i}': eval_lib.bankless_scoring(method, one, setup.image_shape,
                                                    len(m.indices),
                                                    jax.random.key(setup.config.seed))
                 for i, m in enumerate(group.members)}
-    feats = eval_lib.extract_stacked_features(
-        setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
-        batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,
-        key=eval_lib.eval_bank_key(setup.config.seed), label=f'{group.name} train banks')
+    feats = group.member_features(state, 'train banks')
     labels = np.asarray(setup.train_set.labels)
     return {f'm{i}': eval_lib.scoring_from_features(
-        setup.method, eval_lib.with_bank_labels(setup.method, f, labels[m.indices]))
+        method, eval_lib.with_bank_labels(method, f, labels[m.indices]))
         for i, (f, m) in enumerate(zip(feats, group.members))}
 
 
-def _init_group_consts(setup, group, state):
-    """Each member's method constants from its initial model and its own normal images
-    (`train.init_consts` for a stack); unchanged for methods without constants."""
-    if not hasattr(setup.method, 'fit_consts'):
-        return state
-    feats = eval_lib.extract_stacked_features(
-        setup.method, _variables(state), setup.train_set, [m.indices for m in group.members],
-        batch_size=setup.config.eval.batch_size, mesh=group.mesh, mode=group.mode,
-        key=eval_lib.eval_bank_key(setup.config.seed), label=f'{group.name} initial features')
-    fit = jax.jit(setup.method.fit_consts)
-    consts = [jax.device_get(fit(f)) for f in feats]
-    stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *consts)
-    return state.replace(consts=jax.device_put(stacked, sharding.model_sharding(group.mesh)))
-
-
 def _restore_group_scoring(setup, group, state, step):
-    """Saved scoring states of a group's final checkpoint."""
-    unstacked = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), _variables(state))
-    rng = jax.random.key(setup.config.seed)
-    abstract = {f'm{i}': train_lib.scoring_shapes(setup.method, unstacked, setup.image_shape,
-                                                  len(m.indices), rng)
-                for i, m in enumerate(group.members)}
-    # Damaged: the step is set aside, the scoring states refitted from `state` and the
-    # step saved again.
+    """Saved scoring states of a group's final checkpoint (their shapes from the
+    checkpoint's own metadata). Damaged: the step is set aside, the scoring states
+    refitted from `state` and the step saved again."""
     return group.checkpoints.restore_or_refit_scoring(
-        step, state, abstract, lambda: _fit_group_scoring(setup, group, state))
+        step, state, lambda: _fit_group_scoring(setup, group, state))
 
 
 def _evaluate_group(setup, group, state, scorings, step, extra=None):
     """Per-member results from one stacked pass over the test split."""
     t0 = time.time()
     config = setup.config
+    method = group.method
     feats = eval_lib.extract_stacked_features(
-        setup.method, _variables(state), setup.test_set, None,
+        method, _variables(state), setup.test_set, None,
         batch_size=config.eval.batch_size, mesh=group.mesh, mode=group.mode,
         key=eval_lib.eval_test_key(config.seed), label=f'{group.name} test')
     results = []
     for i, m in enumerate(group.members):
         member_feats = jax.tree_util.tree_map(lambda x, i=i: x[i], feats)
         r, _, _ = eval_lib.results_with_maps(
-            setup.method, eval_lib.score_features(setup.method, scorings[f'm{i}'], member_feats),
+            method, eval_lib.score_features(method, scorings[f'm{i}'], member_feats),
             setup.test_set, m.normal_classes, config.method)
         r.update(name=m.name, step=int(step), group=group.name, **(extra or {}),
                  **fingerprint.results_record(config))
@@ -342,7 +298,7 @@ def train_table(config, workdir):
     """Trains (resuming where it stopped) and evaluates every member; writes the table."""
     fingerprint.check_workdir(config, workdir)  # before any data is read or compiled
     t0 = time.time()
-    train_lib.start_record(config, workdir)
+    loop.start_record(config, workdir)
     setup = TableSetup(config, workdir)
     # One bar for the whole table; steps already in checkpoints count as done for the ETA.
     progress = Progress(sum(g.total_steps for g in setup.groups), label='table',
@@ -351,9 +307,7 @@ def train_table(config, workdir):
     try:
         results, done_before = [], 0
         for group in setup.groups:
-            state, start = group.restore_latest(setup.method, setup.image_shape, config.seed)
-            if start == 0:
-                state = _init_group_consts(setup, group, state)
+            state, start = group.resume()
             classes_done = f'{len(results)}/{len(setup.members)}'
             finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
             saved = _saved_group_results(group, start, config) if finished else None
@@ -365,8 +319,8 @@ def train_table(config, workdir):
                 scorings, extra = _finished_group_scoring(setup, group, state, start)
                 group_results = _evaluate_group(setup, group, state, scorings, start, extra)
             else:
-                state = _train_group(setup, group, state, start, progress, done_before,
-                                     classes_done)
+                state = group.train(state, start, progress, done_before,
+                                    classes=classes_done, group=group.name)
                 scorings = _fit_group_scoring(setup, group, state)
                 group.checkpoints.save(group.total_steps, state, scoring=scorings)
                 group.checkpoints.wait()
@@ -401,8 +355,8 @@ def evaluate_table(config, workdir):
     try:
         results = []
         for group in setup.groups:
-            state, step = group.restore_latest(setup.method, setup.image_shape, config.seed)
-            if step == 0:
+            state, step = group.restore_latest()
+            if state is None:
                 raise TrainingError(f'no checkpoint for group {group.name} in '
                                     f'{group.checkpoints.directory}; train first (--mode=train)')
             extra = {}
@@ -431,8 +385,7 @@ def _mean_row(results):
 def write_table(setup, results, extra=None):
     """results.json (per member + mean) and results.md; prints the table."""
     config = setup.config
-    paper_fn = getattr(setup.method, 'paper_one_class', None)
-    paper = paper_fn(setup.test_set.class_names) if paper_fn else None
+    paper = setup.method.paper_one_class(setup.test_set.class_names)
     table = {
         'method': config.method, 'dataset': setup.test_set.name,
         'headline_score': setup.method.headline_score, 'table_classes': config.table.classes,

@@ -12,6 +12,7 @@ from sklearn.covariance import EmpiricalCovariance
 from sklearn.neighbors import NearestNeighbors
 
 from jaxad import density
+from jaxad.methods.base import with_density
 
 N, M, D = 37, 53, 16
 BLOCKS = dict(test_block=8, bank_block=16)
@@ -277,9 +278,9 @@ def test_config_and_method_wrapper(data):
             return {'toy': ((feats['x'] - scoring['mean']) ** 2).sum(1)}
 
     toy = Toy()
-    assert density.with_density(toy, ml_collections.ConfigDict({'density': ()}),
+    assert with_density(toy, ml_collections.ConfigDict({'density': ()}),
                                 lambda f: f['x']) is toy
-    method = density.with_density(toy, eval_cfg, lambda f: f['x'])
+    method = with_density(toy, eval_cfg, lambda f: f['x'])
     assert method.headline_score == 'toy'
     scoring = method.fit_scoring({'x': bank})
     scores = method.score(scoring, {'x': test})

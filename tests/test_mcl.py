@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import config as jc
+from configs import recipes
 from jaxad import train
 from jaxad import losses
 from jaxad.methods import mcl
@@ -175,7 +175,7 @@ def test_loss_and_aux_adds_weighted_spa():
     rng = np.random.default_rng(2)
     y = jnp.asarray(mcl.joint_labels(jnp.array([0, 1, 0, 1]), 2, 4))
     proj = jnp.asarray(rng.normal(size=(32, 5)), jnp.float32)
-    cfg = jc.mcl_base().mcl
+    cfg = recipes.mcl_base().mcl
     cfg.num_classes, cfg.spa_weight = 2, 0.5
     loss, metrics = jax.jit(lambda p, y, k: mcl.loss_and_aux(p, y, k, cfg))(
         proj, y, jax.random.key(3))
@@ -219,7 +219,7 @@ def ref_sei(train_u, train_labels, test_u, rotations, num_classes, n_fit, ridge)
 
 
 def sei_method(**mcl_overrides):
-    c = jc.mcl_base()
+    c = recipes.mcl_base()
     c.model.name, c.model.width, c.model.proj_dim, c.model.proj_hidden = 'resnet10', 4, 3, 8
     c.data.normal_classes = (0, 1)
     for k, v in mcl_overrides.items():
@@ -330,7 +330,7 @@ def npz(tmp_path_factory):
 
 
 def tiny_mcl_config(npz_path, normal_classes):
-    c = jc.mcl_base()
+    c = recipes.mcl_base()
     c.data.source = 'numpy'
     c.data.numpy_path = str(npz_path)
     c.data.image_size = 8

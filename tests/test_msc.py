@@ -11,7 +11,7 @@ import pytest
 import scipy.ndimage
 from sklearn.neighbors import NearestNeighbors
 
-from jaxad import config as jc
+from configs import recipes
 from jaxad import losses, optim, train
 from jaxad import checkpoint as ckpt_lib
 from jaxad.data import augment
@@ -162,7 +162,7 @@ def test_gaussian_blur_matches_scipy():
 
 def test_sgd_without_momentum_and_frozen_layers():
     """One update = -lr (g + wd p) on trained tensors, exactly zero on frozen ones."""
-    c = jc.msc_base()
+    c = recipes.msc_base()
     c.optim.freeze = ('^encoder/(conv1|layer1_)',)
     tx, _ = optim.make_optimizer(c.optim, steps_per_epoch=10, total_steps=10)
     rng = np.random.default_rng(3)
@@ -194,7 +194,7 @@ def _get(tree, path):
 
 
 def test_freeze_pattern_that_matches_nothing_is_an_error():
-    c = jc.msc_base()
+    c = recipes.msc_base()
     c.optim.freeze = ('^encoder/layer9',)
     tx, _ = optim.make_optimizer(c.optim, 10, 10)
     with pytest.raises(ConfigError, match='matches no parameter'):
@@ -208,7 +208,7 @@ def npz(tmp_path_factory):
 
 def msc_config(npz_path, **overrides):
     c = tiny_config(npz_path, **overrides)
-    base = jc.msc_base()
+    base = recipes.msc_base()
     for section in ('optim', 'msc'):
         c[section] = base[section]
     c.method, c.model.bn_mode, c.model.proj_dim = 'msc', 'frozen', 0

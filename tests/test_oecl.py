@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import config as jc
+from configs import recipes
 from jaxad import train
 from jaxad.errors import ConfigError, TrainingError
-from jaxad.methods import get_method, oecl
+from jaxad.methods import StepBudget, get_method, oecl
 from tests.helpers import set_fields
 
 @functools.partial(jax.jit, static_argnames=('rotations', 'aug', 'flip_p', 'grey'))
@@ -48,7 +48,7 @@ def np_oecl_loss(z_id, z_oe, alpha, temperature=0.5, eps=1e-8):
 
 
 def tiny_config(method='oecl', **overrides):
-    c = jc.oecl_base()
+    c = recipes.oecl_base()
     c.method = method
     c.data.source = 'digits'
     c.data.image_size = 16
@@ -129,7 +129,7 @@ def test_method_loss_is_the_formula_on_its_own_projections():
     in ONE train-mode forward pass (one BN batch); the layout pairs view 1 and view 2 of the
     same (image, rotation). (OECL's layout is the same with one rotation.)"""
     config = tiny_config('self_oecl', **{'oecl.alpha': 0.7})
-    method = get_method(config).configure(steps_per_epoch=1)  # warmup_steps = 1
+    method = get_method(config, StepBudget(steps_per_epoch=1, total_steps=1))  # warmup_steps = 1
     method.model = TinyNet()
     variables = method.init_variables(jax.random.key(0), (8, 8, 3))
     rng = np.random.default_rng(1)
@@ -164,16 +164,16 @@ def test_method_loss_is_the_formula_on_its_own_projections():
 # ----------------------------------------------------------------------------- alpha
 
 def test_alpha_warmup_boundary():
-    method = oecl.OECL(tiny_config(**{'oecl.warmup_steps': 0, 'oecl.warmup_epochs': 3,
-                                      'oecl.alpha': 0.25}))
+    config = tiny_config(**{'oecl.warmup_steps': 0, 'oecl.warmup_epochs': 3, 'oecl.alpha': 0.25})
+    method = oecl.OECL(config)  # no step budget: the warm-up in steps is unknown
     with pytest.raises(TrainingError, match='configure'):
         method.alpha(0)
-    method.configure(steps_per_epoch=5)  # realOECL: alpha = 0 while epoch < 3
+    method = oecl.OECL(config, StepBudget(5, 50))  # realOECL: alpha = 0 while epoch < 3
     assert method.warmup_steps == 15
     got = [float(method.alpha(jnp.int32(s))) for s in (0, 14, 15, 16, 1000)]
     assert got == [0.0, 0.0, 0.25, 0.25, 0.25]
     # oecl.warmup_steps > 0 wins over the epochs; warmup_epochs = 0: alpha from step 0.
-    m2 = oecl.OECL(tiny_config(**{'oecl.warmup_steps': 7})).configure(5)
+    m2 = oecl.OECL(tiny_config(**{'oecl.warmup_steps': 7}), StepBudget(5, 50))
     assert [float(m2.alpha(s)) for s in (6, 7)] == [0.0, 1.0]
     m3 = oecl.OECL(tiny_config(**{'oecl.warmup_steps': 0, 'oecl.warmup_epochs': 0}))
     assert float(m3.alpha(0)) == 1.0
@@ -186,7 +186,7 @@ def test_alpha_warmup_boundary():
 
 def test_self_oecl_views_are_rotations_of_two_views():
     """ID rows (view, rot in {0, 90}, image), OE rows (view, rot in {180, 270}, image)."""
-    method = oecl.OECL(tiny_config('self_oecl'), self_supervised=True)
+    method = oecl.SelfOECL(tiny_config('self_oecl'))
     assert method.id_rotations == (0, 1) and method.oe_rotations == (2, 3)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
@@ -268,7 +268,7 @@ def test_tta_features_average_clean_and_augmented_views():
 def test_paper_numbers_and_config_errors():
     from jaxad.methods.csi import CIFAR10_CLASSES
     assert oecl.OECL(tiny_config()).paper_one_class(CIFAR10_CLASSES)['mean'] == 97.8
-    self_m = oecl.OECL(tiny_config('self_oecl'), self_supervised=True)
+    self_m = oecl.SelfOECL(tiny_config('self_oecl'))
     assert self_m.paper_one_class(CIFAR10_CLASSES)['mean'] == 94.7
     assert self_m.paper_one_class(('a', 'b')) is None
     with pytest.raises(ConfigError, match='temperature'):

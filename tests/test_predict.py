@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import predict, thresholds
+from jaxad import inputs as inputs_lib
+from jaxad import predict, scoring, thresholds
 from jaxad.config import load_run_config
 from jaxad.errors import ConfigError, DataError, TrainingError
 from tests.predict_run import HOLDOUT_FRACTION, trained_run
@@ -19,7 +20,7 @@ from tests.predict_run import HOLDOUT_FRACTION, trained_run
 @pytest.fixture(scope='module')
 def run(tmp_path_factory):
     run = trained_run(tmp_path_factory)
-    run.model = predict.load_model(run.workdir)  # config.json + checkpoint, no training data
+    run.model = scoring.load_model(run.workdir)  # config.json + checkpoint, no training data
     return run
 
 
@@ -49,7 +50,7 @@ def test_holdout_is_out_of_the_bank_and_calibrates_the_quantile(run):
     assert record['rule'] == 'normal_quantile' and record['score'] == 'csi'
     assert (record['num_normal'], record['quantile'], record['step']) == (4, 0.95, 0)
     # Rescored from the restored checkpoint (independently of train.finish).
-    scores = predict.score_array(run.model, run.data['train_images'][hold_idx])['csi']
+    scores = scoring.score_array(run.model, run.data['train_images'][hold_idx])['csi']
     np.testing.assert_allclose(record['value'], np.quantile(scores, 0.95), rtol=1e-5, atol=1e-6)
     results = json.loads((run.workdir / 'results.json').read_text())
     assert results['threshold']['rule'] == 'normal_quantile'
@@ -57,8 +58,8 @@ def test_holdout_is_out_of_the_bank_and_calibrates_the_quantile(run):
 
 def test_scores_do_not_depend_on_batch_position(run):
     images = run.data['test_images']  # 24 images: batches of 16, the last padded
-    a = predict.score_array(run.model, images)
-    b = predict.score_array(run.model, np.roll(images, 7, axis=0))
+    a = scoring.score_array(run.model, images)
+    b = scoring.score_array(run.model, np.roll(images, 7, axis=0))
     for name in a:
         np.testing.assert_allclose(np.roll(b[name], -7), a[name], rtol=1e-6, atol=1e-6)
     assert np.std(a['csi']) > 0  # the images are not all scored alike
@@ -100,7 +101,7 @@ def test_predict_folder_skips_corrupt_file_and_scores_the_rest(run, tmp_path):
     value = saved['threshold']['value']
     by_path = {r['path']: r for r in saved['images']}
     # The score function on the arrays Pillow gives directly.
-    direct = predict.score_array(run.model, np.stack(expected))
+    direct = scoring.score_array(run.model, np.stack(expected))
     for i, path in enumerate(paths):
         r = by_path[path]
         assert r['threshold_rule'] == 'normal_quantile'
@@ -114,7 +115,7 @@ def test_fixed_threshold_and_no_threshold(run, tmp_path):
     npz = tmp_path / 'new.npz'
     np.savez(npz, images=images, names=np.array([f'img{i}' for i in range(5)]))
     config = load_run_config(run.workdir)
-    scores = predict.score_array(run.model, images)['csi']
+    scores = scoring.score_array(run.model, images)['csi']
     config.threshold.value = float(np.median(scores))
     fixed = predict.predict(run.workdir, npz, output=tmp_path / 'fixed', config=config)
     assert fixed['threshold_rule'] == 'fixed'
@@ -139,8 +140,8 @@ def test_calibrate_from_user_images(run, tmp_path):
     normal, anomalous = run.data['test_images'][labels == 0], run.data['test_images'][labels != 0]
     np.savez(tmp_path / 'normal.npz', images=normal)
     np.savez(tmp_path / 'anomalous.npz', images=anomalous)
-    s_norm = predict.score_array(run.model, normal)['csi'].astype(np.float64)
-    s_anom = predict.score_array(run.model, anomalous)['csi'].astype(np.float64)
+    s_norm = scoring.score_array(run.model, normal)['csi'].astype(np.float64)
+    s_anom = scoring.score_array(run.model, anomalous)['csi'].astype(np.float64)
 
     record = predict.calibrate(copy, tmp_path / 'normal.npz')
     assert record['rule'] == 'normal_quantile' and record['num_normal'] == len(normal)
@@ -201,14 +202,14 @@ def test_clear_errors(run, tmp_path):
     with pytest.raises(DataError, match='has no images'):
         predict.predict(run.workdir, tmp_path / 'empty')
     with pytest.raises(DataError, match='does not exist'):
-        predict.list_inputs(tmp_path / 'missing')
+        inputs_lib.list_inputs(tmp_path / 'missing')
     with pytest.raises(DataError, match='no image files'):
-        predict.list_inputs(str(tmp_path / '*.png'))
+        inputs_lib.list_inputs(str(tmp_path / '*.png'))
     untrained = tmp_path / 'untrained'
     untrained.mkdir()
     shutil.copy(run.workdir / 'config.json', untrained)
     with pytest.raises(TrainingError, match='no checkpoint'):
-        predict.load_model(untrained)
+        scoring.load_model(untrained)
     # The command line: one line on stderr, exit status 1, before any model loads.
     proc = subprocess.run(
         [sys.executable, '-m', 'jaxad.main', '--mode=predict', f'--workdir={run.workdir}',

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from jaxad import config as jc
+from configs import recipes
 from jaxad import train
 from jaxad.data import pixel_sources, synthetic
 from jaxad.errors import ConfigError
-from jaxad.methods import get_method
+from jaxad.methods import StepBudget, get_method
 from jaxad.models import convert
 from tests.helpers import set_fields
 from tests.test_convert import fake_state_dict
@@ -21,7 +21,7 @@ from tests.test_convert import fake_state_dict
 
 def tiny_config(root, **overrides):
     """A 16 px, width-4 ResNet-10 ReContrast on the synthetic set under `root`."""
-    c = jc.recontrast_base()
+    c = recipes.recontrast_base()
     c.data.source = 'mvtec'
     c.data.path = str(root)
     c.data.category = 'weave'
@@ -166,8 +166,7 @@ def test_loss_and_map_match_numpy(synth_root):
     images of 1 - cos(flattened maps); the map is the Gaussian-smoothed sum of the six
     align-corners up-sampled 1 - cos maps (scipy), its max the image score."""
     c = tiny_config(synth_root, **{'recontrast.factor': 0.3})
-    method = get_method(c)
-    method.configure(steps_per_epoch=2)
+    method = get_method(c, StepBudget.of(c, 2 * c.batch_size, 'the test'))  # 2 steps per epoch
     v = init(method)
     images = jnp.asarray(synthetic.generate('weave', size=16, num_train=3)['train'])
     x = images.astype(jnp.float32) / 255.0
@@ -203,10 +202,10 @@ def test_config_errors(synth_root):
                               ('recontrast.map_reduce', 'median', 'map_reduce')):
         with pytest.raises(ConfigError, match=match):
             get_method(tiny_config(synth_root, **{key: value}))
-    m = get_method(tiny_config(synth_root, **{'total_steps': 0, 'optim.epochs': 3}))
-    m.configure(5)
+    c = tiny_config(synth_root, **{'total_steps': 0, 'optim.epochs': 3})
+    m = get_method(c, StepBudget.of(c, 5 * c.batch_size, 'the test'))  # 5 steps per epoch
     assert m.total_steps == 15  # alpha's schedule length from epochs when total_steps = 0
-    m.configure(2)
+    m = get_method(c, StepBudget.of(c, 2 * c.batch_size, 'the test'))
     assert m.total_steps == 6
     from configs import recontrast_mvtec
     with pytest.raises(ConfigError, match='needs path='):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxad import config as jc
-from jaxad import table, train
+from jaxad import table, train, writers
 from jaxad.errors import ConfigError
 from tests.helpers import make_npz, tiny_config
 
@@ -34,7 +34,7 @@ def params_at(checkpoint_dir, state_like):
     ckpt = train.ckpt_lib.Checkpoints(checkpoint_dir, use_async=False)
     try:
         step = ckpt.latest_step()
-        return step, jax.device_get(ckpt.restore_state(step, state_like).params)
+        return step, jax.device_get(ckpt.restore(step, 'state', state_like).params)
     finally:
         ckpt.close()
 
@@ -62,7 +62,7 @@ def stacked_member(config, workdir, group, position):
     setup = table.TableSetup(config, str(workdir))
     try:
         g = next(g for g in setup.groups if g.name == group)
-        state, step = g.restore_latest(setup.method, setup.image_shape, config.seed)
+        state, step = g.restore_latest()
         params = jax.tree_util.tree_map(lambda x: np.asarray(x)[position],
                                         jax.device_get(state.params))
         name = g.members[position].name
@@ -116,18 +116,18 @@ def test_interrupted_table_equals_uninterrupted_and_eval_mode(npz, tmp_path, mon
     full = train.train_and_evaluate(_with_stack(config(), 2), str(tmp_path / 'full'))
 
     resumed = tmp_path / 'resumed'
-    real_write = table.MetricWriter.write
+    real_write = writers.MetricWriter.write
 
     def crash_in_second_group(self, step, metrics):
         real_write(self, step, metrics)
         if 'classes_2' in self.path and step == 3:
             raise Preempted('simulated preemption')
-    monkeypatch.setattr(table.MetricWriter, 'write', crash_in_second_group)
+    monkeypatch.setattr(writers.MetricWriter, 'write', crash_in_second_group)
     with pytest.raises(Preempted):
         train.train_and_evaluate(_with_stack(config(), 2), str(resumed))
     assert sorted(os.listdir(resumed / 'groups' / 'classes_2' / 'checkpoints')) == ['2']
     first_group_log = (resumed / 'groups' / 'classes_0_1' / 'metrics.jsonl').read_text()
-    monkeypatch.setattr(table.MetricWriter, 'write', real_write)
+    monkeypatch.setattr(writers.MetricWriter, 'write', real_write)
     again = train.train_and_evaluate(_with_stack(config(), 2), str(resumed))
     # The finished group was not retrained; the table is the uninterrupted one.
     assert (resumed / 'groups' / 'classes_0_1' / 'metrics.jsonl').read_text() == first_group_log

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxad import sharding, train
+from jaxad import loop, sharding, train
 from tests.helpers import make_npz, tiny_config
 
 
@@ -135,3 +135,36 @@ def test_nan_loss_stops_with_clear_error(npz, tmp_path):
     with pytest.raises(TrainingError, match='non-finite'):
         train.train_and_evaluate(config, str(tmp_path / 'nan'))
     assert not os.path.exists(tmp_path / 'nan' / 'checkpoints' / '2')
+
+
+def test_restore_builds_no_initial_state(npz, tmp_path, monkeypatch):
+    """A checkpoint is restored into `jax.eval_shape` of the init function: resuming,
+    rerunning a finished run and --mode=eval build no initial state, and MSC's pass over
+    the initial model's features (its centre) runs only before step 1, never on restore,
+    nor before refusing a workdir with no checkpoint."""
+    from jaxad.errors import TrainingError
+    config = lambda: tiny_config(npz, method='msc', num_devices=1, log_every=1,  # noqa: E731
+                                 **{'model.bn_mode': 'frozen', 'model.proj_dim': 0})
+    workdir = tmp_path / 'run'
+    real_write = train.MetricWriter.write
+
+    def crash_after_checkpoint(self, step, metrics):
+        real_write(self, step, metrics)
+        if step == 3:
+            raise Preempted('simulated preemption')
+    monkeypatch.setattr(train.MetricWriter, 'write', crash_after_checkpoint)
+    with pytest.raises(Preempted):
+        train.train_and_evaluate(config(), str(workdir))
+    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
+    assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
+
+    def not_on_restore(*args, **kwargs):
+        raise AssertionError('initial state or constants built although a checkpoint exists')
+    monkeypatch.setattr(train, 'init_consts', not_on_restore)
+    monkeypatch.setattr(loop.Run, 'initial_state', not_on_restore)
+    resumed = train.train_and_evaluate(config(), str(workdir))  # resumes from step 2
+    assert resumed['step'] == 4
+    assert train.train_and_evaluate(config(), str(workdir))['step'] == 4  # finished: rescored
+    assert train.evaluate_checkpoint(config(), str(workdir))['step'] == 4
+    with pytest.raises(TrainingError, match='no checkpoint'):
+        train.evaluate_checkpoint(config(), str(tmp_path / 'empty'))

@@ -77,9 +77,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxad import losses
 from jaxad.errors import ConfigError
+from jaxad.methods.base import Method
 from jaxad.models import resnet
 
 SCALES = ('layer1', 'layer2', 'layer3', 'layer4')
@@ -264,8 +266,32 @@ def build_model(config):
                      cls_hidden=a.cls_hidden if a.few_anomalies else 0, dtype=ref.dtype)
 
 
+def default_config():
+    """`config.anomem`'s defaults. [inferred] = a guess, not from the paper (no code,
+    equations not recovered): see the module docstring."""
+    c = ml_collections.ConfigDict()
+    c.scales = ('layer2', 'layer3', 'layer4')  # memory after these stages [inferred]
+    c.num_prototypes = 64  # N_s, every scale [inferred]
+    c.beta = 16.0  # Hopfield inverse temperature on cosines [inferred]
+    c.memory_mix = 'replace'  # next stage sees r | 'residual': q + r [inferred]
+    c.deviation = 'l2'  # D = ||q - r||^2 | 'cos': 1 - cos(q, r)
+    c.temperature = 0.5  # NT-Xent tau (SimCLR CIFAR) [inferred]
+    c.eps = 1e-8  # eps inside NT-Xent (CSI's form)
+    c.var_gamma = 0.5  # VICReg variance hinge target std [inferred]
+    c.var_weight = 1.0  # [inferred]
+    c.pull_weight = 1.0  # pull memory to normal features (y=1 of Eqs. 2-4) [inferred]
+    c.pull_stop_grad = True  # pull/hinge move the memory only [inferred]
+    c.few_anomalies = False  # outlier-exposure mode: classifier on deviation maps
+    c.cls_hidden = 16  # classifier CNN channels [inferred]
+    c.cls_weight = 1.0  # BCE weight, trained jointly (stop-gradient maps) [inferred]
+    c.hinge_weight = 0.0  # anomalies' deviation hinge (y=0 of Eqs. 2-4); 0 = off
+    c.hinge_margin = 2.0  # anomaly mean deviation >= margin x normal batch mean
+    return c
+
+
 def validate(config):
-    """ConfigError for a bad `config.anomem` (also called by `jaxad.config.validate_config`)."""
+    """ConfigError for a bad `config.anomem` (`AnoMem.validate`: jaxad.config.validate_config
+    and the constructor)."""
     a = config.anomem
     scales = tuple(a.scales)
     if not scales or any(s not in SCALES for s in scales) or len(set(scales)) != len(scales):
@@ -297,12 +323,21 @@ def validate(config):
                               '(e.g. other_classes) and oe.max_images')
 
 
-class AnoMem:
+class AnoMem(Method):
     """The AnoMem method object for the shared trainer and evaluator."""
+    config_section = 'anomem'
 
-    def __init__(self, config):
-        from jaxad.methods.csi import augment_kwargs
+    @classmethod
+    def default_config(cls):
+        return default_config()
+
+    @classmethod
+    def validate(cls, config):
         validate(config)
+
+    def __init__(self, config, budget=None):
+        from jaxad.methods.csi import augment_kwargs
+        super().__init__(config, budget)
         self.cfg = config.anomem
         self.loss_cfg = config.loss
         self.scales = tuple(self.cfg.scales)
@@ -314,14 +349,12 @@ class AnoMem:
         self.headline_score = 'classifier' if self.few_anomalies else 'anomem'
         self.inputs = ('outlier',) if self.few_anomalies else ()
 
-    @staticmethod
-    def paper_one_class(class_names):
+    def paper_one_class(self, class_names):
         """None: no AnoMem per-class or mean numbers were recovered (methods.md §7.1)."""
         del class_names
         return None
 
-    @staticmethod
-    def density_features(features):
+    def density_features(self, features):
         """The pooled last-stage features (after its memory) for eval.density."""
         return features['pooled']
 

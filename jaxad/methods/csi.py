@@ -19,9 +19,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from jaxad import losses
 from jaxad.data import augment
+from jaxad.errors import ConfigError
+from jaxad.methods.base import Method
 
 
 def augment_kwargs(aug_cfg, crop_scale):
@@ -181,13 +184,32 @@ def paper_one_class(class_names):
     return None
 
 
-class CSI:
+class CSI(Method):
     """The CSI method object used by the shared trainer and evaluator."""
-    headline_score = 'csi'
-    paper_one_class = staticmethod(paper_one_class)
+    config_section = 'csi'
 
-    def __init__(self, config):
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.num_shifts = 4  # rotations 0, 90, 180, 270
+        c.temperature = 0.5  # hard-coded in CSI's simclr_CSI.py
+        c.shift_weight = 1.0  # lambda of L_cls-SI
+        c.eps = 1e-8  # eps inside CSI's NT_xent
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        for name in ('num_shifts', 'temperature'):
+            if config.csi[name] <= 0:
+                raise ConfigError(f'csi.{name} must be > 0, got {config.csi[name]}')
+        if config.csi.num_shifts > 4:
+            raise ConfigError(f'csi.num_shifts={config.csi.num_shifts}: rotations give at most '
+                              '4 shifts')
+
+    def __init__(self, config, budget=None):
         from jaxad.models.resnet import build_model
+        super().__init__(config, budget)
+        self.headline_score = 'csi'
         self.cfg = config.csi
         self.loss_cfg = config.loss
         self.num_shifts = config.csi.num_shifts
@@ -200,6 +222,13 @@ class CSI:
         self.eval_aug = augment_kwargs(config.augment, (s, s))
         self.num_samples = config.eval.num_samples
         self.knn_k = config.eval.knn_k
+
+    def paper_one_class(self, class_names):
+        return paper_one_class(class_names)
+
+    def density_features(self, features):
+        """eval.density sees the 0-degree TTA-mean projection, as CSI's own knn_cosine does."""
+        return features['z_bar'][:, 0]
 
     def init_variables(self, key, image_shape):
         from jaxad.models.convert import init_variables

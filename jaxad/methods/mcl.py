@@ -59,12 +59,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 
 from jaxad import losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError
+from jaxad.methods.base import Method
 from jaxad.methods.csi import augment_kwargs
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -296,26 +298,49 @@ def sei_scores(state, u, view_rotations, combine='wa'):
 # ------------------------------------------------------------------------------------------
 # The method object
 
+def _classes_of_item(item):
+    """The normal classes of one detector item of table.classes ('3' or '0+3'), as
+    jaxad.config.normal_classes parses them (not imported: jaxad.config imports the methods)."""
+    try:
+        return tuple(int(c) for c in str(item).split('+'))
+    except ValueError as e:
+        raise ConfigError(f'normal_class={item!r}: expected an int or ints joined by "+"') from e
+
+
 def _detector_class_counts(data_cfg, table_cfg):
     """Normal classes per detector of the run (for the num_classes check)."""
-    from jaxad.config import normal_classes
     items = [i for i in str(table_cfg.classes).split(',') if i and i != 'all']
-    counts = [len(normal_classes(i)) for i in items]
+    counts = [len(_classes_of_item(i)) for i in items]
     if not table_cfg.classes:
         counts.append(len(tuple(data_cfg.normal_classes)))
     return counts
 
 
-class MCL:
+class MCL(Method):
     """The MCL method object for the shared trainer and evaluator."""
-    headline_score = 'sei'
+    config_section = 'mcl'
     # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
     scoring_fields = ('mcl.sei_views', 'mcl.combine', 'mcl.fit_fraction', 'mcl.cov_ridge')
-    inputs = ('label',)
 
-    def __init__(self, config):
-        from jaxad.models.resnet import build_model
-        cfg = self.cfg = config.mcl
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.num_shifts = 4
+        c.temperature = 0.2
+        c.alpha = 0.05  # multiplier: same class, same rotation, other image
+        c.beta = 2.0  # multiplier: same class, other rotation
+        c.clamp = 1e-7  # cosines are clamped below at this before scaling
+        c.spa_weight = 1.0  # weight of stochastic positive attraction
+        c.num_classes = 10  # class part of the joint label y = class + num_classes * rot
+        c.sei_views = 8  # 8: 4 rotations x (flip, no flip) (SEI-8); 4: rotations (SEI-4)
+        c.combine = 'wa'  # wa (harmonic mean) | mean | min
+        c.fit_fraction = 0.2  # fraction of the training set the Gaussians see (code: 1/5)
+        c.cov_ridge = 1e-9
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        cfg = config.mcl
         if cfg.temperature <= 0:
             raise ConfigError(f'mcl.temperature must be > 0, got {cfg.temperature}')
         if cfg.alpha < 0 or cfg.beta < 0:
@@ -342,6 +367,14 @@ class MCL:
             raise ConfigError(f'mcl.cov_ridge must be > 0 (code: 1e-9), got {cfg.cov_ridge}')
         if config.model.proj_dim <= 0:
             raise ConfigError('MCL needs a projection head: set model.proj_dim > 0')
+
+    def __init__(self, config, budget=None):
+        from jaxad.models.resnet import build_model
+        super().__init__(config, budget)
+        self.headline_score = 'sei'
+        self.inputs = ('label',)
+        cfg = self.cfg = config.mcl
+        k = cfg.num_shifts
         if config.model.get('input_norm', 'csi') != 'none':
             logging.warning("MCL with model.input_norm=%r: the official code feeds ToTensor() "
                             "images without normalisation ('none')", config.model.input_norm)
@@ -353,11 +386,14 @@ class MCL:
         self.init_from = config.model.get('init_from', '')
         self.train_aug = augment_kwargs(config.augment, config.augment.crop_scale)
 
-    @staticmethod
-    def paper_one_class(class_names):
+    def paper_one_class(self, class_names):
         """None: no verified one-class MCL number (the README's ~94 is CIFAR-10 -> CIFAR-100)."""
         del class_names
         return None
+
+    def density_features(self, features):
+        """The unflipped 0-degree SEI view's unit projection."""
+        return features['u'][:, 0]
 
     def init_variables(self, key, image_shape):
         if self.num_shifts > 1 and image_shape[0] != image_shape[1]:

@@ -28,11 +28,13 @@ test x bank matrix is never held whole (`density.knn_scores`).
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from jaxad import density, losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError
+from jaxad.methods.base import Method
 
 CIFAR10_PAPER = dict(
     mean=97.5, source='MSC v1 abstract (arXiv 2106.03844v1, ResNet-152 ImageNet weights, '
@@ -97,19 +99,38 @@ def scores(bank, phi, k=2, test_block=1024, bank_block=4096):
                                       bank_block=bank_block)}
 
 
-class MSC:
+class MSC(Method):
     """The MSC method object for the shared trainer and evaluator."""
-    headline_score = 'knn'
+    config_section = 'msc'
     # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
     scoring_fields = ('msc.knn_k', 'msc.eval_center_crop')
+    uses_consts = True  # the centre of the initial features (fit_consts)
 
-    def __init__(self, config):
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.temperature = 0.25
+        c.angular = False  # add the centre loss ||phi - c||^2 (v1 paper; code default off)
+        c.knn_k = 2
+        c.image_size = 0  # side the encoder sees (224 for ImageNet weights); 0 = data size
+        c.crop_scale = (0.2, 1.0)  # MoCo-v2 views
+        c.blur_p = 0.5  # Gaussian blur, sigma ~ U(0.1, 2) pixels at msc.image_size
+        c.eval_center_crop = 0.875  # Resize(S/0.875) -> CenterCrop(S) (R152); 1.0: Resize(S)
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        cfg = config.msc
+        if cfg.temperature <= 0:
+            raise ConfigError(f'msc.temperature must be > 0, got {cfg.temperature}')
+        if cfg.knn_k < 1:
+            raise ConfigError(f'msc.knn_k must be >= 1, got {cfg.knn_k}')
+
+    def __init__(self, config, budget=None):
         from jaxad.models.resnet import build_model
+        super().__init__(config, budget)
+        self.headline_score = 'knn'
         self.cfg = config.msc
-        if self.cfg.temperature <= 0:
-            raise ConfigError(f'msc.temperature must be > 0, got {self.cfg.temperature}')
-        if self.cfg.knn_k < 1:
-            raise ConfigError(f'msc.knn_k must be >= 1, got {self.cfg.knn_k}')
         if config.model.bn_mode != 'frozen':
             logging.warning('MSC with model.bn_mode=%r: the paper keeps BN in eval mode for '
                             'the whole run (frozen); issue #1 of the official code failed to '
@@ -126,12 +147,14 @@ class MSC:
         self.eval_crop = self.cfg.eval_center_crop
         self.blocks = (config.eval.density_test_block, config.eval.density_bank_block)
 
-    @staticmethod
-    def paper_one_class(class_names):
+    def paper_one_class(self, class_names):
         from jaxad.methods.csi import CIFAR10_CLASSES
         if tuple(class_names) == CIFAR10_CLASSES:
             return {'per_class': {}, **CIFAR10_PAPER}
         return None
+
+    def density_features(self, features):
+        return features['phi']
 
     def init_variables(self, key, image_shape):
         from jaxad.models.convert import init_variables

@@ -34,16 +34,18 @@ augmentation, eval.num_samples = T; BN in eval mode; nothing normalised):
   clean_sq_norm  = -||z_0||^2                       (auroc_l2_of_val)
 No training data enters the score; `fit_scoring` keeps only the bank size.
 
-The step enters the loss as `batch['step']` (the method sets `needs_step`), and the
-trainer calls `configure(steps_per_epoch)` to turn oecl.warmup_epochs into steps.
+The step enters the loss as `batch['step']` (the method sets `needs_step`); the run's
+`StepBudget` (given at construction) turns oecl.warmup_epochs into steps.
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 from absl import logging
 
 from jaxad import losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError, TrainingError
+from jaxad.methods.base import Method
 
 ID_ROTATIONS = {False: (0,), True: (0, 1)}  # OECL | self-OECL, in units of 90 degrees
 OE_ROTATIONS = {False: (0,), True: (2, 3)}
@@ -152,51 +154,49 @@ def scores(features):
             'clean_sq_norm': -jnp.sum(jnp.square(features['z_clean']), axis=-1)}
 
 
-OE_SOURCES = ('folder', 'numpy', 'other_classes')  # the config files' `oe` argument
-
-
-def set_outlier_exposure(c, oe, oe_path, what):
-    """config.oe from the `oe` / `oe_path` arguments of an OECL config file."""
-    if oe not in OE_SOURCES:
-        raise ConfigError(f'{what}: unknown oe={oe!r}; choose one of {", ".join(OE_SOURCES)}')
-    c.oe.source = oe
-    if oe == 'other_classes':
-        return
-    if not oe_path:
-        raise ConfigError(
-            f'{what}: oe={oe} needs oe_path. The paper\'s CIFAR-10 outlier exposure '
-            '(Tiny80M, or the 300K-random-images substitute) is not available here: pass '
-            'oe_path=<image folder or .tar.gz with train/<class>/ images> (or an .npz with '
-            'oe=numpy), or oe=other_classes to expose the other classes of the data set')
-    if oe == 'numpy':
-        c.oe.numpy_path = oe_path
-    else:
-        c.oe.path = oe_path
-
-
-class OECL:
-    """OECL (self_supervised=False) or self-OECL (True) for the shared trainer."""
-    headline_score = 'norm_mean'
-    inputs = ('outlier',)
+class OECL(Method):
+    """OECL (outliers from `oe.source`) for the shared trainer; `SelfOECL` is self-OECL."""
+    config_section = 'oecl'
+    self_supervised = False  # SelfOECL: True
     needs_step = True  # the trainer sets batch['step'] = state.step
     needs_bank = False  # density-free scores: the evaluator skips the train-bank pass
 
-    def __init__(self, config, self_supervised=False):
-        from jaxad.methods.csi import augment_kwargs
-        from jaxad.models.resnet import build_model
-        self.cfg = config.oecl
-        self.loss_cfg = config.loss
-        self.self_supervised = self_supervised
-        name = 'self_oecl' if self_supervised else 'oecl'
-        if self.cfg.temperature <= 0:
-            raise ConfigError(f'oecl.temperature must be > 0, got {self.cfg.temperature}')
-        if self.cfg.alpha < 0:
-            raise ConfigError(f'oecl.alpha must be >= 0, got {self.cfg.alpha}')
-        if self.cfg.warmup_epochs < 0 or self.cfg.get('warmup_steps', 0) < 0:
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.temperature = 0.5
+        c.alpha = 1.0  # weight of mean ||z|| of outlier views after the warm-up
+        c.warmup_epochs = 50  # alpha = 0 before this (pure SimCLR)
+        c.warmup_steps = 0  # > 0 overrides warmup_epochs
+        c.oe_grayscale = False  # grey the OE images first (colour OE for grey data)
+        c.eps = 1e-8  # eps inside NT-Xent (CSI's form, as NTXentOE)
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        cfg = config.oecl
+        name = 'self_oecl' if cls.self_supervised else 'oecl'
+        if cfg.temperature <= 0:
+            raise ConfigError(f'oecl.temperature must be > 0, got {cfg.temperature}')
+        if cfg.alpha < 0:
+            raise ConfigError(f'oecl.alpha must be >= 0, got {cfg.alpha}')
+        if cfg.warmup_epochs < 0 or cfg.get('warmup_steps', 0) < 0:
             raise ConfigError('oecl.warmup_epochs and oecl.warmup_steps must be >= 0, got '
-                              f'{self.cfg.warmup_epochs}, {self.cfg.get("warmup_steps", 0)}')
+                              f'{cfg.warmup_epochs}, {cfg.get("warmup_steps", 0)}')
         if config.model.proj_dim <= 0:
             raise ConfigError(f'{name} scores the projection norm: model.proj_dim must be > 0')
+        if cfg.get('oe_grayscale', False) and config.data.channels != 3:
+            raise ConfigError('oecl.oe_grayscale needs data.channels=3 (RGB images)')
+
+    def __init__(self, config, budget=None):
+        from jaxad.methods.csi import augment_kwargs
+        from jaxad.models.resnet import build_model
+        super().__init__(config, budget)
+        self.headline_score = 'norm_mean'
+        self.inputs = ('outlier',)
+        self.cfg = config.oecl
+        self.loss_cfg = config.loss
+        self_supervised = self.self_supervised
         source = config.oe.source
         if self_supervised and source and source != 'normal':
             logging.warning('self_oecl with oe.source=%r: the paper rotates the normal '
@@ -212,17 +212,17 @@ class OECL:
         self.aug = augment_kwargs(config.augment, config.augment.crop_scale)
         self.num_samples = config.eval.num_samples
         self.oe_grayscale = bool(self.cfg.get('oe_grayscale', False))
-        if self.oe_grayscale and config.data.channels != 3:
-            raise ConfigError('oecl.oe_grayscale needs data.channels=3 (RGB images)')
-        steps = self.cfg.get('warmup_steps', 0)
-        self.warmup_steps = steps if steps > 0 else (0 if self.cfg.warmup_epochs == 0 else None)
-
-    def configure(self, steps_per_epoch):
-        """Converts oecl.warmup_epochs to steps (unless oecl.warmup_steps > 0 sets them)."""
-        steps = self.cfg.get('warmup_steps', 0)
-        self.warmup_steps = (int(steps) if steps > 0
-                             else int(round(self.cfg.warmup_epochs * steps_per_epoch)))
-        return self
+        # The warm-up in steps: oecl.warmup_steps > 0 wins; else oecl.warmup_epochs x the
+        # budget's steps per epoch (unknown without a budget, unless it is 0 epochs).
+        steps = int(self.cfg.get('warmup_steps', 0))
+        if steps > 0:
+            self.warmup_steps = steps
+        elif self.cfg.warmup_epochs == 0:
+            self.warmup_steps = 0
+        elif budget is not None:
+            self.warmup_steps = int(round(self.cfg.warmup_epochs * budget.steps_per_epoch))
+        else:
+            self.warmup_steps = None
 
     def paper_one_class(self, class_names):
         from jaxad.methods.csi import CIFAR10_CLASSES
@@ -234,11 +234,14 @@ class OECL:
         from jaxad.models.convert import init_variables
         return init_variables(self.model, key, image_shape, self.init_from)
 
+    def density_features(self, features):
+        """The clean view's (un-normalised) projection."""
+        return features['z_clean']
+
     def alpha(self, step):
         if self.warmup_steps is None:
-            raise TrainingError('OECL: the warm-up length in steps is unknown; the trainer must '
-                                'call method.configure(steps_per_epoch) (or set '
-                                'oecl.warmup_steps > 0)')
+            self.require_budget('the warm-up length in steps (oecl.warmup_epochs x steps per '
+                                'epoch; or set oecl.warmup_steps > 0)')
         return alpha_at(step, self.warmup_steps, self.cfg.alpha)
 
     def loss(self, params, batch_stats, consts, batch, key):
@@ -273,3 +276,8 @@ class OECL:
     def score(self, scoring, test_features):
         del scoring
         return scores(test_features)
+
+
+class SelfOECL(OECL):
+    """self-OECL: the normal images, rotated by 180/270 degrees, are the outliers."""
+    self_supervised = True

@@ -49,10 +49,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jaxad.data import augment
 from jaxad.errors import ConfigError
+from jaxad.methods.base import Method
 from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, BasicBlock,
                                  Bottleneck, Deconv2x2, ResNet, block_layers, block_spec)
 
@@ -436,21 +438,15 @@ def arch_of(name):
 
 # ----------------------------------------------------------------------------- method
 
-# The code's per-category encoder BN mode (recontrast_mvtec.py): eval for these, train for
-# the other MVTec categories; VisA: eval for cashew and pcb1 (methods.md §5.3).
-EVAL_BN_CATEGORIES = {'mvtec': ('toothbrush', 'leather', 'grid', 'tile', 'wood', 'screw'),
-                      'visa': ('cashew', 'pcb1')}
-
-
-class ReContrast:
+class ReContrast(Method):
     """The ReContrast method object for the shared trainer and evaluator.
 
     Training (one step = the code's iteration): x in [0, 1] (ImageNet-normalised inside the
     encoder), (en, de) = net(x) with the bottleneck/decoder BN in train mode over [E; E'],
     L = recontrast_loss(en, de, alpha(step), recontrast.factor). The encoder's BN follows
     model.bn_mode ('batch' = the code's train mode, 'frozen' = its eval mode); E' is always
-    in eval mode and never updated. Optimiser (config recontrast_base): AdamW 2e-3 on the
-    bottleneck and decoder, AdamW 1e-5 on the encoder (optim.group_lr).
+    in eval mode and never updated. Optimiser (recontrast_base in configs/recipes.py): AdamW
+    2e-3 on the bottleneck and decoder, AdamW 1e-5 on the encoder (optim.group_lr).
 
     Scores (all modules in eval mode): 'map' (N, H, W), the Gaussian-smoothed sum of the six
     1 - cos maps at image resolution; 'max' its maximum; 'top_mean' the mean of its top
@@ -458,13 +454,25 @@ class ReContrast:
     class-separated scripts), 'top_mean' otherwise (the multi-class script). No train
     bank is needed.
     """
+    config_section = 'recontrast'
     needs_step = True   # alpha(step) inside the loss
     needs_bank = False  # the scores use no training features
     # Change the scores, not the model (jaxad.fingerprint: rescored, not refused).
     scoring_fields = ('recontrast.sigma', 'recontrast.map_reduce', 'recontrast.max_ratio')
     frozen_params = ('^frozen_encoder/',)
 
-    def __init__(self, config):
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.factor = 0.0  # gradient scale at the easy points (every official script: 0)
+        c.alpha_warmup_fraction = 0.1  # alpha -3 -> 1 over this share of the steps
+        c.sigma = 4.0  # Gaussian smoothing of the anomaly map (0: none)
+        c.map_reduce = 'sum'  # sum (class-separated) | mean (multi-class) of the 6 maps
+        c.max_ratio = 0.0  # 0: image score = max of the map; > 0: mean of the top share
+        return c
+
+    @classmethod
+    def validate(cls, config):
         cfg = config.recontrast
         if not 0 < cfg.alpha_warmup_fraction <= 1:
             raise ConfigError(f'recontrast.alpha_warmup_fraction must be in (0, 1], got '
@@ -476,6 +484,10 @@ class ReContrast:
         if cfg.map_reduce not in ('sum', 'mean'):
             raise ConfigError(f"recontrast.map_reduce must be 'sum' or 'mean', got "
                               f'{cfg.map_reduce!r}')
+
+    def __init__(self, config, budget=None):
+        super().__init__(config, budget)
+        cfg = config.recontrast
         model = config.model
         depth, width_per_group = arch_of(model.name)
         dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -487,21 +499,19 @@ class ReContrast:
             encoder_bn_train=model.bn_mode == 'batch', bn_groups=model.bn_groups,
             conv_impl=model.get('conv_impl', 'auto'))
         self.cfg, self.init_from = cfg, model.get('init_from', '')
-        self.config_total_steps, self.epochs = config.total_steps, config.optim.epochs
-        self.total_steps = config.total_steps
+        # alpha's schedule length: the run's total steps (None without a budget: no loss).
+        self.total_steps = None if budget is None else budget.total_steps
         self.headline_score = 'max' if cfg.max_ratio == 0 else 'top_mean'
 
-    def configure(self, steps_per_epoch):
-        # Recomputed on every call: table groups may differ in steps per epoch.
-        self.total_steps = (self.config_total_steps if self.config_total_steps > 0
-                            else self.epochs * steps_per_epoch)
-
-    @staticmethod
-    def paper_one_class(class_names):
+    def paper_one_class(self, class_names):
         """None: MVTec's classes are defect types, not one-class tables; the published
         per-category numbers (methods.md §5.6) need ImageNet weights."""
         del class_names
         return None
+
+    def density_features(self, features):
+        """The trainable encoder's pooled layer3 features."""
+        return features['pooled']
 
     def init_variables(self, key, image_shape):
         from jaxad.models.convert import init_variables
@@ -511,6 +521,8 @@ class ReContrast:
 
     def loss(self, params, batch_stats, consts, batch, key):
         del consts, key  # no augmentation: Resize -> ToTensor -> normalise
+        if self.total_steps is None:
+            self.require_budget("the length of alpha's schedule (the run's total steps)")
         x = augment.to_float(batch['image'])
         (en, de), mutated = self.model.apply({'params': params, 'batch_stats': batch_stats},
                                              x, None, True, mutable=['batch_stats'])

@@ -1,0 +1,330 @@
+"""The one training loop, and everything single runs and one-class tables share.
+
+A `Run` is one training program with its own checkpoint directory: a single detector
+(`jaxad.train.Setup`, in WORKDIR) or a stack of K detectors whose state carries a leading
+model axis (`jaxad.table.Group`, in WORKDIR/groups/<classes>). A subclass says how its
+state is initialised and sharded, how its step is jitted and where its batches come from;
+`Run` builds the method (for the run's `StepBudget`), optimizer and checkpoints, restores
+(abstract state from `jax.eval_shape`: no initial state is built to restore into),
+trains, logs and saves the same way for both.
+
+Also here: TrainState, the pure step (`make_train_step`), the init function, step
+budgets, input checks, log/save cadence and the outlier-exposure stream.
+"""
+import os
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from jaxad import checkpoint as ckpt_lib
+from jaxad import distributed, fingerprint, optim, sharding
+from jaxad import evaluate as eval_lib
+from jaxad.data import pipeline, sources
+from jaxad.errors import ConfigError, DataError, TrainingError
+from jaxad.methods import StepBudget, get_method
+from jaxad.writers import MetricWriter
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    # Method constants fixed before the first step and never trained (MSC's centre of the
+    # initial features): part of the state so the step stays a pure function and
+    # checkpoints carry them. {} for methods without any (`method.uses_consts` False).
+    consts: dict
+
+
+def make_train_step(method, tx, schedule, steps_per_epoch=None):
+    """A pure `(state, batch, rng) -> (state, metrics)` step.
+
+    A method with `needs_step` also finds the update count in `batch['step']` (schedules
+    given in epochs were turned into steps by the method's own `StepBudget`; the
+    `steps_per_epoch` argument is unused, kept for existing callers).
+
+    `rng` is the run's base key; the step folds in `state.step`, so a resumed
+    run draws exactly the augmentations an uninterrupted one would.
+    """
+    del steps_per_epoch
+
+    def train_step(state, batch, rng):
+        key = jax.random.fold_in(rng, state.step)
+        if method.needs_step:
+            batch = dict(batch, step=state.step)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats,
+                                                     state.consts, batch, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+        return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                             opt_state=opt_state), metrics
+    return train_step
+
+
+def make_init_fn(method, tx, image_shape):
+    """key -> initial TrainState (pure, so a stack is `jax.vmap` of it, and its shapes are
+    `jax.eval_shape` of it).
+
+    A method with `uses_consts` gets zero constants of the right shapes here; `Run.resume`
+    fills them from the data before the first step.
+    """
+    def init(key):
+        variables = method.init_variables(key, image_shape)
+        consts = {}
+        if method.uses_consts:
+            shapes = jax.eval_shape(method.fit_consts, eval_lib.feature_shapes(
+                method, variables, image_shape, 1, jax.random.key(0)))
+            consts = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return TrainState(jnp.zeros((), jnp.int32), variables['params'],
+                          variables['batch_stats'], tx.init(variables['params']), consts)
+    return init
+
+
+def init_key(seed):
+    """The params init key of a run with `seed` (single and stacked runs alike)."""
+    return jax.random.fold_in(jax.random.key(seed), 0)
+
+
+def step_budget(config, num_normal, what):
+    """The `StepBudget` of `num_normal` normal training images (`what` names them)."""
+    return StepBudget.of(config, num_normal, what)
+
+
+def check_image_shape(image_set, data_cfg):
+    """(H, W, C) of the set; DataError unless it is data.image_size / data.channels."""
+    shape = tuple(int(d) for d in np.shape(image_set.images[0]))
+    want = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+    if shape != want:
+        raise DataError(f'{image_set.name}: images are {shape[0]}x{shape[1]}x{shape[2]} (HxWxC) '
+                        f'but the config expects {want[0]}x{want[1]}x{want[2]} '
+                        '(data.image_size, data.channels)')
+    return shape
+
+
+def start_record(config, workdir):
+    """Creates `workdir` and, when it holds no checkpoint yet, records the run's config
+    and training fingerprint there (an existing run's record was checked, not rewritten)."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        if not fingerprint.has_checkpoints(workdir):
+            fingerprint.write_run_record(config, workdir)
+    except OSError as e:
+        raise TrainingError(f'cannot write to workdir {workdir}: {e}') from e
+
+
+def log_and_save_flags(step, total_steps, config):
+    """(log this step?, save a periodic checkpoint now?); the final save is the caller's."""
+    is_log = step % config.log_every == 0 or step == total_steps
+    is_save = step % config.checkpoint.every_steps == 0 and step < total_steps
+    return is_log, is_save
+
+
+def batch_geometry(config, mesh, schedule, steps_per_epoch):
+    """What a scaling study needs to know about a run's batch, logged once and per line."""
+    per_device = config.batch_size // sharding.data_size(mesh)
+    geometry = dict(global_batch=config.batch_size, per_device_batch=per_device,
+                    data_devices=sharding.data_size(mesh), process_count=jax.process_count())
+    lr = f'base lr {config.optim.lr:g} -> {float(schedule(0)):g} at step 0'
+    if 'warmup' in config.optim.schedule:  # the other schedules have no warm-up
+        warm = optim.warmup_steps(config.optim, steps_per_epoch)
+        lr += f', {float(schedule(warm)):g} after warm-up'
+    logging.info('global batch %d images = %d per device x %d devices (%d processes); '
+                 'lr rule %s: %s', config.batch_size, per_device, geometry['data_devices'],
+                 geometry['process_count'], config.optim.lr_rule, lr)
+    return geometry
+
+
+def check_finite(step, metrics, last_saved, members=None, group=None):
+    """TrainingError when a logged metric is not finite: naming the metrics (one detector)
+    or the members of stack `group` (`members`: their names, in stack order)."""
+    if members is None:
+        bad = {k: float(v) for k, v in metrics.items() if not np.all(np.isfinite(v))}
+        where = f': {bad}'
+    else:
+        bad = sorted({m for v in metrics.values() for m, x in zip(members, np.ravel(v))
+                      if not np.isfinite(x)})
+        where = f' for class(es) {bad} (group {group})'
+    if bad:
+        raise TrainingError(
+            f'non-finite training metrics at step {step}{where}. Stopping; the last good '
+            f'checkpoint is step {last_saved} (lower optim.lr or check the data).')
+
+
+def outlier_source(config, train_set, normal_indices, normal_classes, auxiliary=None):
+    """(image set, indices) of the outlier-exposure stream (`oe.source`), or None.
+
+    'normal': the normal images again, independently shuffled (self-OECL rotates them);
+    'other_classes': the training images of every non-normal class (this leaks the test
+    anomalies' classes into training: for outlier-exposure studies, not the one-class
+    protocol); any data source: `auxiliary`, loaded once by `load_auxiliary_outliers`.
+    """
+    source = config.oe.source
+    if not source:
+        return None
+    if source == 'normal':
+        return train_set, normal_indices
+    if source == 'other_classes':
+        others = np.flatnonzero(~np.isin(train_set.labels, normal_classes))
+        if not len(others):
+            raise DataError(f'oe.source=other_classes: {train_set.name} has no images outside '
+                            f'the normal classes {list(normal_classes)}')
+        return train_set, limit_outliers(config, others)
+    return auxiliary, limit_outliers(config, np.arange(len(auxiliary)))
+
+
+def limit_outliers(config, indices):
+    """`indices` cut to a seeded subset of `oe.max_images` (0 = all; the few-anomaly protocol,
+    AnoMem). The subset (seed = config.seed, sorted) is repeated to at least one global batch,
+    each outlier equally often, since the outlier stream reads whole batches."""
+    max_images = int(config.oe.get('max_images', 0))
+    if max_images < 0:
+        raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {max_images}')
+    if not max_images or max_images >= len(indices):
+        return indices
+    subset = np.sort(np.random.default_rng(config.seed).choice(indices, max_images,
+                                                                 replace=False))
+    return np.tile(subset, -(-config.batch_size // max_images))
+
+
+def load_auxiliary_outliers(method, config, image_shape):
+    """The outlier-exposure data set when `oe.source` names a data source, else None."""
+    if not method.needs_outliers:
+        return None
+    if not config.oe.source:
+        raise ConfigError(f'method {config.method!r} trains with outlier exposure: set '
+                          'oe.source (normal, other_classes, or a data source such as folder)')
+    if config.oe.source in ('normal', 'other_classes'):
+        return None
+    return sources.load_auxiliary(config.oe, 'train', image_shape, 'outlier exposure')
+
+
+def train_batches(method, config, train_set, indices, normal_classes, outlier_set, start_step,
+                  **kwargs):
+    """Host batches of one detector from `start_step` (`pipeline.method_train_iterator`)."""
+    return pipeline.method_train_iterator(
+        method.inputs, train_set, indices, normal_classes,
+        global_batch_size=config.batch_size, seed=config.seed,
+        outliers=outlier_source(config, train_set, indices, normal_classes, outlier_set),
+        start_step=start_step, process_index=jax.process_index(),
+        process_count=jax.process_count(), **kwargs)
+
+
+class Run:
+    """One training program with its own checkpoints; the loop that drives it.
+
+    Subclasses call `_build` once their data is known and define:
+      init_fn(), init_keys(): the pure init function and the key(s) it takes
+      state_sharding: where every array of the state lives
+      jit_step(train_step): the step jitted for this run's shardings
+      batches(start_step): iterator of global batches from `start_step`
+      fit_consts(state): `state` with the method's constants fitted (`uses_consts`)
+      member_names: None for one detector, else the stack's member names
+    """
+    member_names = None
+
+    def _build(self, config, directory, budget, mesh, image_shape, name, method=None):
+        """The run's method (`method`, or one built for `budget`), optimizer and checkpoint
+        directory."""
+        self.config, self.directory, self.budget = config, directory, budget
+        self.mesh, self.image_shape, self.name = mesh, image_shape, name
+        sharding.check_batch_divides(config.batch_size, mesh)
+        self.method = method if method is not None else get_method(config, budget)
+        self.tx, self.schedule = optim.make_optimizer(
+            config.optim, budget.steps_per_epoch, budget.total_steps, config.batch_size,
+            freeze=self.method.frozen_params)
+        self.checkpoints = ckpt_lib.Checkpoints(
+            os.path.join(directory, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
+            use_async=config.checkpoint.use_async)
+
+    @property
+    def steps_per_epoch(self):
+        return self.budget.steps_per_epoch
+
+    @property
+    def total_steps(self):
+        return self.budget.total_steps
+
+    # ------------------------------------------------------------------ state
+
+    def initial_state(self):
+        """The state before step 1 (constants still zero), created with its shardings."""
+        return jax.jit(self.init_fn(), out_shardings=self.state_sharding)(self.init_keys())
+
+    def abstract_state(self):
+        """Shapes, dtypes and shardings of the state (`jax.eval_shape`: nothing computed)."""
+        shapes = jax.eval_shape(self.init_fn(), self.init_keys())
+        return jax.tree_util.tree_map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.state_sharding),
+            shapes)
+
+    def restore_latest(self):
+        """(state, step) of the newest readable checkpoint, or (None, 0) when there is none.
+
+        A damaged newest step is set aside and the newest readable one used
+        (`Checkpoints.restore_newest`); a config mismatch is an error.
+        """
+        restored = self.checkpoints.restore_newest(self.abstract_state(), using='using')
+        if restored is None:
+            return None, 0
+        logging.info('resuming from %s step %d', self.checkpoints.directory, restored[1])
+        return restored
+
+    def resume(self):
+        """(state, step) to train from: the newest readable checkpoint's, or the initial
+        state with the method's constants fitted and 0."""
+        state, step = self.restore_latest()
+        if state is None:
+            return self.fit_consts(self.initial_state()), 0
+        return state, step
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, state, start_step, progress, progress_offset=0, **progress_fields):
+        """Steps `start_step + 1 .. total_steps` of the jitted, donated step: every `log_every`
+        steps a line in DIRECTORY/metrics.jsonl (for a stack: member means and each member's
+        losses) and a `progress` update, a checkpoint every `checkpoint.every_steps` (the
+        final save, with the scoring state, is the caller's). Returns the state."""
+        config, mesh, total = self.config, self.mesh, self.total_steps
+        step_fn = self.jit_step(make_train_step(self.method, self.tx, self.schedule))
+        batches = self.batches(start_step)
+        models = len(self.member_names) if self.member_names else 1
+        logging.info('%s: %d steps (%d per epoch), %d model(s) x %d images per step, mesh %s',
+                     self.name, total, self.steps_per_epoch, models, config.batch_size,
+                     dict(mesh.shape))
+        geometry = batch_geometry(config, mesh, self.schedule, self.steps_per_epoch)
+        last_saved, t_last, step_last = start_step, time.time(), start_step
+        with MetricWriter(self.directory, tensorboard=config.get('tensorboard', False)) as writer:
+            for step in range(start_step + 1, total + 1):
+                state, metrics = step_fn(state, next(batches), self.rng)
+                is_log, is_save = log_and_save_flags(step, total, config)
+                if is_log or is_save:
+                    metrics = {k: np.asarray(v, np.float64)
+                               for k, v in distributed.to_host(metrics).items()}
+                    check_finite(step, metrics, last_saved, self.member_names, self.name)
+                if is_log:
+                    rate = (step - step_last) / max(time.time() - t_last, 1e-9)
+                    record = {k: float(v.mean()) for k, v in metrics.items()}
+                    for k, v in metrics.items():
+                        if self.member_names and k.startswith('loss'):
+                            record.update({f'{k}/{m}': float(x)
+                                           for m, x in zip(self.member_names, v)})
+                    record.update(steps_per_sec=rate,
+                                  images_per_sec=rate * config.batch_size * models,
+                                  epoch=step / self.steps_per_epoch, **geometry)
+                    writer.write(step, record)
+                    progress.update(progress_offset + step, **progress_fields,
+                                    loss=record['loss'], lr=record['lr'],
+                                    img_s=round(record['images_per_sec'], 1))
+                    t_last, step_last = time.time(), step
+                if is_save:
+                    self.checkpoints.save(step, state)
+                    last_saved = step
+        return state
