@@ -72,3 +72,32 @@ def import_torch():
         import torch
         return torch
     return pytest.importorskip('torch')
+
+
+def make_rotated_npz(path, rotations=(0, -1, -2), n_per_class=16, size=8, tint=(0.3, 1.0),
+                     seed=0):
+    """End-to-end data on which training, not the random init, separates the classes.
+
+    Class c is one pattern turned by np.rot90(k=rotations[c]): uniform noise in [0, 100)
+    with a saturated top row, the whole image times a random tint in [tint[0], tint[1]] per
+    image and channel (tint=None: no tint). The classes share their brightness and colour
+    statistics, so a randomly initialised network scores them nearer chance (unlike
+    make_npz, whose classes differ in brightness and which an untrained network already
+    separates); a network that learns orientation separates them. Same layout as
+    make_npz: n_per_class training and n_per_class // 2 test images per class.
+    """
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (('train', n_per_class), ('test', n_per_class // 2)):
+        images, labels = [], []
+        for c, k in enumerate(rotations):
+            x = rng.integers(0, 100, size=(n, size, size, 3)).astype(np.float64)
+            x[:, 0] = 255
+            if tint is not None:
+                x = x * rng.uniform(tint[0], tint[1], size=(n, 1, 1, 3))
+            images.append(np.round(np.rot90(x, k=k, axes=(1, 2))).astype(np.uint8))
+            labels.append(np.full(n, c))
+        out[f'{split}_images'] = np.concatenate(images)
+        out[f'{split}_labels'] = np.concatenate(labels)
+    np.savez(path, **out)
+    return path

@@ -15,7 +15,7 @@ from jaxad.data import sources
 from jaxad.errors import ConfigError
 from jaxad.methods import anomem, get_method
 from jaxad.models import resnet
-from tests.helpers import make_npz, tiny_config
+from tests.helpers import make_npz, make_rotated_npz, tiny_config
 
 
 @pytest.fixture(scope='module')
@@ -249,6 +249,9 @@ def test_gradients_reach_the_memory_as_documented(npz):
 # ----------------------------------------------------------------------------- end to end
 
 def test_one_class_end_to_end(npz, tmp_path):
+    """The one-class plumbing (scores, metrics). No AUROC floor: at this scale the one-class
+    `anomem` score does not separate trained from untrained runs over seeds (measured in
+    test_few_anomaly_end_to_end's docstring); that test's classifier floor covers AnoMem."""
     results = train.train_and_evaluate(anomem_config(npz), str(tmp_path))
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert saved['headline_score'] == 'anomem'
@@ -273,14 +276,30 @@ def test_one_class_table_with_anomaly_maps(npz, tmp_path):
     assert np.isfinite(results['mean']['image_AUROC'])
 
 
-def test_few_anomaly_end_to_end(npz, tmp_path):
+def test_few_anomaly_end_to_end(tmp_path):
+    """Few-anomaly AnoMem, 200 steps on make_rotated_npz without tint (normal: a bar along
+    the top edge; anomalies and the 8 labelled outliers: the images turned 90 and 180
+    degrees), classifier image_AUROC >= 0.85; the test runs seed 0.
+
+    Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config),
+    `classifier` image_AUROC: trained 200 steps, seeds 0-4: 0.938 1.000 1.000 1.000 1.000;
+    untrained (0 steps, the initial state scored), seeds 0-5: 0.117 0.664 0.398 0.531 0.289
+    0.203. The one-class `anomem` score of the one-class run has no such floor at this
+    budget: trained 200 steps, seeds 0-4: 0.891 0.820 0.555 0.719 0.508; untrained, seeds
+    0-5: 0.484 0.109 0.672 0.617 0.773 0.516 (RESULTS.md: 56 % on Fashion-MNIST class 0).
+    The previous set-up (make_npz, 2 steps, 3 outliers) scored 0.89-1.0 untrained.
+    """
+    npz = make_rotated_npz(tmp_path / 'rotated.npz', tint=None)
     config = anomem_config(npz, **{'anomem.few_anomalies': True, 'anomem.hinge_weight': 1.0,
-                                   'oe.source': 'other_classes', 'oe.max_images': 3})
+                                   'oe.source': 'other_classes', 'oe.max_images': 8,
+                                   'total_steps': 200, 'optim.epochs': 100, 'log_every': 20})
+    assert config.seed == 0
     train.train_and_evaluate(config, str(tmp_path))
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert saved['headline_score'] == 'classifier'
     assert {'classifier', 'anomem'} <= set(saved['scores'])
     assert all(np.isfinite(s['image_AUROC']) for s in saved['scores'].values())
+    assert saved['image_AUROC'] >= 0.85, saved['image_AUROC']
     with open(tmp_path / 'metrics.jsonl') as f:
         lines = [json.loads(line) for line in f]
     assert all(np.isfinite(m['loss_cls']) and np.isfinite(m['loss_hinge']) for m in lines)

@@ -149,8 +149,9 @@ def test_two_processes_match_one_process_two_devices(tmp_path):
     assert [r['step'] for r in want] == [1, 2, 3, 4]
     assert_same_metrics(got, want)  # one line per step: process 1 wrote none
     assert_same_results(read_results(multi_dir), read_results(single_dir))
-    assert sorted(os.listdir(multi_dir)) == ['checkpoints', 'config.json', 'metrics.jsonl',
-                                             'plots', 'results.json']
+    assert sorted(os.listdir(multi_dir)) == ['checkpoints', 'config.json', 'fingerprint.json',
+                                             'metrics.jsonl', 'plots', 'results.json',
+                                             'scoring_settings.json']
     assert sorted(os.listdir(multi_dir / 'plots')) == ['roc.png', 'score_hist.png']
     assert 'image_AUROC' in multi[0].stdout() and 'image_AUROC' not in multi[1].stdout()
     assert 'train 4/4' in multi[0].stderr() and 'train 4/4' not in multi[1].stderr()

