@@ -381,7 +381,7 @@ def test_end_to_end_one_class_and_labelled(npz, tmp_path):
     # step program trains on them; other labels on the same images change L_CCM.
     setup = train.Setup(tiny_mcl_config(npz, (0, 1)), str(tmp_path / 'two'))
     try:
-        batch = next(setup.train_batches(0))
+        batch = next(setup.batches(0))
         assert set(np.unique(batch['label'])) == {0, 1}
         step_fn = train.jit_train_step(
             train.make_train_step(setup.method, setup.tx, setup.schedule, setup.steps_per_epoch),
