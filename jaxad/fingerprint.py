@@ -71,7 +71,7 @@ def _kinds(config_json):
     from jaxad import methods
     name = config_json.get('method', 'csi')
     own = methods.config_section(name)
-    others = tuple(f'{methods.config_section(m)}.' for m in methods.METHODS
+    others = tuple(f'{methods.config_section(m)}.' for m in methods.REGISTRY
                    if methods.config_section(m) != own)
     return NEUTRAL + others, SCORING + tuple(methods.scoring_fields(name))
 

@@ -38,7 +38,7 @@ __all__ = ['REGISTRY', 'METHODS', 'Method', 'StepBudget', 'method_class', 'get_m
 def method_class(name):
     """The registered class of method `name`; ConfigError for an unknown name."""
     if name not in REGISTRY:
-        raise ConfigError(f'unknown method {name!r}; available: {", ".join(METHODS)}')
+        raise ConfigError(f'unknown method {name!r}; available: {", ".join(REGISTRY)}')
     return REGISTRY[name]
 
 
