@@ -26,7 +26,7 @@ from jaxad import distributed, fingerprint, optim, sharding
 from jaxad import evaluate as eval_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
-from jaxad.methods import StepBudget, get_method
+from jaxad.methods import get_method
 from jaxad.writers import MetricWriter
 
 
@@ -91,11 +91,6 @@ def make_init_fn(method, tx, image_shape):
 def init_key(seed):
     """The params init key of a run with `seed` (single and stacked runs alike)."""
     return jax.random.fold_in(jax.random.key(seed), 0)
-
-
-def step_budget(config, num_normal, what):
-    """The `StepBudget` of `num_normal` normal training images (`what` names them)."""
-    return StepBudget.of(config, num_normal, what)
 
 
 def check_image_shape(image_set, data_cfg):

@@ -196,7 +196,7 @@ class TableSetup:
                                                 self.train_set.name)
             sources.one_class_indices(self.test_set.labels, classes, len(names),
                                       self.test_set.name)
-            budget = loop.step_budget(config, len(indices), f'class(es) {classes}')
+            budget = StepBudget.of(config, len(indices), f'class(es) {classes}')
             self.members.append(Member(tuple(classes), '+'.join(names[c] for c in classes),
                                        indices, budget.steps_per_epoch, budget.total_steps))
         self.outlier_set = loop.load_auxiliary_outliers(self.method, config, self.image_shape)

@@ -18,8 +18,9 @@ from jaxad import fingerprint, predict, sharding, table, thresholds
 from jaxad.config import validate_config
 from jaxad.data import sources
 from jaxad.errors import TrainingError
+from jaxad.methods import StepBudget
 from jaxad.loop import (Run, check_image_shape, init_key, load_auxiliary_outliers,
-                        make_init_fn, start_record, step_budget, train_batches)
+                        make_init_fn, start_record, train_batches)
 # Shared pieces callers know as train.X (their home is jaxad.loop / jaxad.writers).
 from jaxad.loop import TrainState, make_train_step, outlier_source  # noqa: F401
 from jaxad.writers import MetricWriter, Progress  # noqa: F401
@@ -84,7 +85,8 @@ class Setup(Run):
         image_shape = check_image_shape(self.train_set, data)
         check_image_shape(self.test_set, data)
         mesh = sharding.make_mesh(config.num_devices)
-        budget = step_budget(config, len(self.normal_indices), f'class(es) {self.normal_classes}')
+        budget = StepBudget.of(config, len(self.normal_indices),
+                               f'class(es) {self.normal_classes}')
         self._build(config, workdir, budget, mesh, image_shape, 'training')
         self.rng = jax.random.key(config.seed)
         self.state_sharding = sharding.replicated(mesh)

@@ -101,3 +101,21 @@ def make_rotated_npz(path, rotations=(0, -1, -2), n_per_class=16, size=8, tint=(
         out[f'{split}_labels'] = np.concatenate(labels)
     np.savez(path, **out)
     return path
+
+
+class Preempted(Exception):
+    """Stands in for a job killed mid-run (after its step-2 checkpoint)."""
+
+
+def preempt_after_step(monkeypatch, step):
+    """Makes the next training run raise Preempted right after logging `step` (log_every=1
+    to hit it); returns a function that undoes it."""
+    from jaxad import writers
+    real_write = writers.MetricWriter.write
+
+    def write_then_stop(self, at, metrics):
+        real_write(self, at, metrics)
+        if at == step:
+            raise Preempted(f'simulated preemption after step {step}')
+    monkeypatch.setattr(writers.MetricWriter, 'write', write_then_stop)
+    return lambda: monkeypatch.setattr(writers.MetricWriter, 'write', real_write)

@@ -306,3 +306,14 @@ def test_a_method_registered_at_run_time_is_neutral_for_the_others(monkeypatch):
 def teardown_module():
     if WALL:
         print('\nconformance wall time (s): ' + ', '.join(f'{k} {v}' for k, v in WALL.items()))
+
+
+def test_a_method_missing_a_required_member_cannot_be_built():
+    """The contract's required members are abstract: a subclass without them fails at
+    construction (Python's TypeError naming each), not at its first use in training."""
+    class Partial(Method):
+        def init_variables(self, key, image_shape):
+            return {}
+
+    with pytest.raises(TypeError, match='features, fit_scoring, loss, score'):
+        Partial(jc.csi_base())

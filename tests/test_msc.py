@@ -17,7 +17,7 @@ from jaxad import checkpoint as ckpt_lib
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods import get_method, msc
-from tests.helpers import import_torch, make_npz, tiny_config
+from tests.helpers import Preempted, import_torch, make_npz, preempt_after_step, tiny_config
 
 
 def unit(x):
@@ -273,10 +273,6 @@ def test_end_to_end_centre_fixed_at_step_0_and_frozen_parts_unchanged(npz, tmp_p
         assert all(np.isfinite(json.loads(line)['loss']) for line in f)
 
 
-class Preempted(Exception):
-    """Stands in for a job killed after its step-2 checkpoint."""
-
-
 def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path, monkeypatch):
     first = tmp_path / 'first'
     train.train_and_evaluate(msc_config(npz, total_steps=2), str(first))
@@ -292,17 +288,11 @@ def test_starts_from_another_run_and_resumes_with_the_same_centre(npz, tmp_path,
     # centre. (A workdir's total_steps cannot grow: jaxad.fingerprint refuses it.)
     config.total_steps = 4
     second = tmp_path / 'second'
-    real_write = train.MetricWriter.write
-
-    def stop_at_step_3(self, step, metrics):
-        real_write(self, step, metrics)
-        if step == 3:
-            raise Preempted
-    monkeypatch.setattr(train.MetricWriter, 'write', stop_at_step_3)
+    resume_normally = preempt_after_step(monkeypatch, 3)
     with pytest.raises(Preempted):
         train.train_and_evaluate(tiny_log(config), str(second))
     centre = latest_state(str(second))['consts']['centre']
-    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
+    resume_normally()
     train.train_and_evaluate(config, str(second))
     np.testing.assert_array_equal(latest_state(str(second))['consts']['centre'], centre)
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxad import loop, sharding, train
-from tests.helpers import make_npz, make_rotated_npz, tiny_config
+from tests.helpers import (Preempted, make_npz, make_rotated_npz, preempt_after_step,
+                           tiny_config)
 
 
 @pytest.fixture(scope='module')
@@ -66,26 +67,16 @@ def final_params(config, workdir):
     return step, jax.device_get(state.params)
 
 
-class Preempted(Exception):
-    """Stands in for a job killed mid-run."""
-
-
 def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
     full = tmp_path / 'full'
     r_full = train.train_and_evaluate(tiny_config(npz), str(full))
 
     resumed = tmp_path / 'resumed'
-    real_write = train.MetricWriter.write
-
-    def crash_after_checkpoint(self, step, metrics):
-        real_write(self, step, metrics)
-        if step == 3:
-            raise Preempted('simulated preemption')
-    monkeypatch.setattr(train.MetricWriter, 'write', crash_after_checkpoint)
+    resume_normally = preempt_after_step(monkeypatch, 3)
     with pytest.raises(Preempted):
         train.train_and_evaluate(tiny_config(npz, log_every=1), str(resumed))
     assert sorted(os.listdir(resumed / 'checkpoints')) == ['2']
-    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
+    resume_normally()
     r_resumed = train.train_and_evaluate(tiny_config(npz, log_every=1), str(resumed))
 
     step_a, pa = final_params(tiny_config(npz), full)
@@ -163,16 +154,10 @@ def test_restore_builds_no_initial_state(npz, tmp_path, monkeypatch):
     config = lambda: tiny_config(npz, method='msc', num_devices=1, log_every=1,  # noqa: E731
                                  **{'model.bn_mode': 'frozen', 'model.proj_dim': 0})
     workdir = tmp_path / 'run'
-    real_write = train.MetricWriter.write
-
-    def crash_after_checkpoint(self, step, metrics):
-        real_write(self, step, metrics)
-        if step == 3:
-            raise Preempted('simulated preemption')
-    monkeypatch.setattr(train.MetricWriter, 'write', crash_after_checkpoint)
+    resume_normally = preempt_after_step(monkeypatch, 3)
     with pytest.raises(Preempted):
         train.train_and_evaluate(config(), str(workdir))
-    monkeypatch.setattr(train.MetricWriter, 'write', real_write)
+    resume_normally()
     assert sorted(os.listdir(workdir / 'checkpoints')) == ['2']
 
     def not_on_restore(*args, **kwargs):

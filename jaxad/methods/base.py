@@ -3,8 +3,8 @@ export read a method through (DESIGN.md principle 8).
 
 A method is one module under jaxad/methods/ with one `Method` subclass, registered by name in
 `jaxad.methods.REGISTRY`. Everything outside jaxad/methods/ uses only the members listed on
-`Method` below: no `hasattr`/`getattr` probes, no method names. Required members raise
-NotImplementedError here; optional ones have their default here.
+`Method` below: no `hasattr`/`getattr` probes, no method names. Required members are
+abstract (a subclass that lacks one cannot be built); optional ones have their default here.
 
 Conventions:
   * Members that depend on the config (`model`, `headline_score`, `inputs`) are instance
@@ -21,6 +21,7 @@ Conventions:
     Training-only quantities derived from it (OECL's warm-up in steps, ReContrast's alpha
     schedule length) are then unknown and `loss` raises TrainingError saying so.
 """
+import abc
 import dataclasses
 
 import ml_collections
@@ -49,7 +50,7 @@ class StepBudget:
         return cls(int(steps_per_epoch), int(total))
 
 
-class Method:
+class Method(abc.ABC):
     """A detector: its network, loss, features and scores.
 
     Readers: T = trainer (train.py / the loop), Tb = table.py, E = evaluate.py,
@@ -116,36 +117,38 @@ class Method:
         return 'outlier' in self.inputs
 
     # ------------------------------------------------------------------ required
+    @abc.abstractmethod
     def init_variables(self, key, image_shape):
         """{'params', 'batch_stats'} of a fresh model for images of `image_shape` (H, W, C),
         `model.init_from` weights loaded. Pure (a stacked table vmaps it). [T, Tb, P, X]"""
-        raise NotImplementedError(f'{type(self).__name__}.init_variables')
 
+    @abc.abstractmethod
     def loss(self, params, batch_stats, consts, batch, key):
         """(loss, (metrics dict, new batch_stats)), BN in train mode. batch: {'image': uint8
         (B, H, W, C)} plus the keys named in `inputs`, plus 'step' when `needs_step`. [T, Tb]"""
-        raise NotImplementedError(f'{type(self).__name__}.loss')
 
+    @abc.abstractmethod
     def features(self, variables, images, indices, key):
         """Feature tree of a uint8 batch in eval mode; `indices` (dataset positions) and `key`
         seed any test-time augmentation so a feature never depends on batching. [E, Tb, P, X]"""
-        raise NotImplementedError(f'{type(self).__name__}.features')
 
+    @abc.abstractmethod
     def fit_scoring(self, train_features):
         """Scoring state (a dict of arrays, checkpointed) from the train-bank features.
         [E, Tb, P]"""
-        raise NotImplementedError(f'{type(self).__name__}.fit_scoring')
 
+    @abc.abstractmethod
     def score(self, scoring, test_features):
         """{name: (N,) image scores, higher = more anomalous; pixel methods add (N, h, w)
         maps}; `headline_score` is one of the names. [E, Tb, P, X]"""
-        raise NotImplementedError(f'{type(self).__name__}.score')
 
     # ------------------------------------------------------------------ optional
     def fit_consts(self, train_features):
         """Constants from the initial model's features of the normal training images, when
         `uses_consts`. [T, Tb]"""
-        raise NotImplementedError(f'{type(self).__name__} has no constants (uses_consts is False)')
+        del train_features
+        raise TrainingError(f'{type(self).__name__} has no constants (uses_consts is False): '
+                            'fit_consts is only called for methods that set uses_consts')
 
     def paper_one_class(self, class_names):
         """{'per_class': {name: AUROC %}, 'mean', 'source'} published for a data set with these
@@ -224,6 +227,7 @@ for _name in MEMBERS:
     if _name not in ('needs_bank', 'density_names', 'fit_scoring', 'score'):
         setattr(WithDensity, _name, _delegate(_name))
 del _name
+abc.update_abstractmethods(WithDensity)  # the delegating properties implement the contract
 
 
 def with_density(method, eval_cfg, feature_fn):
