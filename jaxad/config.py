@@ -289,6 +289,12 @@ def base_config(method='csi'):
     c.checkpoint.max_to_keep = 3
     c.checkpoint.use_async = True
 
+    # --mode=export: the platforms the artifact is lowered for (comma-separated, of cpu,
+    # cuda, tpu); one StableHLO module serves them all, so a CPU-made artifact runs on
+    # a GPU or TPU host. A platform it cannot be lowered for is an error, not dropped.
+    c.export = ml_collections.ConfigDict()
+    c.export.platforms = 'cpu,cuda,tpu'
+
     # Decision threshold on the headline score (jaxad.thresholds), saved as
     # workdir/threshold.json. holdout_fraction > 0 keeps that fraction of the normal
     # training images (seeded split) out of training and out of the scoring bank and

@@ -133,7 +133,8 @@ def extract_stacked_features(method, variables, image_set, index_lists, *, batch
 
 
 @functools.lru_cache(maxsize=None)
-def _jit_score(method):
+def jit_score(method):
+    """jit(method.score), one per method (the scorer `score_features` runs)."""
     return jax.jit(method.score)
 
 
@@ -143,7 +144,7 @@ def score_features(method, scoring, test_features, block=1024):
     Every block has the same shape (the last is padded; scores are per row), so the
     scorer compiles once per (method, block) and repeated evaluations reuse it.
     """
-    score_fn = _jit_score(method)
+    score_fn = jit_score(method)
     n = len(jax.tree_util.tree_leaves(test_features)[0])
     block = max(min(block, n), 1)
     out = []

@@ -10,6 +10,10 @@
                        conversion and the test-time augmentations run inside it.
                        B is symbolic when the method allows it (any batch size),
                        else fixed (`input.batch` in the meta; the loader pads).
+                       Lowered for `export.platforms` (default cpu,cuda,tpu: one
+                       module that a CPU, GPU or TPU host loads; it is made here
+                       on any machine, `model.conv_impl='auto'` resolving per
+                       platform). A platform it cannot lower for is an error.
   export_meta.json     input shape/dtype, channels, image size and how host-side
                        decoding/resizing is done, score names, the headline score,
                        the threshold (rule, value) and jaxad/jax versions.
@@ -29,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad.errors import DataError, JaxadError
+from jaxad.errors import ConfigError, DataError, JaxadError
 
 ARTIFACT = 'score_fn.jax_export'
 META = 'export_meta.json'
 FORMAT_VERSION = 1
-_PLATFORMS = ('cpu', 'cuda', 'tpu')
+PLATFORMS = ('cpu', 'cuda', 'tpu')
 _BATCH_HINT = 64  # the loader's chunk for a symbolic batch
 
 
@@ -45,23 +49,46 @@ def _check_serialization():
                          'serialization): pip install flatbuffers')
 
 
-def _export(fn, image_shape, fixed_batch):
-    """(Exported, fixed batch or None): symbolic batch if the function allows it."""
+def parse_platforms(value):
+    """`export.platforms` ('cpu,cuda,tpu' or a sequence) -> a tuple of known platforms."""
+    items = value.split(',') if isinstance(value, str) else list(value)
+    platforms = tuple(p.strip().lower() for p in items if p.strip())
+    unknown = [p for p in platforms if p not in PLATFORMS]
+    if unknown or not platforms:
+        raise ConfigError(f'export.platforms={value!r}: choose one or more of '
+                          f'{",".join(PLATFORMS)} (comma-separated)')
+    return tuple(dict.fromkeys(platforms))
+
+
+def _export(fn, image_shape, fixed_batch, platforms):
+    """(Exported, fixed batch or None) for `platforms`: a symbolic batch if the function
+    allows it, else `fixed_batch`. Every platform asked for is in the artifact or this
+    raises, naming the platform that failed."""
     jitted = jax.jit(fn)
-    attempts = []
     (b,) = jax.export.symbolic_shape('b')
+    symbolic_error = None
     for batch in (b, fixed_batch):
         spec = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.uint8)
-        for platforms in (_PLATFORMS, None):
-            try:
-                exported = jax.export.export(jitted, platforms=platforms)(spec)
-                return exported, (None if batch is b else int(batch))
-            except Exception as e:  # noqa: BLE001 shape polymorphism / platform unsupported
-                attempts.append(f'batch={batch} platforms={platforms}: {type(e).__name__}: {e}')
-                logging.info('export attempt failed: %s', attempts[-1])
-                if batch is b and 'Inconclusive' in type(e).__name__:
-                    break  # the method needs a fixed batch whatever the platforms
-    raise JaxadError('cannot export the score function: ' + ' | '.join(attempts))
+        try:
+            exported = jax.export.export(jitted, platforms=platforms)(spec)
+            return exported, (None if batch is b else int(batch))
+        except Exception as e:  # noqa: BLE001 shape polymorphism or a platform's lowering
+            if batch is b:
+                symbolic_error = e
+                logging.info('symbolic-batch export failed (%s: %s); trying batch %d',
+                             type(e).__name__, e, fixed_batch)
+                continue
+            failed = []
+            for platform in platforms:  # which platform is it?
+                try:
+                    jax.export.export(jitted, platforms=(platform,))(spec)
+                except Exception as one:  # noqa: BLE001
+                    failed.append(f'{platform}: {type(one).__name__}: {one}')
+            where = ('; '.join(failed) if failed else
+                     f'{type(e).__name__}: {e} (symbolic batch: {symbolic_error})')
+            raise JaxadError(f'cannot export the score function for platforms '
+                             f'{",".join(platforms)}: {where}. Set --config.export.platforms '
+                             'to the platforms it should run on.') from e
 
 
 def export_model(model, output, threshold=None):
@@ -72,7 +99,8 @@ def export_model(model, output, threshold=None):
     _check_serialization()
     config = model.config
     image_shape = model.image_shape
-    exported, batch = _export(model.score_fn(), image_shape, config.eval.batch_size)
+    platforms = parse_platforms(config.get('export', {}).get('platforms', ','.join(PLATFORMS)))
+    exported, batch = _export(model.score_fn(), image_shape, config.eval.batch_size, platforms)
     score_names = sorted(exported.out_tree.unflatten(list(range(exported.out_tree.num_leaves))))
     meta = {
         'format': 'jaxad.export', 'format_version': FORMAT_VERSION, 'artifact': ARTIFACT,

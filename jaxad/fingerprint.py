@@ -39,6 +39,7 @@ NEUTRAL = (
     'table.stack_size', 'table.stack_mode',  # stacked = separate (tests/test_table.py)
     'loss.nt_xent', 'loss.key_block',  # dense = chunked (tests/test_train.py)
     'threshold.quantile', 'threshold.value',  # threshold.json records its own rule
+    'export.',  # which platforms an export is lowered for
     'eval.batch_size', 'eval.plots', 'eval.num_overlays', 'eval.save_maps',
     'eval.density_test_block', 'eval.density_bank_block',
 )

@@ -286,7 +286,14 @@ class Run:
         """Steps `start_step + 1 .. total_steps` of the jitted, donated step: every `log_every`
         steps a line in DIRECTORY/metrics.jsonl (for a stack: member means and each member's
         losses) and a `progress` update, a checkpoint every `checkpoint.every_steps` (the
-        final save, with the scoring state, is the caller's). Returns the state."""
+        final save, with the scoring state, is the caller's). Returns the state.
+
+        The host never waits on the device between log points: the step is dispatched
+        under a transfer guard that forbids device-to-host copies (a stray `float(x)` in
+        the hot loop is an error, not a silent stall; tests/test_hot_loop.py), and a log
+        point's metrics are copied asynchronously and read after the next step has been
+        dispatched, so the device is not idle while the host logs. At a checkpoint and
+        at the last step they are read at once: a non-finite loss is never saved."""
         config, mesh, total = self.config, self.mesh, self.total_steps
         step_fn = self.jit_step(make_train_step(self.method, self.tx, self.schedule))
         batches = self.batches(start_step)
@@ -295,31 +302,48 @@ class Run:
                      self.name, total, self.steps_per_epoch, models, config.batch_size,
                      dict(mesh.shape))
         geometry = batch_geometry(config, mesh, self.schedule, self.steps_per_epoch)
-        last_saved, t_last, step_last = start_step, time.time(), start_step
+        self._last_saved, self._t_last, self._step_last = start_step, time.time(), start_step
+        pending = None  # (step, metrics, is_log) read after the next step is dispatched
         with MetricWriter(self.directory, tensorboard=config.get('tensorboard', False)) as writer:
             for step in range(start_step + 1, total + 1):
-                state, metrics = step_fn(state, next(batches), self.rng)
+                with jax.transfer_guard_device_to_host('disallow_explicit'):
+                    state, metrics = step_fn(state, next(batches), self.rng)
+                if pending:
+                    self._read_metrics(*pending, writer, geometry, models, progress,
+                                       progress_offset, progress_fields)
+                    pending = None
                 is_log, is_save = log_and_save_flags(step, total, config)
-                if is_log or is_save:
-                    metrics = {k: np.asarray(v, np.float64)
-                               for k, v in distributed.to_host(metrics).items()}
-                    check_finite(step, metrics, last_saved, self.member_names, self.name)
-                if is_log:
-                    rate = (step - step_last) / max(time.time() - t_last, 1e-9)
-                    record = {k: float(v.mean()) for k, v in metrics.items()}
-                    for k, v in metrics.items():
-                        if self.member_names and k.startswith('loss'):
-                            record.update({f'{k}/{m}': float(x)
-                                           for m, x in zip(self.member_names, v)})
-                    record.update(steps_per_sec=rate,
-                                  images_per_sec=rate * config.batch_size * models,
-                                  epoch=step / self.steps_per_epoch, **geometry)
-                    writer.write(step, record)
-                    progress.update(progress_offset + step, **progress_fields,
-                                    loss=record['loss'], lr=record['lr'],
-                                    img_s=round(record['images_per_sec'], 1))
-                    t_last, step_last = time.time(), step
-                if is_save:
-                    self.checkpoints.save(step, state)
-                    last_saved = step
+                if not (is_log or is_save):
+                    continue
+                for leaf in jax.tree_util.tree_leaves(metrics):
+                    if leaf.is_fully_addressable:  # else to_host gathers it across hosts
+                        leaf.copy_to_host_async()
+                if is_save or step == total:
+                    self._read_metrics(step, metrics, is_log, writer, geometry, models,
+                                       progress, progress_offset, progress_fields)
+                    if is_save:
+                        self.checkpoints.save(step, state)
+                        self._last_saved = step
+                else:
+                    pending = (step, metrics, is_log)
         return state
+
+    def _read_metrics(self, step, metrics, is_log, writer, geometry, models, progress,
+                      progress_offset, progress_fields):
+        """Fetches a log point's metrics, stops on a non-finite one, writes the log line."""
+        config = self.config
+        metrics = {k: np.asarray(v, np.float64) for k, v in distributed.to_host(metrics).items()}
+        check_finite(step, metrics, self._last_saved, self.member_names, self.name)
+        if not is_log:
+            return
+        rate = (step - self._step_last) / max(time.time() - self._t_last, 1e-9)
+        record = {k: float(v.mean()) for k, v in metrics.items()}
+        for k, v in metrics.items():
+            if self.member_names and k.startswith('loss'):
+                record.update({f'{k}/{m}': float(x) for m, x in zip(self.member_names, v)})
+        record.update(steps_per_sec=rate, images_per_sec=rate * config.batch_size * models,
+                      epoch=step / self.steps_per_epoch, **geometry)
+        writer.write(step, record)
+        progress.update(progress_offset + step, **progress_fields, loss=record['loss'],
+                        lr=record['lr'], img_s=round(record['images_per_sec'], 1))
+        self._t_last, self._step_last = time.time(), step

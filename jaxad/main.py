@@ -19,8 +19,11 @@ Examples (configs/quickstart.py: sklearn digits, no download):
   python -m jaxad.main --mode=predict --workdir=/tmp/qs --input=new_images/
   # threshold from your own normal (and labelled anomalous) images:
   python -m jaxad.main --mode=calibrate --workdir=/tmp/qs --input=normal/ --anomalies=bad/
-  # a jax.export artifact -> /tmp/qs/export:
+  # a jax.export artifact -> /tmp/qs/export (one module for cpu, cuda and tpu):
   python -m jaxad.main --mode=export --workdir=/tmp/qs
+  # only for a GPU (export.platforms; any of cpu,cuda,tpu):
+  python -m jaxad.main --mode=export --workdir=/tmp/qs --config=configs/quickstart.py \
+      --config.export.platforms=cuda
 
 Any config field can be overridden with --config.FIELD=VALUE (e.g. --config.tensorboard=True).
 predict, calibrate and export read WORKDIR/config.json, so --config is optional there.

@@ -16,6 +16,8 @@ axis. `stacked(fn, mode)` applies a per-model function to every model:
 exactly its own computation, so results do not depend on the mode beyond
 float rounding.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -40,6 +42,7 @@ def stacked(fn, mode, in_axes=0):
     if mode == 'vmap':
         return jax.vmap(fn, in_axes=in_axes)
 
+    @functools.wraps(fn)  # the stack's program keeps the function's name (compile logs)
     def run(*args):
         axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
         k = next(jax.tree_util.tree_leaves(a)[0].shape[0] for a, ax in zip(args, axes)

@@ -1,5 +1,9 @@
 """Tiny synthetic data, configs and skip rules shared by the tests."""
+import collections
+import contextlib
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -119,3 +123,46 @@ def preempt_after_step(monkeypatch, step):
             raise Preempted(f'simulated preemption after step {step}')
     monkeypatch.setattr(writers.MetricWriter, 'write', write_then_stop)
     return lambda: monkeypatch.setattr(writers.MetricWriter, 'write', real_write)
+
+
+class CompileLog(logging.Handler):
+    """Every XLA compilation while active: `programs` is a Counter of (program name, its
+    argument shapes, dtypes and shardings) as jax's compile log states them."""
+
+    def __init__(self):
+        super().__init__()
+        self.programs = collections.Counter()
+
+    def emit(self, record):
+        match = re.match(r'Compiling jit\((.+?)\) with global shapes and types (.*)',
+                         record.getMessage(), re.S)
+        if match:
+            self.programs[match.groups()] += 1
+
+    def count(self, name):
+        """Compilations of program `name` (any shapes)."""
+        return sum(n for (program, _), n in self.programs.items() if program == name)
+
+    def repeated(self, names):
+        """Programs among `names` compiled more than once for the same arguments (each a
+        wasted compile). Eager primitives are left out: one name stands for programs with
+        other static parameters (jnp.ones(3) and jnp.ones(4) both compile broadcast_in_dim
+        of a scalar)."""
+        return {name: n for (name, _), n in self.programs.items() if n > 1 and name in names}
+
+
+@contextlib.contextmanager
+def compile_log():
+    """`with compile_log() as log:` records the XLA compilations of the block (jax's
+    `jax_log_compiles` messages)."""
+    import jax
+    log = CompileLog()
+    logger = logging.getLogger('jax')
+    previous = jax.config.jax_log_compiles
+    jax.config.update('jax_log_compiles', True)
+    logger.addHandler(log)
+    try:
+        yield log
+    finally:
+        logger.removeHandler(log)
+        jax.config.update('jax_log_compiles', previous)

@@ -9,7 +9,10 @@ import importlib.util
 
 import numpy as np
 
+import pytest
+
 from jaxad import export, predict
+from jaxad.errors import ConfigError
 from tests.helpers import skip_unless_on_ci
 from tests.predict_run import trained_run
 
@@ -33,6 +36,8 @@ def test_export_round_trip_in_a_fresh_process(tmp_path_factory, tmp_path):
     assert saved['threshold_rule'] == 'normal_quantile'
     threshold = json.loads((run.workdir / 'threshold.json').read_text())
     assert saved['threshold_value'] == threshold['value']
+    # one artifact for every platform (export.platforms' default), made on this CPU
+    assert saved['platforms'] == ['cpu', 'cuda', 'tpu']
 
     # 21 images: not a multiple of any batch, so padding is exercised on both sides.
     images = np.concatenate([run.data['test_images'], run.data['train_images'][:-3]])[:21]
@@ -62,3 +67,21 @@ def _as_npz(tmp_path, images):
     path = tmp_path / 'images.npz'
     np.savez(path, images=images)
     return path
+
+
+@needs_flatbuffers
+def test_export_platforms_flag(tmp_path_factory, tmp_path):
+    """`--config.export.platforms` chooses the platforms in the artifact; a typo is one clear
+    error naming the choices, and an artifact without cpu says so when loaded here."""
+    run = trained_run(tmp_path_factory)
+    config = run.config
+    config.export.platforms = 'cuda,tpu'
+    meta = export.export_run(run.workdir, tmp_path / 'accel', config=config)
+    assert meta['platforms'] == ['cuda', 'tpu']
+    artifact = export.load(tmp_path / 'accel')
+    with pytest.raises(Exception, match='cpu'):
+        artifact.score(run.data['test_images'][:2])
+    config.export.platforms = 'cpu,gpu'
+    with pytest.raises(ConfigError, match=r"export.platforms='cpu,gpu': choose one or more "
+                                          r'of cpu,cuda,tpu'):
+        export.export_run(run.workdir, tmp_path / 'bad', config=config)

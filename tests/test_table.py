@@ -9,13 +9,16 @@ import pytest
 from jaxad import config as jc
 from jaxad import table, train, writers
 from jaxad.errors import ConfigError
-from tests.helpers import make_npz, tiny_config
+from tests.helpers import compile_log, make_npz, tiny_config
 
 # Stacked convolutions lower to grouped convolutions, which sum in another
 # order than the single-model ones. Float32 rounding, amplified by 4 steps at
 # learning rates up to 1.0 (LARS, x10 warm-up), moves a few params by ~5e-5
 # (of |p| ~ 0.1); a wrong key, batch or BN statistic moves them by > 1e-2.
 RTOL, ATOL = 1e-3, 1e-4
+# The stacked programs a table compiles (jit names as jax logs them; jaxad.stacking keeps
+# the per-model function's name).
+STACK_PROGRAMS = {'train_step', 'init', 'features', 'fit_scoring', 'score'}
 
 
 @pytest.fixture(scope='module')
@@ -112,8 +115,14 @@ class Preempted(Exception):
 
 
 def test_interrupted_table_equals_uninterrupted_and_eval_mode(npz, tmp_path, monkeypatch):
+    """Classes 0, 1, 2 in groups of 2 + 1; the second group is preempted after step 2 and
+    resumed. Each invocation compiles each group's stacked step once and no program twice for
+    the same arguments (jax's compile log; tests/test_hot_loop.py for single runs)."""
     config = lambda: table_config(npz, num_devices=1)  # noqa: E731
-    full = train.train_and_evaluate(_with_stack(config(), 2), str(tmp_path / 'full'))
+    with compile_log() as log:
+        full = train.train_and_evaluate(_with_stack(config(), 2), str(tmp_path / 'full'))
+    assert log.count('train_step') == 2  # K = 2 and K = 1: one compile per shape
+    assert log.repeated(STACK_PROGRAMS) == {}
 
     resumed = tmp_path / 'resumed'
     real_write = writers.MetricWriter.write
@@ -128,7 +137,10 @@ def test_interrupted_table_equals_uninterrupted_and_eval_mode(npz, tmp_path, mon
     assert sorted(os.listdir(resumed / 'groups' / 'classes_2' / 'checkpoints')) == ['2']
     first_group_log = (resumed / 'groups' / 'classes_0_1' / 'metrics.jsonl').read_text()
     monkeypatch.setattr(writers.MetricWriter, 'write', real_write)
-    again = train.train_and_evaluate(_with_stack(config(), 2), str(resumed))
+    with compile_log() as log:
+        again = train.train_and_evaluate(_with_stack(config(), 2), str(resumed))
+    assert log.count('train_step') == 1  # only the preempted group trains
+    assert log.repeated(STACK_PROGRAMS) == {}
     # The finished group was not retrained; the table is the uninterrupted one.
     assert (resumed / 'groups' / 'classes_0_1' / 'metrics.jsonl').read_text() == first_group_log
     assert [r['image_AUROC'] for r in again['classes']] == \
@@ -136,7 +148,10 @@ def test_interrupted_table_equals_uninterrupted_and_eval_mode(npz, tmp_path, mon
     assert again['mean'] == full['mean']
 
     os.remove(resumed / 'results.json')
-    rebuilt = train.evaluate_checkpoint(_with_stack(config(), 2), str(resumed))
+    with compile_log() as log:
+        rebuilt = train.evaluate_checkpoint(_with_stack(config(), 2), str(resumed))
+    assert log.count('train_step') == 0
+    assert log.repeated(STACK_PROGRAMS) == {}
     assert [r['image_AUROC'] for r in rebuilt['classes']] == \
         [r['image_AUROC'] for r in full['classes']]
     assert (resumed / 'results.md').exists()

@@ -9,7 +9,10 @@ it is kh*kw matmuls over strided views of the NHWC input with no layout change; 
 CPU the whole forward+backward ran 1.5x faster with identical gradients (to float32
 rounding). The input gradient stays XLA's. GPUs and TPUs keep XLA's convolution
 (cuDNN/TPU kernels do the weight gradient well): `model.conv_impl='auto'` picks this only
-on the CPU backend.
+when the program is lowered for the CPU. It is decided per *lowering* platform
+(`jax.lax.platform_dependent`), not by the machine that traces: a step traced here and
+lowered or exported for cuda/tpu gets XLA's convolution; for one platform XLA drops the
+other branch at compile time.
 """
 import functools
 
@@ -60,23 +63,35 @@ conv_matmul_dw.defvjp(_forward, _backward)
 
 def _flax_adapter(only_on_cpu):
     """A `flax.linen.Conv(conv_general_dilated=...)` function; anything unusual (groups,
-    dilation, string padding) and, with `only_on_cpu`, any other backend goes to XLA."""
+    dilation, string padding) goes to XLA, and with `only_on_cpu` so does every lowering
+    platform other than the CPU."""
     def conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
              dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-        plain = (feature_group_count == 1 and not kwargs and not isinstance(padding, str)
-                 and all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation)))
-        if not plain or (only_on_cpu and jax.default_backend() != 'cpu'):
+        def xla(lhs, rhs):
             return jax.lax.conv_general_dilated(
                 lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                 dimension_numbers, feature_group_count, precision=precision, **kwargs)
-        return conv_matmul_dw(lhs, rhs, tuple(window_strides),
-                              tuple(tuple(int(v) for v in p) for p in padding))
+
+        plain = (feature_group_count == 1 and not kwargs and not isinstance(padding, str)
+                 and dimension_numbers in (None, _DIMS, jax.lax.ConvDimensionNumbers(
+                     (0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)))
+                 and all(d is None or all(v == 1 for v in d) for d in (lhs_dilation, rhs_dilation)))
+        if not plain:
+            return xla(lhs, rhs)
+        strides = tuple(window_strides)
+        pads = tuple(tuple(int(v) for v in p) for p in padding)
+
+        def matmul_dw(lhs, rhs):
+            return conv_matmul_dw(lhs, rhs, strides, pads)
+        if not only_on_cpu:
+            return matmul_dw(lhs, rhs)
+        return jax.lax.platform_dependent(lhs, rhs, cpu=matmul_dw, default=xla)
     return conv
 
 
 def conv_fn(impl):
     """The `conv_general_dilated` for flax's Conv under `model.conv_impl`:
-    'xla' always XLA's, 'matmul_dw' always ours, 'auto' ours on the CPU backend only."""
+    'xla' always XLA's, 'matmul_dw' always ours, 'auto' ours when lowering for the CPU only."""
     if impl not in CONV_IMPLS:
         raise ValueError(f'unknown model.conv_impl {impl!r}; choose one of {CONV_IMPLS}')
     if impl == 'xla':
