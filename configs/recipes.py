@@ -38,6 +38,9 @@ def mcl_base():
     c = jc.base_config('mcl')
     c.model.name = 'resnet34'
     c.model.stem = 'cifar'  # conv1 3x3 stride 1, no max-pool
+    # The code's ResNet is torchvision's (convs kaiming-normal fan_out); its replaced 3x3 conv1
+    # and the projector keep torch's default init.
+    c.model.init = 'torchvision'
     c.model.input_norm = 'none'  # ToTensor() only
     c.model.proj_hidden = 2048  # Linear(512, 2048) - ReLU - Linear(2048, 128), no BN
     c.model.proj_dim = 128

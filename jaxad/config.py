@@ -186,13 +186,25 @@ def base_config(method='csi'):
     c.model.proj_dim = 128
     c.model.dtype = 'float32'  # compute dtype; params stay float32
     c.model.bn_mode = 'batch'  # 'batch': global-batch statistics; 'frozen': running stats (MSC)
-    c.model.bn_groups = 1  # > 1: statistics per contiguous group (G GPUs without SyncBN)
+    # 1: statistics of the global batch (SyncBN, as CSI's and OECL's multi-GPU runs have it);
+    # G > 1: per contiguous G-th of the batch (what G GPUs without SyncBN do)
+    c.model.bn_groups = 1
+    # The running variance as torch keeps it: the unbiased batch variance ('biased': flax's).
+    c.model.bn_running_var = 'unbiased'
     c.model.conv_impl = 'auto'  # auto: matmul weight gradients on CPU (models/conv.py)
     # name: resnet18/34/50/101/152, wide_resnet50_2/101_2 (torchvision layouts).
     c.model.input_norm = 'csi'  # 'csi': (x-0.5)/0.5; 'imagenet': torchvision mean/std
     # A DIR written by `python -m jaxad.models.convert --in W.pth --out DIR`: the encoder
     # starts from it (needs stem='imagenet', width=64; heads stay random). '' = random init.
     c.model.init_from = ''
+    # Initialisation (models/resnet.py): 'torch' = PyTorch's default Conv2d/Linear init, as
+    # CSI's and OECL's CIFAR ResNets and heads start (all six originals are PyTorch code);
+    # 'torchvision' = torchvision's ResNet init (MCL's recipe); 'flax' = lecun-normal, zero
+    # biases (jaxad before this field). init_from replaces the encoder (MSC, ReContrast).
+    # ReContrast and AnoMem do not read model.init / bn_running_var yet: ReContrast's
+    # bottleneck and decoder set the code's init themselves, AnoMem's layers keep flax's; the
+    # BN of both keeps flax's biased running variance.
+    c.model.init = 'torch'
     c.model.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
     c.model.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
 
@@ -344,6 +356,11 @@ def validate_config(config):
     method_class(config.method).validate(config)  # the method's own checks (unknown: error)
 
 
+# config.model fields added after runs were saved: the value a config.json without them was
+# trained with, which load_run_config gives it (not today's default).
+LEGACY_MODEL_FIELDS = {'init': 'flax', 'bn_running_var': 'biased'}
+
+
 def load_run_config(workdir):
     """The ConfigDict of the run in `workdir`, rebuilt from its `config.json`.
 
@@ -379,6 +396,11 @@ def load_run_config(workdir):
                 out[key] = value
         return out
 
+    model = saved.get('model')
+    if isinstance(model, dict):
+        # A run saved before these fields existed was trained with flax's init and BN.
+        for key, value in LEGACY_MODEL_FIELDS.items():
+            model.setdefault(key, value)
     merged = merge(csi_base().to_dict(), saved)
     config = ml_collections.ConfigDict(merged)
     if config.threshold.value is None:  # keep it typed, as csi_base has it

@@ -277,29 +277,32 @@ def test_one_class_table_with_anomaly_maps(npz, tmp_path):
 
 
 def test_few_anomaly_end_to_end(tmp_path):
-    """Few-anomaly AnoMem, 200 steps on make_rotated_npz without tint (normal: a bar along
-    the top edge; anomalies and the 8 labelled outliers: the images turned 90 and 180
-    degrees), classifier image_AUROC >= 0.85; the test runs seed 0.
+    """Few-anomaly AnoMem, 400 steps on make_rotated_npz without tint (normal: a bar along
+    the top edge; anomalies and the 16 labelled outliers: the images turned 90 and 180
+    degrees), classifier image_AUROC >= 0.75; the test runs seed 0.
 
     Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config),
-    `classifier` image_AUROC: trained 200 steps, seeds 0-4: 0.938 1.000 1.000 1.000 1.000;
-    untrained (0 steps, the initial state scored), seeds 0-5: 0.117 0.664 0.398 0.531 0.289
-    0.203. The one-class `anomem` score of the one-class run has no such floor at this
-    budget: trained 200 steps, seeds 0-4: 0.891 0.820 0.555 0.719 0.508; untrained, seeds
-    0-5: 0.484 0.109 0.672 0.617 0.773 0.516 (RESULTS.md: 56 % on Fashion-MNIST class 0).
-    The previous set-up (make_npz, 2 steps, 3 outliers) scored 0.89-1.0 untrained.
+    `classifier` image_AUROC: trained 400 steps with 16 outliers, seeds 0-5: 0.977 1.000
+    0.875 1.000 1.000 0.852; untrained (0 steps: Setup.train replaced by the identity, the
+    initial state scored), seeds 0-5: 0.117 0.664 0.398 0.531 0.289 0.203. The floor sits
+    between the highest untrained and the lowest trained value. The earlier set-up (200
+    steps, 8 outliers) gave 1.000 0.891 0.992 0.852 1.000 0.688 here and 0.789 at seed 0 on
+    the CI machine (its 90-degree class at 0.578): too close to chance at that budget. The
+    one-class `anomem` score of the one-class run has no such floor at this budget
+    (trained 200 steps, seeds 0-4: 0.891 0.820 0.555 0.719 0.508; untrained, seeds 0-5:
+    0.484 0.109 0.672 0.617 0.773 0.516; RESULTS.md: 56 % on Fashion-MNIST class 0).
     """
     npz = make_rotated_npz(tmp_path / 'rotated.npz', tint=None)
     config = anomem_config(npz, **{'anomem.few_anomalies': True, 'anomem.hinge_weight': 1.0,
-                                   'oe.source': 'other_classes', 'oe.max_images': 8,
-                                   'total_steps': 200, 'optim.epochs': 100, 'log_every': 20})
+                                   'oe.source': 'other_classes', 'oe.max_images': 16,
+                                   'total_steps': 400, 'optim.epochs': 100, 'log_every': 100})
     assert config.seed == 0
     train.train_and_evaluate(config, str(tmp_path))
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert saved['headline_score'] == 'classifier'
     assert {'classifier', 'anomem'} <= set(saved['scores'])
     assert all(np.isfinite(s['image_AUROC']) for s in saved['scores'].values())
-    assert saved['image_AUROC'] >= 0.85, saved['image_AUROC']
+    assert saved['image_AUROC'] >= 0.75, saved['image_AUROC']
     with open(tmp_path / 'metrics.jsonl') as f:
         lines = [json.loads(line) for line in f]
     assert all(np.isfinite(m['loss_cls']) and np.isfinite(m['loss_hinge']) for m in lines)

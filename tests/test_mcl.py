@@ -359,14 +359,20 @@ def test_end_to_end_one_class_and_labelled(npz, tmp_path):
     Gaussians on random-init features already separate every small synthetic set tried, and
     the one-class loss collapses within a few steps (RESULTS.md; the loss then sits at the
     value for identical projections). Measured (8 emulated CPU devices,
-    --xla_backend_optimization_level=0, this config), sei image_AUROC, seeds 0-3: trained
-    1.000 1.000 1.000 1.000; untrained (0 steps, the initial state scored), seeds 0-2: 0.984
-    1.000 0.977; lr = 0, seeds 0-3: 1.000 1.000 0.992 1.000. Also measured: make_rotated_npz
+    --xla_backend_optimization_level=0, this config, the recipe's model.init='torchvision'),
+    sei image_AUROC, seeds 0-3: trained 1.000 1.000 1.000 1.000; untrained (0 steps:
+    Setup.train replaced by the identity, the initial state scored), seeds 0-2: 1.000 1.000
+    1.000; lr = 0, seeds 0-3: 1.000 1.000 1.000 0.961. Loss step 1 -> step 2, seeds 0-3:
+    3.63 -> 2.62, 2.79 -> 2.71, 3.32 -> 2.65, 2.92 -> 2.69 (ratios 0.72 0.97 0.80 0.92); with
+    lr = 0 the same batches give ratios 1.003 1.003 0.971 0.922. So the floor catches negated
+    or broken scores, and at the seed the test runs (0: 0.72 trained, 1.003 with lr = 0) the
+    loss check catches an untrained run; at seeds 1 and 3 it could not tell (trained and
+    lr = 0 ratios within 0.04 of each other). Measured earlier with flax's init: sei trained 1.000 x 4,
+    untrained 0.984 1.000 0.977; make_rotated_npz
     (with tint) untrained 0.84-0.99 and 40 steps 0.65-1.0; digits at 8 px untrained
-    0.78-0.97 and 40 steps 0.87-0.94; 200 steps stayed collapsed. So the floor catches
-    negated or broken scores, and the loss check catches an untrained run: loss step 1 ->
+    0.78-0.97 and 40 steps 0.87-0.94; 200 steps stayed collapsed; loss step 1 ->
     step 2, seeds 0-3: 5.77 -> 3.87, 4.17 -> 2.75, 3.92 -> 2.67, 7.26 -> 2.58 (ratios
-    0.36-0.68); with lr = 0 the same batches give ratios 0.92-1.03. The test runs seed 0.
+    0.36-0.68), with lr = 0 0.92-1.03. The test runs seed 0.
     """
     results = train.train_and_evaluate(tiny_mcl_config(npz, (0,)), str(tmp_path / 'one'))
     assert results['headline_score'] == 'sei'

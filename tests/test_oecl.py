@@ -285,24 +285,29 @@ def test_paper_numbers_and_config_errors():
 # any orientation does; self-OECL's outliers are its own images turned 180 and 270 degrees
 # after an h-flip, and a flip maps 270 onto its in-distribution 90, so both of its anomaly
 # classes are the 180-degree turn.
-E2E = {'oecl': dict(rotations=(0, -1, -2), seed=1, floor=0.85),
-       'self_oecl': dict(rotations=(0, 2, 2), seed=1, floor=0.9)}
+E2E = {'oecl': dict(rotations=(0, -1, -2), seed=2, floor=0.85),
+       'self_oecl': dict(rotations=(0, 2, 2), seed=2, floor=0.9)}
 
 
 @pytest.mark.parametrize('method', ['oecl', 'self_oecl'])
 def test_train_and_evaluate_end_to_end(method, tmp_path):
     """60 steps (alpha = 0 for 30) on make_rotated_npz at 8 px, crops of scale >= 0.5 (at
     8 px smaller crops lose the bar), norm_mean image_AUROC >= the floor (0.85 OECL, 0.9
-    self-OECL); the test runs seed 1.
+    self-OECL); the test runs seed 2.
 
-    Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config),
-    seeds 0-4 trained / seeds 0-5 untrained (0 steps, the initial state scored):
-      OECL       trained  0.898 1.000 1.000 1.000 1.000
-                 untrained 0.734 0.313 0.570 0.945 0.844 0.203
-      self-OECL  trained  1.000 1.000 0.977 1.000 0.945
-                 untrained 0.836 0.125 0.648 0.898 0.828 0.195
-    A random network's norms depend on orientation by chance (up to 0.95 over these seeds),
-    so the floor is set for the seed the test runs, where the untrained value is far below.
+    Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config, the
+    default model.init='torch'), seeds 0-4 trained / seeds 0-5 untrained (0 steps:
+    Setup.train replaced by the identity, the initial state scored):
+      OECL       trained  1.000 0.711 1.000 1.000 1.000
+                 untrained 0.758 0.430 0.117 0.773 0.859 0.742
+      self-OECL  trained  1.000 1.000 1.000 1.000 1.000
+                 untrained 0.742 0.383 0.109 0.727 0.852 0.844
+    A random network's norms depend on orientation by chance (up to 0.86 over these seeds),
+    so the floor is set for the seed the test runs, where the untrained value is far below
+    (0.117 and 0.109 at seed 2). With flax's init (model.init='flax') the same seeds gave
+    OECL trained 0.898 1.000 1.000 1.000 1.000, untrained 0.734 0.313 0.570 0.945 0.844
+    0.203; self-OECL trained 1.000 1.000 0.977 1.000 0.945, untrained 0.836 0.125 0.648
+    0.898 0.828 0.195.
     The previous set-up (digits, 2 steps) gave 0.27-0.53 trained and 0.27-0.41 untrained.
     """
     e2e = E2E[method]

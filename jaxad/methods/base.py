@@ -32,7 +32,19 @@ from jaxad.errors import ConfigError, TrainingError
 @dataclasses.dataclass(frozen=True)
 class StepBudget:
     """How long a run trains: `steps_per_epoch` updates per pass over the normal training
-    images and `total_steps` updates in all."""
+    images and `total_steps` updates in all.
+
+    steps_per_epoch = N // batch_size: every step is a full global batch (one shape, one
+    compilation). The image stream runs across epoch boundaries, so no image is left out for
+    good, but an epoch here is floor(N/B) updates. A PyTorch loader with drop_last=False takes
+    ceil(N/B), the last batch smaller: CSI's DistributedSampler over 4 GPUs x 32 images gives
+    ceil(1250/32) = 40 iterations for a CIFAR-10 class (5000 images), 39 full and one of
+    8 images, where this gives 5000 // 128 = 39 (MCL and OECL drop the last batch: floor, as
+    here). The schedules are functions of the fractional epoch step / steps_per_epoch, as
+    CSI's, so the rate at each epoch is the same; a run of optim.epochs makes 39/40 of the
+    original's updates (39 000 vs 40 000 in 1000 epochs: the cosine's T_max in steps scales
+    the same) and has none of its 8-image steps (which LARS scales to a full step's size).
+    """
     steps_per_epoch: int
     total_steps: int
 

@@ -14,6 +14,13 @@ Loss: L = NT-Xent(z, tau) + lambda * CE(shift_logits, k)  (lambda = 1).
 Score (§2.5, the code's "CSI-ens"): features are averaged over T test-time
 augmentations before the max-cosine; returned negated so that higher means
 more anomalous.
+
+Against the original's 4-GPU runs (common/train.py): BatchNorm takes one set of statistics
+over the global batch (model.bn_groups = 1), as its apex SyncBN does, and keeps the unbiased
+running variance (model.bn_running_var); weights start from PyTorch's default init
+(model.init = 'torch'). An epoch is 5000 // 128 = 39 full steps for a CIFAR-10 class where
+the original makes 40 (its last of 8 images; StepBudget): same schedule per epoch, 39/40 of
+the updates.
 """
 from typing import NamedTuple
 

@@ -40,8 +40,9 @@ up-sampling blocks. Initialisation follows the code: convs kaiming-normal(fan_ou
 keeps torch's default (kaiming-uniform a=sqrt(5) on the transposed weight, i.e.
 U(+-1/sqrt(4*out))); the 1x1 heads' biases torch's default U(+-1/sqrt(fan_in)); BN 1/0.
 
-Not bit-exact with torch (noted): Flax BN updates running_var with the biased batch
-variance (torch: unbiased); the code's per-image float64 numpy map is float32 here.
+Not bit-exact with torch (noted): the BN layers here update running_var with the biased
+batch variance, flax's (torch: unbiased; these modules do not read config.model.bn_running_var
+yet); the code's per-image float64 numpy map is float32 here.
 """
 import functools
 from typing import Any

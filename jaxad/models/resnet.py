@@ -28,11 +28,26 @@ torchvision's `downsample.0`, `downsample.1`.
 Params are always float32; `dtype` is the compute dtype (bfloat16 on
 accelerators). Everything the loss sees is cast back to float32.
 
-BatchNorm (config.model.bn_mode / bn_groups, a per-method choice):
+BatchNorm (config.model.bn_mode / bn_groups / bn_running_var, a per-method choice):
 'batch' normalises with the statistics of the whole global batch (under jit over a
-sharded batch that is SyncBN for free); bn_groups = G > 1 instead takes statistics per
-contiguous G-th of the batch, which is what G GPUs without SyncBN do (CSI's published
-runs: 4 GPUs x 32 images); 'frozen' keeps the running statistics during training (MSC).
+sharded batch that is SyncBN for free, as CSI's 4-GPU runs (apex convert_syncbn_model) and
+OECL (nn.SyncBatchNorm) have it: the faithful default, bn_groups = 1); bn_groups = G > 1
+instead takes statistics per contiguous G-th of the batch, which is what G GPUs without
+SyncBN do; 'frozen' keeps the running statistics during training (MSC). Training normalises
+with the biased batch variance; the running variance moves towards the unbiased one,
+n/(n-1) times it (n = values per channel: batch x H x W, per group when grouped), with
+bn_running_var='unbiased', as torch's BatchNorm keeps it, or towards the biased one
+('biased', flax's nn.BatchNorm).
+
+Initialisation (config.model.init; the modules' `param_init`): 'torch' is PyTorch's default
+Conv2d / Linear init, kaiming_uniform(a=sqrt(5)) = U(+-1/sqrt(fan_in)) kernels (variance
+1/(3 fan_in); fan_in = kh*kw*in of an HWIO kernel, in*kh*kw in torch) and U(+-1/sqrt(fan_in))
+Linear biases: the CIFAR ResNets and heads of CSI and OECL. 'torchvision' is torchvision's
+ResNet init, convs kaiming_normal(fan_out, relu) (MCL's ResNet); a CIFAR 3x3 stem keeps torch's
+default there (MCL replaces torchvision's conv1 after construction) and the heads are torch's.
+'flax' is Flax's lecun-normal (truncated normal, variance 1/fan_in) kernels and zero biases.
+BN starts at scale 1, bias 0 in all three. The module defaults are Flax's ('flax', 'biased'),
+the configs choose (jaxad.config); `build_model` passes them on.
 """
 from typing import Any
 
@@ -48,6 +63,15 @@ from jaxad.models.conv import CONV_IMPLS, conv_fn
 STAGE_SIZES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 BOTTLENECK_STAGE_SIZES = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)}
 BN_MODES = ('batch', 'frozen')
+INITS = ('torch', 'torchvision', 'flax')  # config.model.init (module docstring)
+BN_RUNNING_VARS = ('unbiased', 'biased')  # config.model.bn_running_var
+# Module defaults: Flax's behaviour. Modules that share the helpers below without these fields
+# (AnoMem's StagedResNet, ReContrast's OCBE and decoder) keep them.
+MODULE_DEFAULTS = {'param_init': 'flax', 'bn_running_var': 'biased'}
+# torch's default Conv2d / Linear weight init: bound sqrt(6 / ((1 + a^2) fan_in)) with a = sqrt(5)
+TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+# torchvision's ResNet convs: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated
+KAIMING_FAN_OUT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # config.model.name -> (depth, width_per_group), torchvision's names.
 ARCHS = {'resnet10': (10, 64), 'resnet18': (18, 64), 'resnet34': (34, 64), 'resnet50': (50, 64),
          'resnet101': (101, 64), 'resnet152': (152, 64),
@@ -59,6 +83,43 @@ INPUT_NORMS = {'csi': ((0.5,), (0.5,)),
                # OECL's CIFAR / Tiny80M normalisation
                'cifar': ((125.3 / 255, 123.0 / 255, 113.9 / 255),
                          (63.0 / 255, 62.1 / 255, 66.7 / 255))}
+
+
+def module_option(mod, name):
+    """`mod.param_init` / `mod.bn_running_var`, or the Flax default where `mod` has no such
+    field (MODULE_DEFAULTS)."""
+    return getattr(mod, name, MODULE_DEFAULTS[name])
+
+
+def conv_init(param_init, cifar_stem=False):
+    """The conv kernel init of `param_init` (module docstring); cifar_stem: the 3x3 stem conv."""
+    if param_init not in INITS:
+        raise ConfigError(f'unknown model.init {param_init!r}; choose from {INITS}')
+    if param_init == 'flax':
+        return default_kernel_init
+    if param_init == 'torchvision' and not cifar_stem:
+        return KAIMING_FAN_OUT
+    return TORCH_KERNEL_INIT
+
+
+def torch_bias_init(fan_in):
+    """torch's default Linear / Conv2d bias init U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / fan_in ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def dense(x, features, param_init, dtype, name):
+    """nn.Dense(features) applied to `x` inside a compact call: Flax's init for 'flax', else
+    torch's Linear init (kernel and bias U(+-1/sqrt(in)))."""
+    if param_init not in INITS:
+        raise ConfigError(f'unknown model.init {param_init!r}; choose from {INITS}')
+    if param_init == 'flax':
+        return nn.Dense(features, dtype=dtype, name=name)(x)
+    return nn.Dense(features, dtype=dtype, kernel_init=TORCH_KERNEL_INIT,
+                    bias_init=torch_bias_init(x.shape[-1]), name=name)(x)
 
 
 def arch_name(depth, width_per_group=64):
@@ -73,13 +134,16 @@ class GroupedBatchNorm(nn.Module):
     """BatchNorm with statistics per contiguous group of the batch (ghost batches).
 
     Same variables as `nn.BatchNorm` (params scale/bias, batch_stats mean/var), so
-    checkpoints and weight import do not care. Biased variance, as flax; the running
-    statistics move towards the mean over groups of the group statistics.
+    checkpoints and weight import do not care. Normalises with the biased variance; the
+    running statistics move towards the mean over groups of the group statistics, the
+    variance as torch keeps it (n/(n-1) x biased, n = values per channel of a group) when
+    `unbiased`, else biased as flax. groups = 1 is whole-batch BN (SyncBN under jit).
     """
     groups: int
     momentum: float
     epsilon: float
     dtype: Any
+    unbiased: bool = False
 
     @nn.compact
     def __call__(self, x, use_running_average):
@@ -101,17 +165,31 @@ class GroupedBatchNorm(nn.Module):
             var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
             y = ((g - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
             if not self.is_initializing():
+                if self.unbiased:
+                    n = g[0].size // c  # values per channel of one group
+                    if n < 2:  # torch refuses too ("more than 1 value per channel")
+                        raise ConfigError(f'BatchNorm {self.name}: one value per channel in a '
+                                          'training batch (group); the unbiased running '
+                                          'variance needs at least 2')
+                    var = var * (n / (n - 1))
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1 - m) * jnp.mean(mean.reshape(-1, c), 0)
                 ra_var.value = m * ra_var.value + (1 - m) * jnp.mean(var.reshape(-1, c), 0)
         return (y * scale + bias).astype(self.dtype)
 
 
-def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name):
-    """The BatchNorm layer for `bn_mode` / `bn_groups` (module docstring)."""
+def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name, running_var='biased'):
+    """The BatchNorm layer for `bn_mode` / `bn_groups` / `running_var` (module docstring):
+    flax's nn.BatchNorm unless the statistics are grouped or kept unbiased."""
+    if running_var not in BN_RUNNING_VARS:
+        raise ConfigError(f'unknown model.bn_running_var {running_var!r}; choose from '
+                          f'{BN_RUNNING_VARS}')
     use_running_average = not train or bn_mode == 'frozen'
-    if bn_groups > 1:
-        layer = GroupedBatchNorm(bn_groups, momentum, 1e-5, dtype, name=name)
+    unbiased = running_var == 'unbiased'
+    # Without an update the running variance's kind does not matter: eval and 'frozen'
+    # keep nn.BatchNorm (same variables either way).
+    if bn_groups > 1 or (unbiased and not use_running_average):
+        layer = GroupedBatchNorm(bn_groups, momentum, 1e-5, dtype, unbiased, name=name)
         return lambda x: layer(x, use_running_average)
     return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum,
                         epsilon=1e-5, dtype=dtype, name=name)
@@ -151,7 +229,7 @@ def block_layers(block, train):
 
     def norm(name):
         return batch_norm(train, block.bn_momentum, block.dtype, block.bn_mode,
-                          block.bn_groups, name)
+                          block.bn_groups, name, module_option(block, 'bn_running_var'))
 
     def deconv(f, name):
         return Deconv2x2(f, block.dtype, name=name)
@@ -190,6 +268,7 @@ class BasicBlock(nn.Module):
     conv_impl: str = 'auto'
     up: bool = False
     kernel_init: Any = default_kernel_init  # flax's Conv default
+    bn_running_var: str = 'biased'
 
     @nn.compact
     def __call__(self, x, train):
@@ -216,6 +295,7 @@ class Bottleneck(nn.Module):
     conv_impl: str = 'auto'
     up: bool = False
     kernel_init: Any = default_kernel_init  # flax's Conv default
+    bn_running_var: str = 'biased'
 
     @nn.compact
     def __call__(self, x, train):
@@ -263,6 +343,8 @@ class ResNet(nn.Module):
     return_stages: bool = False
     conv_impl: str = 'auto'    # jaxad.models.conv: matmul weight gradients on CPU
     num_stages: int = 4
+    param_init: str = 'flax'   # 'torch' | 'torchvision' | 'flax' (module docstring)
+    bn_running_var: str = 'biased'  # 'unbiased' (torch) | 'biased' (flax)
 
     @nn.compact
     def __call__(self, x, train):
@@ -301,10 +383,12 @@ def resnet_stem(mod, x, train):
     if mod.stem not in ('cifar', 'imagenet'):
         raise ConfigError(f"unknown ResNet stem {mod.stem!r}; choose 'cifar' or 'imagenet'")
     k, s, p = (3, 1, 1) if mod.stem == 'cifar' else (7, 2, 3)
+    kernel_init = conv_init(module_option(mod, 'param_init'), cifar_stem=mod.stem == 'cifar')
     x = nn.Conv(mod.width, (k, k), (s, s), padding=((p, p), (p, p)), use_bias=False,
-                dtype=mod.dtype, conv_general_dilated=conv_fn(mod.conv_impl), name='conv1')(x)
+                dtype=mod.dtype, kernel_init=kernel_init,
+                conv_general_dilated=conv_fn(mod.conv_impl), name='conv1')(x)
     x = nn.relu(batch_norm(train, mod.bn_momentum, mod.dtype, mod.bn_mode, mod.bn_groups,
-                           'bn1')(x))
+                           'bn1', module_option(mod, 'bn_running_var'))(x))
     if mod.stem == 'imagenet':
         x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     return x
@@ -314,10 +398,13 @@ def resnet_stage(mod, x, stage, train):
     """The blocks of layer `stage` (1..4), named layer{stage}_{b}, inside `mod`'s compact
     call; the first block of stages 2..4 has stride 2."""
     stage_sizes, block_cls, extra = block_spec(mod.depth, mod.width_per_group)
+    kernel_init = conv_init(module_option(mod, 'param_init'))
     for block in range(stage_sizes[stage - 1]):
         strides = 2 if stage > 1 and block == 0 else 1
         x = block_cls(mod.width * 2 ** (stage - 1), strides, mod.dtype, mod.bn_momentum,
                       mod.bn_mode, mod.bn_groups, conv_impl=mod.conv_impl, **extra,
+                      kernel_init=kernel_init,
+                      bn_running_var=module_option(mod, 'bn_running_var'),
                       name=f'layer{stage}_{block}')(x, train)
     return x
 
@@ -343,31 +430,37 @@ class CSINet(nn.Module):
     conv_impl: str = 'auto'
     proj_hidden: int = 0   # 0 = the feature width (CSI's simclr_layer)
     proj_bn: bool = False  # BatchNorm1d after the hidden layer (OECL's head)
+    param_init: str = 'flax'  # 'torch' | 'torchvision' | 'flax' (module docstring)
+    bn_running_var: str = 'biased'  # 'unbiased' (torch) | 'biased' (flax)
 
     @nn.compact
     def __call__(self, x, train):
         feats = ResNet(self.depth, self.stem, self.width, self.dtype, bn_mode=self.bn_mode,
                        bn_groups=self.bn_groups, width_per_group=self.width_per_group,
                        input_norm=self.input_norm, conv_impl=self.conv_impl,
+                       param_init=self.param_init, bn_running_var=self.bn_running_var,
                        name='encoder')(x, train)
-        dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)  # noqa: E731
         out = {'features': feats}
         if self.proj_dim:
-            h = dense(self.proj_hidden or feats.shape[-1], 'proj_hidden')(feats)
+            h = dense(feats, self.proj_hidden or feats.shape[-1], self.param_init, self.dtype,
+                      'proj_hidden')
             if self.proj_bn:
                 h = batch_norm(train, 0.9, self.dtype, self.bn_mode, self.bn_groups,
-                               'proj_bn')(h)
-            z = dense(self.proj_dim, 'proj_out')(nn.relu(h))
+                               'proj_bn', self.bn_running_var)(h)
+            z = dense(nn.relu(h), self.proj_dim, self.param_init, self.dtype, 'proj_out')
             out['proj'] = z.astype(jnp.float32)
         if self.num_shifts:
-            out['shift_logits'] = dense(self.num_shifts, 'shift_cls')(feats).astype(jnp.float32)
+            out['shift_logits'] = dense(feats, self.num_shifts, self.param_init, self.dtype,
+                                        'shift_cls').astype(jnp.float32)
         return out
 
 
 def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
     """CSINet from `config.model` (fields: name, stem, width, proj_dim, proj_hidden, proj_bn,
-    dtype, bn_mode, bn_groups, input_norm, conv_impl; `init_from` is applied by the method's
-    init). `proj_dim` overrides model.proj_dim (0: no projection head)."""
+    dtype, bn_mode, bn_groups, bn_running_var, input_norm, conv_impl, init; `init_from` is
+    applied by the method's init and overrides `init` there). `proj_dim` overrides
+    model.proj_dim (0: no projection head). A model config without init / bn_running_var
+    predates them: Flax's behaviour, as jaxad had then."""
     if model_cfg.name not in ARCHS:
         raise ConfigError(f'unknown model {model_cfg.name!r}; choose from {sorted(ARCHS)}')
     depth, width_per_group = ARCHS[model_cfg.name]
@@ -384,13 +477,21 @@ def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
     conv_impl = model_cfg.get('conv_impl', 'auto')
     if conv_impl not in CONV_IMPLS:
         raise ConfigError(f'unknown model.conv_impl {conv_impl!r}; choose from {CONV_IMPLS}')
+    param_init = model_cfg.get('init', MODULE_DEFAULTS['param_init'])
+    if param_init not in INITS:
+        raise ConfigError(f'unknown model.init {param_init!r}; choose from {INITS}')
+    bn_running_var = model_cfg.get('bn_running_var', MODULE_DEFAULTS['bn_running_var'])
+    if bn_running_var not in BN_RUNNING_VARS:
+        raise ConfigError(f'unknown model.bn_running_var {bn_running_var!r}; choose from '
+                          f'{BN_RUNNING_VARS}')
     return CSINet(depth=depth, stem=model_cfg.stem, width=model_cfg.width,
                   proj_dim=model_cfg.proj_dim if proj_dim is None else proj_dim,
                   num_shifts=num_shifts, dtype=dtypes[model_cfg.dtype],
                   bn_mode=model_cfg.bn_mode, bn_groups=model_cfg.bn_groups,
                   width_per_group=width_per_group, input_norm=input_norm, conv_impl=conv_impl,
                   proj_hidden=model_cfg.get('proj_hidden', 0),
-                  proj_bn=model_cfg.get('proj_bn', False))
+                  proj_bn=model_cfg.get('proj_bn', False), param_init=param_init,
+                  bn_running_var=bn_running_var)
 
 
 def count_params(params) -> int:
