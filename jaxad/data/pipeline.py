@@ -7,7 +7,10 @@ Training batches come from a Grain `MapDataset`, which is random access by
 step: batch `s` is a pure function of (seed, s), so resuming at `start_step`
 yields exactly the batches an uninterrupted run would have seen, with no
 iterator state to checkpoint. Each process reads only its own contiguous slice
-of every global batch.
+of every global batch. Grain shuffles and batches stream *positions* (cheap
+integers); each batch's images are then gathered in one NumPy indexing call,
+not image by image (`IndexedSource.gather`), which keeps per-image Python work
+out of the host's way (benchmarks/input_throughput.py, BENCHMARKS.md).
 """
 import grain
 import numpy as np
@@ -44,6 +47,24 @@ class IndexedSource:
             item['label'] = self._labels[index]
         return item
 
+    def gather(self, positions, keys=('image',)):
+        """The batch of items at `positions` (an int array) in one indexing call:
+        {'image': uint8 (n, H, W, C)} plus 'label' / 'index' when asked in `keys`;
+        what `[self[i] for i in positions]` stacked would be."""
+        index = self._indices[np.asarray(positions, np.int64)]
+        batch = {}
+        if 'image' in keys:
+            if isinstance(self._images, np.ndarray):
+                batch['image'] = np.asarray(self._images[index], np.uint8)
+            else:  # a lazy sequence (TFDS records): decoded one by one
+                batch['image'] = np.stack([np.asarray(self._images[i], np.uint8)
+                                           for i in index])
+        if 'label' in keys:
+            batch['label'] = self._labels[index]
+        if 'index' in keys:
+            batch['index'] = index
+        return batch
+
     def __repr__(self):
         return f'IndexedSource({self._name!r}, {len(self)} images)'
 
@@ -76,13 +97,16 @@ def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
             f'of {global_batch_size}; use batch_size <= {len(indices)}')
     if seed < 0:
         raise ConfigError(f'seed must be >= 0 for the data order, got {seed}')
-    stream = (grain.MapDataset.source(IndexedSource(image_set, indices, labels))
-              .seed(seed).shuffle()
+    source = IndexedSource(image_set, indices, labels)
+    # The shuffled stream of positions into `indices`; the same permutation (Grain's
+    # index shuffle, seeded by `seed` and the epoch) a stream of the items themselves
+    # would have, so the data order does not depend on how items are read.
+    stream = (grain.MapDataset.range(len(source)).seed(seed).shuffle()
               .repeat(None, reseed_each_epoch=True))
     # Local batch k is global batch k // P, slice k % P: take every P-th from p.
     batches = stream.batch(local, drop_remainder=True)[process_index::process_count]
     keys = ('image',) if labels is None else ('image', 'label')
-    batches = batches[start_step:].map(lambda b: {k: b[k] for k in keys})
+    batches = batches[start_step:].map(lambda positions: source.gather(positions, keys))
     return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
 
 

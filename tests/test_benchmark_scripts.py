@@ -1,0 +1,74 @@
+"""benchmarks/step_analysis.py and benchmarks/input_throughput.py run and report their
+fields (tiny sizes; not timing tests)."""
+import json
+import os
+import subprocess
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# XLA:CPU's cheap compile mode (the conftest's): these tests check the reports, not speed.
+_ENV = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0 '
+            '--xla_llvm_disable_expensive_passes=true', JAX_PLATFORMS='cpu')
+
+
+def _run(args, timeout=300):
+    proc = subprocess.run([sys.executable] + args, capture_output=True, text=True, cwd=_ROOT,
+                          env=_ENV, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{')]
+
+
+_TINY = ['benchmarks/step_analysis.py', '--config=configs/quickstart.py',
+         '--config.model.name=resnet10', '--config.model.width=4', '--config.data.image_size=8']
+
+
+def test_step_analysis_reports_flops_and_memory():
+    lines = _run(_TINY + ['--batch_sizes=4', '--conv_impls=xla', '--breakdown=false',
+                          '--stack_k=0'])
+    assert len(lines) == 1
+    step = lines[0]
+    assert step['kind'] == 'step' and step['device'] == 'cpu'
+    assert step['jax'] and step['flax'] and step['grain']
+    assert step['batch_size'] == 4 and step['views'] == 4 * 2 * 4
+    assert step['conv_impl'] == 'xla' and step['model'] == 'resnet10' and step['width'] == 4
+    assert step['xla_flops'] > 0
+    # 3 x forward of resnet10 width 4 at 8x8 over 32 views, convs + dense (flops.py).
+    assert step['analytic_step_dense'] == 3 * 32 * step['analytic_forward_per_view_dense']
+    assert step['ratio_xla_over_analytic_dense'] == round(
+        step['xla_flops'] / step['analytic_step_dense'], 4)
+    # This tiny net is mostly elementwise work, yet XLA's count stays near the analytic one.
+    assert 0.5 < step['ratio_xla_over_analytic_dense'] < 2
+    assert step['total_bytes'] == (step['argument_bytes'] + step['output_bytes']
+                                   - step['alias_bytes'] + step['temp_bytes']
+                                   + step['generated_code_bytes'])
+    assert step['alias_bytes'] > 0  # the state is donated
+    assert step['argument_bytes'] > 4 * step['num_params']  # params + LARS momentum
+    assert step['fits_h100_80GiB'] and step['fits_tpu_v5e_16GiB']
+
+
+def test_step_analysis_stack_memory():
+    lines = _run(_TINY + ['--batch_sizes=', '--stack_k=2', '--stack_batch_sizes=4'])
+    assert len(lines) == 1
+    stack = lines[0]
+    assert stack['kind'] == 'stack' and stack['device'] == 'cpu'
+    assert stack['k'] == 2 and stack['mode'] == 'vmap' and stack['batch_per_member'] == 4
+    assert stack['k2']['total_bytes'] > stack['k1']['total_bytes'] > 0
+    assert stack['k2']['argument_bytes'] == 2 * stack['k1']['argument_bytes']  # state x 2
+    assert stack['per_member_bytes'] == stack['k2']['total_bytes'] - stack['k1']['total_bytes']
+    assert stack['largest_k_tpu_v5e_16GiB'] > 1000  # a few MB per member
+
+
+def test_input_throughput_on_synthetic_images():
+    lines = _run(['benchmarks/input_throughput.py', '--source=synthetic', '--num_images=1000',
+                  '--image_size=8', '--global_batch=32', '--batches=5', '--warmup=1',
+                  '--cores=1', '--read_threads=1'])
+    load, run = lines
+    assert load['kind'] == 'load' and load['images'] == 1000 and load['image_shape'] == [8, 8, 3]
+    assert run['kind'] == 'input' and 'error' not in run, run
+    assert run['cores'] == 1 and len(run['cpus']) == 1 and run['read_threads'] == 1
+    assert run['global_batch'] == 32 and run['normal_images'] == 100  # class 0 of 10
+    assert run['batch_keys'] == ['image'] and run['batch_dtype'] == 'uint8'
+    for key in ('pipeline_images_per_s', 'with_copy_images_per_s', 'gather_images_per_s',
+                'copy_images_per_s'):
+        assert run[key] > 0, (key, run)
+    assert len(run['loadavg_before']) == 3 and run['device'] == 'cpu'
