@@ -1,22 +1,42 @@
-"""The matmul weight-gradient convolution equals XLA's convolution and its autodiff."""
+"""The matmul weight-gradient convolution equals XLA's convolution and its autodiff (both of
+its weight-gradient formulations: one matmul per kernel tap, and by kernel rows)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxad.models import conv as conv_lib
 from jaxad.models.conv import conv_fn, conv_matmul_dw
 
 DIMS = ('NHWC', 'HWIO', 'NHWC')
 
 
-@pytest.mark.parametrize('k,stride,pad,size', [(3, 1, 1, 8), (3, 2, 1, 9), (1, 2, 0, 8),
-                                               (7, 2, 3, 11), (3, 1, 0, 7)])
-def test_value_and_gradients_equal_xla(k, stride, pad, size):
-    rng = np.random.default_rng(k * 10 + stride)
-    x = jnp.asarray(rng.normal(size=(3, size, size, 4)), jnp.float32)
-    w = jnp.asarray(rng.normal(size=(k, k, 4, 5)), jnp.float32)
-    padding = ((pad, pad), (pad, pad))
+CASES = [(3, 1, 1, 8), (3, 2, 1, 9), (1, 2, 0, 8), (7, 2, 3, 11), (3, 1, 0, 7), (1, 1, 0, 6)]
+
+
+@pytest.mark.parametrize('rows_min_pixels', [conv_lib.ROWS_MIN_PIXELS, 0],
+                         ids=['default', 'rows_everywhere'])
+@pytest.mark.parametrize('k,stride,pad,size', CASES)
+def test_value_and_gradients_equal_xla(k, stride, pad, size, rows_min_pixels, monkeypatch):
+    # rows_min_pixels=0: every stride-1 case takes the weight gradient by kernel rows
+    monkeypatch.setattr(conv_lib, 'ROWS_MIN_PIXELS', rows_min_pixels)
+    check_against_xla(k, stride, (pad, pad), size, channels=(4, 5), seed=k * 10 + stride)
+
+
+@pytest.mark.parametrize('k,stride,pads', [(3, 1, (1, 1)), (3, 1, (0, 2)), (5, 1, (2, 2))])
+def test_rows_path_at_its_default_size(k, stride, pads):
+    """32x32 outputs (the CIFAR stage-1 size) take the rows path with the default threshold;
+    asymmetric padding too."""
+    size = 32 - sum(pads) + k - 1
+    check_against_xla(k, stride, pads, size, channels=(3, 4), seed=k, batch=2)
+
+
+def check_against_xla(k, stride, pad, size, channels, seed, batch=3):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(batch, size, size, channels[0])), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k) + tuple(channels)), jnp.float32)
+    padding = (tuple(pad), tuple(pad))
 
     def xla(x, w):
         return jax.lax.conv_general_dilated(x, w, (stride, stride), padding, dimension_numbers=DIMS)
