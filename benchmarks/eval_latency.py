@@ -17,7 +17,9 @@ library's own functions in jaxad/evaluate.py, the way training ends and `--mode=
 Every part runs once untimed first (compilation, including the last padded batch and the
 last score block), then the median of --repeats timed runs is reported. Prints the parts,
 total_s (all three), test_and_score_s (what scoring a test set costs once the bank is fit,
-as at the end of training), the latency per test image, device and versions.
+as at the end of training), the latency per test image, the peak device memory
+(`peak_bytes_in_use`, a high-water mark of the process; null where the backend keeps no
+stats, e.g. the CPU), device and versions.
 Never part of the test pass/fail.
 """
 import contextlib
@@ -35,6 +37,8 @@ from ml_collections import config_flags
 from jaxad import evaluate, sharding
 from jaxad.data import sources
 from jaxad.methods import get_method
+
+import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/quickstart.py', 'Config file.')
 _NUM_TEST = flags.DEFINE_integer('num_test', 256, 'Test images to score.')
@@ -95,7 +99,9 @@ def measure(config, num_test, num_bank, repeats):
             'score_s': round(score_s, 4), 'total_s': round(total, 4),
             'test_and_score_s': round(test_s + score_s, 4),
             'per_test_image_ms': round((test_s + score_s) / num_test * 1e3, 4),
-            'repeats': repeats, 'device': jax.devices()[0].device_kind,
+            'repeats': repeats,
+            'peak_memory_bytes': timing.peak_memory_bytes(list(mesh.devices.flat)),
+            'device': jax.devices()[0].device_kind,
             'num_devices': mesh.devices.size, 'jax': jax.__version__,
             'host': platform.processor() or platform.machine()}
 

@@ -1,6 +1,7 @@
 """Throughput of K stacked detectors vs one: the one-class table's train step.
 
 python benchmarks/stacked_throughput.py --config=configs/quickstart.py --ks=1,10 --modes=unroll,vmap
+python benchmarks/stacked_throughput.py --ks=10 --modes=vmap --single=false  # K lines only
 
 For each K and stacking mode, K models of the config (each with its own
 batch of `batch_size` images, as in `jaxad.table`) take one jitted step;
@@ -8,8 +9,10 @@ prints one JSON line per (K, mode): compile time, median step time over
 `--steps` timed steps after `--warmup`, images/s over all models, the ratio
 to the single-model step (K=1 through the ordinary trainer), XLA's FLOP count
 of the compiled step and, where the device's peak is known (or given with
---peak_tflops), MFU. Synthetic uint8 images: the cost does not depend on
-pixel values. Never part of the test pass/fail.
+--peak_tflops), MFU, and the peak device memory (`peak_bytes_in_use`, a
+high-water mark of the process, so the largest so far; null on the CPU).
+Synthetic uint8 images: the cost does not depend on pixel values. Never part
+of the test pass/fail.
 """
 import json
 import platform
@@ -31,6 +34,8 @@ _MODES = flags.DEFINE_list('modes', ['vmap', 'unroll'], 'Stacking modes (table.s
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per setting.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
 _PEAK = flags.DEFINE_float('peak_tflops', 0.0, 'Device peak TFLOP/s for MFU (0: by device kind).')
+_SINGLE = flags.DEFINE_bool('single', True, 'Also time K = 1 through the ordinary trainer '
+                            '(the base of throughput_vs_single; false: only the K lines).')
 
 
 def measure(config, k, mode, steps, warmup):
@@ -69,7 +74,9 @@ def measure(config, k, mode, steps, warmup):
             'flops_per_step': flops,
             'tflops_per_s': round(flops / step_s / 1e12, 4) if flops else None,
             'mfu': round(flops / step_s / (peak * 1e12), 4) if flops and peak else None,
-            'steps_timed': steps, 'device': device, 'num_devices': mesh.devices.size,
+            'steps_timed': steps,
+            'peak_memory_bytes': timing.peak_memory_bytes(list(mesh.devices.flat)),
+            'device': device, 'num_devices': mesh.devices.size,
             'mesh': dict(mesh.shape), 'jax': jax.__version__,
             'host': platform.processor() or platform.machine()}
 
@@ -77,14 +84,17 @@ def measure(config, k, mode, steps, warmup):
 def main(argv):
     del argv
     config = _CONFIG.value
-    single = measure(config, 1, 'single', _STEPS.value, _WARMUP.value)
-    print(json.dumps(single), flush=True)
+    single = None
+    if _SINGLE.value:
+        single = measure(config, 1, 'single', _STEPS.value, _WARMUP.value)
+        print(json.dumps(single), flush=True)
     for k in (int(x) for x in _KS.value):
         for mode in _MODES.value:
             if k == 1 and mode == 'unroll':
                 continue  # one unrolled model is the single step
             r = measure(config, k, mode, _STEPS.value, _WARMUP.value)
-            r['throughput_vs_single'] = round(r['images_per_s'] / single['images_per_s'], 3)
+            if single:
+                r['throughput_vs_single'] = round(r['images_per_s'] / single['images_per_s'], 3)
             print(json.dumps(r), flush=True)
 
 
