@@ -194,17 +194,6 @@ def test_flax_option_keeps_the_module_defaults():
                               v1['params']['proj_out']['kernel'])
 
 
-def test_unknown_values_are_config_errors():
-    c = jc.csi_base()
-    c.model.init = 'kaiming'
-    with pytest.raises(ConfigError, match="unknown model.init 'kaiming'"):
-        build_model(c.model, 4)
-    c.model.init = 'torch'
-    c.model.bn_running_var = 'sample'
-    with pytest.raises(ConfigError, match="unknown model.bn_running_var 'sample'"):
-        build_model(c.model, 4)
-
-
 # ----------------------------------------------------------------------------- BatchNorm
 
 class BN(nn.Module):
@@ -300,8 +289,7 @@ def test_sharded_batch_statistics_are_global():
     """Under jit over a batch sharded on 8 devices the statistics are the global batch's
     (SyncBN): each device alone holds 2 rows, whose statistics would differ."""
     devices = jax.devices()
-    if len(devices) < 2:
-        pytest.skip('needs several devices (tests/conftest.py emulates 8 on CPU)')
+    assert len(devices) >= 2, 'tests/conftest.py emulates 8 CPU devices'
     mesh = jax.make_mesh((len(devices),), ('data',))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
     rng = np.random.default_rng(1)

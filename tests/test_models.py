@@ -48,14 +48,14 @@ def test_train_mode_updates_batch_stats():
     assert any(not jnp.allclose(a, b) for a, b in zip(before, after))
 
 
-def test_build_model_errors():
+@pytest.mark.parametrize('field,value,match', [
+    ('name', 'resnet7', 'resnet7'), ('dtype', 'float8', 'float8'),
+    ('init', 'kaiming', "unknown model.init 'kaiming'"),
+    ('bn_running_var', 'sample', "unknown model.bn_running_var 'sample'")])
+def test_build_model_errors(field, value, match):
     c = jc.csi_base()
-    c.model.name = 'resnet7'
-    with pytest.raises(ConfigError, match='resnet7'):
-        build_model(c.model, 4)
-    c.model.name = 'resnet18'
-    c.model.dtype = 'float8'
-    with pytest.raises(ConfigError, match='float8'):
+    c.model[field] = value
+    with pytest.raises(ConfigError, match=match):
         build_model(c.model, 4)
 
 
