@@ -319,6 +319,8 @@ def train_jaxad(spec, overrides, config, seed, threads=0, log=print, workdir_roo
                 keep=False):
     """One `python -m jaxad.main` run; its record from results.json and metrics.jsonl."""
     t0 = time.time()
+    if workdir_root:
+        os.makedirs(workdir_root, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix=f'parity_s{seed}_', dir=workdir_root)
     flags = [f'--config.{k}={v}' for k, v in dict(overrides, **JAXAD_QUIET).items()]
     cmd = [sys.executable, '-m', 'jaxad.main', f'--config={spec}', f'--workdir={workdir}',
