@@ -238,8 +238,8 @@ def test_end_to_end_on_the_synthetic_set_localises_defects(tmp_path):
     root = tmp_path / 'data'
     synthetic.write_mvtec(root, 'weave', size=32, num_train=32, num_good_test=16,
                           num_per_defect=12, defects=('hole', 'scratch'))
-    # log_every 25: a host sync every 25 steps (on many emulated devices, 100 steps in flight
-    # on a loaded 2-core machine have stalled XLA's collective rendezvous).
+    # log_every 25: a host sync every 25 steps. Kept from the 8-device set-up, where 100 steps
+    # in flight on a loaded 2-core machine stalled XLA's collective rendezvous.
     c = tiny_config(root, **{'data.image_size': 32, 'model.width': 8, 'model.bn_mode': 'frozen',
                              'batch_size': 16, 'total_steps': 300, 'log_every': 25,
                              'checkpoint.every_steps': 1000, 'eval.batch_size': 16,
