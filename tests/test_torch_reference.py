@@ -179,6 +179,68 @@ def test_network_matches_jaxad():
                                        err_msg=f'{key} train={train}')
 
 
+def _flax_grads_as_torch(grads, stats_like):
+    """jaxad's gradient tree in torch_reference.CSINet's parameter layout (same mapping as
+    the weights: load_flax_variables transposes kernels), as {name: array}."""
+    model = tr.CSINet(4, 8, 4)
+    load_flax_variables(model, {'params': grads, 'batch_stats': stats_like})
+    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize('bn_groups', [1, 2])
+def test_network_gradients_match_torch(bn_groups):
+    """Backward of the whole training-mode network (convolutions with the CPU weight gradient
+    of jaxad.models.conv, BatchNorm on batch statistics) against torch's autograd.
+
+    bn_groups=2 takes statistics per half of the batch; torch does the same by running its
+    BatchNorm2d on each half (what two GPUs without SyncBN do). 16x16 inputs leave 2x2 maps
+    at stage 4, so each BN group there still has 4 x 2 x 2 = 16 values per channel: with 8x8
+    inputs and 3 images per group (3 values per channel) jaxad's and torch's gradients
+    differed by 1.1e-4 relative, float32 rounding amplified by the near-zero variance.
+    Tolerance: 1e-4 of the largest gradient of each tensor, for float32 sums of up to
+    8 x 16 x 16 = 2048 terms per channel."""
+    width, proj_dim, k, size, n = 4, 8, 4, 16, 8
+    net = CSINet(width=width, proj_dim=proj_dim, num_shifts=k, bn_groups=bn_groups,
+                 bn_running_var='unbiased', conv_impl='matmul_dw')
+    rng = np.random.default_rng(5)
+    x = rng.uniform(size=(n, size, size, 3)).astype(np.float32)
+    shapes = jax.eval_shape(lambda key: net.init(key, jnp.asarray(x), train=False),
+                            jax.random.key(0))
+    variables = jax.tree_util.tree_map_with_path(
+        lambda path, s: random_leaf(path[-1].key, s.shape, rng).astype(np.float32), shapes)
+    # A loss that reaches every output: fixed random weights on features, proj, shift logits.
+    weights = {key: rng.normal(size=shape).astype(np.float32) for key, shape in
+               (('features', (n, width * 8)), ('proj', (n, proj_dim)), ('shift_logits', (n, k)))}
+
+    def loss(params):
+        out, _ = net.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                           jnp.asarray(x), train=True, mutable=['batch_stats'])
+        return sum(jnp.sum(out[key] * w) for key, w in weights.items())
+    grads = jax.jit(jax.grad(loss))(variables['params'])
+
+    model = tr.CSINet(width, proj_dim, k)
+    load_flax_variables(model, variables)
+    model.train(True)
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    if bn_groups == 1:
+        total = sum((model(xt)[key] * torch.from_numpy(w)).sum() for key, w in weights.items())
+    else:  # ghost batches: each half through the network on its own batch statistics
+        half = n // bn_groups
+        total = 0
+        for i in range(bn_groups):
+            out = model(xt[i * half:(i + 1) * half])
+            total = total + sum((out[key] * torch.from_numpy(w[i * half:(i + 1) * half])).sum()
+                                for key, w in weights.items())
+    total.backward()
+    want = {name: p.grad.numpy() for name, p in model.named_parameters()}
+    got = _flax_grads_as_torch(grads, variables['batch_stats'])
+    assert sorted(got) == sorted(want)
+    for name in want:
+        scale = np.max(np.abs(want[name]))
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-4 * scale,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize('exclude_1d', [False, True])
 def test_lars_matches_jaxad_torchlars(exclude_1d):
     rng = np.random.default_rng(4)
