@@ -10,6 +10,11 @@ import pytest
 
 from jaxad import config as jc
 
+# XLA flags for test subprocesses that set their own: the conftest's cheap compile modes
+# (unoptimised backend, and the faster kernel codegen where this jaxlib has the flag).
+CHILD_XLA_FLAGS = ('--xla_backend_optimization_level=0 '
+                   + os.environ.get('JAXAD_TEST_FAST_COMPILE', '')).strip()
+
 
 def make_npz(path, n_per_class=16, num_classes=3, size=8, seed=0):
     """Classes differ in mean brightness and a stripe, so CSI can separate them."""

@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from tests.helpers import ON_CI
+from tests.helpers import CHILD_XLA_FLAGS, ON_CI
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PATH = os.path.join(_ROOT, 'benchmarks', 'accelerator_report.py')
@@ -23,8 +23,7 @@ HAS_TORCH = importlib.util.find_spec('torch') is not None
 
 def _report(out, *args):
     # One CPU device (not conftest's 8) and XLA:CPU's cheap compile mode.
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0 '
-               '--xla_llvm_disable_expensive_passes=true')
+    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS + ' --xla_llvm_disable_expensive_passes=true')
     return subprocess.run([sys.executable, _PATH, f'--out={out}', *args], capture_output=True,
                           text=True, cwd=_ROOT, env=env, timeout=900)
 

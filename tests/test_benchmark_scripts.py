@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 
+from tests.helpers import CHILD_XLA_FLAGS
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA:CPU's cheap compile mode (the conftest's): these tests check the reports, not speed.
-_ENV = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0 '
-            '--xla_llvm_disable_expensive_passes=true', JAX_PLATFORMS='cpu')
+_ENV = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS + ' --xla_llvm_disable_expensive_passes=true',
+            JAX_PLATFORMS='cpu')
 
 
 def _run(args, timeout=300):
@@ -72,3 +74,4 @@ def test_input_throughput_on_synthetic_images():
                 'copy_images_per_s'):
         assert run[key] > 0, (key, run)
     assert len(run['loadavg_before']) == 3 and run['device'] == 'cpu'
+

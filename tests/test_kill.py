@@ -20,7 +20,7 @@ import time
 import pytest
 
 from jaxad import checkpoint as ckpt_lib
-from tests.helpers import make_npz
+from tests.helpers import CHILD_XLA_FLAGS, make_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -79,7 +79,7 @@ def cli(tmp_path_factory):
     wrapper.write_text(WRAPPER)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(('JAXAD_', 'XLA_', 'JAX_', 'PYTEST_'))}
-    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0',
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS,
                PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
                # the runs of this module compile the same programs: compile once
                JAX_COMPILATION_CACHE_DIR=str(base / 'xla-cache'),

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from tests.helpers import CHILD_XLA_FLAGS
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _PATH = os.path.join(_ROOT, 'benchmarks', 'weak_scaling.py')
 _spec = importlib.util.spec_from_file_location('weak_scaling', _PATH)
@@ -25,8 +27,7 @@ def test_child_env_forces_the_device_count(monkeypatch):
 def test_sweep_over_one_and_two_emulated_devices():
     # Quickstart with a smaller net and images, and XLA:CPU's cheap compile mode: the test
     # checks that every device count runs and reports, not how fast.
-    env = dict(os.environ, XLA_FLAGS='--xla_backend_optimization_level=0 '
-               '--xla_llvm_disable_expensive_passes=true')
+    env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS + ' --xla_llvm_disable_expensive_passes=true')
     cmd = [sys.executable, _PATH, '--config=configs/quickstart.py', '--device_counts=1,2',
            '--per_device_batch=2', '--steps=2', '--warmup=1',
            '--override=model.width=4', '--override=model.name=resnet10',
