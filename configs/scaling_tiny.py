@@ -5,8 +5,8 @@ python launch/sweep.py --config=configs/scaling_tiny.py --root=/tmp/study_tiny -
 What `colabs/scaling_study.ipynb` and the tests run when there is no
 accelerator: the same pipeline as configs/scaling_cifar.py (sweep, JSONL
 metrics, results.json, collect, plot) in about a minute, with numbers that
-mean nothing (6 steps of a width-8 ResNet-10 on 16x16 digits: one block per stage,
-half ResNet-18's compile time, which is most of a CPU run). Global batch
+mean nothing (6 steps of a width-8 ResNet-10 on 8x8 digits, their own size: one block per
+stage, half ResNet-18's compile time, which is most of a CPU run). Global batch
 16, 32, 64 (divisible by 1, 2, 4 or 8 devices), one seed.
 """
 from jaxad import config as jc
@@ -20,7 +20,7 @@ def get_config(arg=None):
     c = jc.csi_base()
     c.seed = arg.seed
     c.data.source = 'digits'
-    c.data.image_size = 16
+    c.data.image_size = 8
     jc.set_normal_classes(c, arg.normal_class)
     c.model.name = 'resnet10'
     c.model.width = 8

@@ -168,6 +168,7 @@ def test_digits_all_writes_ten_row_table(tmp_path):
     config.eval.num_samples = 1
     config.model.width = 4  # the table machinery is under test here, not the model
     config.model.name = 'resnet10'
+    config.data.image_size = 8  # 10 models score the 900-image test split 4 times each
     config.table.stack_mode = 'vmap'  # compiles once for all 10 (unroll: 10x compile time)
     config.num_devices = 1
     config.log_every = 1
