@@ -35,4 +35,3 @@ _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), f"jaxad-test-xla-cache-{_run_id}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-

@@ -23,7 +23,8 @@ HAS_TORCH = importlib.util.find_spec('torch') is not None
 
 def _report(out, *args):
     # One CPU device (not conftest's 8) and XLA:CPU's cheap compile mode.
-    env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS + ' --xla_llvm_disable_expensive_passes=true')
+    env = dict(os.environ, JAX_PLATFORMS='cpu',
+               XLA_FLAGS=CHILD_XLA_FLAGS + ' --xla_llvm_disable_expensive_passes=true')
     return subprocess.run([sys.executable, _PATH, f'--out={out}', *args], capture_output=True,
                           text=True, cwd=_ROOT, env=env, timeout=900)
 

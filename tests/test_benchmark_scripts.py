@@ -74,4 +74,3 @@ def test_input_throughput_on_synthetic_images():
                 'copy_images_per_s'):
         assert run[key] > 0, (key, run)
     assert len(run['loadavg_before']) == 3 and run['device'] == 'cpu'
-
