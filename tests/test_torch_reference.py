@@ -179,14 +179,6 @@ def test_network_matches_jaxad():
                                        err_msg=f'{key} train={train}')
 
 
-def _flax_grads_as_torch(grads, stats_like):
-    """jaxad's gradient tree in torch_reference.CSINet's parameter layout (same mapping as
-    the weights: load_flax_variables transposes kernels), as {name: array}."""
-    model = tr.CSINet(4, 8, 4)
-    load_flax_variables(model, {'params': grads, 'batch_stats': stats_like})
-    return {n: p.detach().numpy().copy() for n, p in model.named_parameters()}
-
-
 @pytest.mark.parametrize('bn_groups', [1, 2])
 def test_network_gradients_match_torch(bn_groups):
     """Backward of the whole training-mode network (convolutions with the CPU weight gradient
@@ -222,18 +214,19 @@ def test_network_gradients_match_torch(bn_groups):
     load_flax_variables(model, variables)
     model.train(True)
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    if bn_groups == 1:
-        total = sum((model(xt)[key] * torch.from_numpy(w)).sum() for key, w in weights.items())
-    else:  # ghost batches: each half through the network on its own batch statistics
-        half = n // bn_groups
-        total = 0
-        for i in range(bn_groups):
-            out = model(xt[i * half:(i + 1) * half])
-            total = total + sum((out[key] * torch.from_numpy(w[i * half:(i + 1) * half])).sum()
-                                for key, w in weights.items())
+    rows = n // bn_groups  # each group through the network on its own batch statistics
+    total = 0
+    for i in range(0, n, rows):
+        out = model(xt[i:i + rows])
+        total = total + sum((out[key] * torch.from_numpy(w[i:i + rows])).sum()
+                            for key, w in weights.items())
     total.backward()
     want = {name: p.grad.numpy() for name, p in model.named_parameters()}
-    got = _flax_grads_as_torch(grads, variables['batch_stats'])
+    # jaxad's gradients in torch's layout, by the same mapping as the weights (kernels
+    # transposed): loaded into a second copy of the torch model.
+    as_torch = tr.CSINet(width, proj_dim, k)
+    load_flax_variables(as_torch, {'params': grads, 'batch_stats': variables['batch_stats']})
+    got = {name: p.detach().numpy() for name, p in as_torch.named_parameters()}
     assert sorted(got) == sorted(want)
     for name in want:
         scale = np.max(np.abs(want[name]))
