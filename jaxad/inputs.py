@@ -45,8 +45,10 @@ class Inputs:
 
 
 def list_inputs(spec):
-    """The images `spec` names; DataError when it names none."""
-    spec = os.fspath(spec)
+    """The images `spec` names; DataError when it names none. A URL (gs://...) is read
+    from a local copy (`storage.local_input`)."""
+    from jaxad import storage
+    spec = storage.local_input(os.fspath(spec), 'input')
     if os.path.isdir(spec):
         items, ignored = [], 0
         for root, dirs, files in os.walk(spec):

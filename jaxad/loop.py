@@ -11,7 +11,6 @@ trains, logs and saves the same way for both.
 Also here: TrainState, the pure step (`make_train_step`), the init function, step
 budgets, input checks, log/save cadence and the outlier-exposure stream.
 """
-import os
 import time
 
 import flax
@@ -22,7 +21,7 @@ import optax
 from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
-from jaxad import distributed, fingerprint, optim, sharding
+from jaxad import distributed, fingerprint, optim, sharding, storage
 from jaxad import evaluate as eval_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
@@ -107,8 +106,9 @@ def check_image_shape(image_set, data_cfg):
 def start_record(config, workdir):
     """Creates `workdir` and, when it holds no checkpoint yet, records the run's config
     and training fingerprint there (an existing run's record was checked, not rewritten)."""
+    storage.check_url(workdir)  # a URL's bucket, server and credentials, in bounded time
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
         if not fingerprint.has_checkpoints(workdir):
             fingerprint.write_run_record(config, workdir)
     except OSError as e:
@@ -236,7 +236,7 @@ class Run:
             config.optim, budget.steps_per_epoch, budget.total_steps, config.batch_size,
             freeze=self.method.frozen_params)
         self.checkpoints = ckpt_lib.Checkpoints(
-            os.path.join(directory, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
+            storage.join(directory, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)
 
     @property

@@ -6,12 +6,13 @@
                     with the decision threshold when the run has one
 matplotlib is the optional `plots` extra; without it the plots are skipped with one log line.
 """
+import io
 import os
 
 import numpy as np
 from absl import logging
 
-from jaxad import metrics
+from jaxad import metrics, storage
 
 
 def roc_points(scores, labels):
@@ -34,6 +35,15 @@ def _pyplot():
         return None
 
 
+def _save(plt, fig, path, dpi):
+    """Writes `fig` as a PNG to `path` (a local path or a URL) and closes it."""
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format='png', dpi=dpi)
+    plt.close(fig)
+    storage.write_bytes(path, buffer.getvalue())
+
+
 def write_evaluation_plots(score_dict, anomaly, headline, out_dir, title='', threshold=None):
     """Writes roc.png and score_hist.png under `out_dir`; returns their paths ([] without
     matplotlib). `score_dict`: name -> scores (higher = more anomalous); `anomaly`: 0/1."""
@@ -41,7 +51,7 @@ def write_evaluation_plots(score_dict, anomaly, headline, out_dir, title='', thr
     if plt is None:
         return []
     anomaly = np.asarray(anomaly).astype(bool)
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     paths = []
 
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -55,10 +65,8 @@ def write_evaluation_plots(score_dict, anomaly, headline, out_dir, title='', thr
            ylabel='true positive rate (anomalies caught)', xlim=(0, 1), ylim=(0, 1.01),
            title=f'ROC {title}'.strip())
     ax.legend(loc='lower right', fontsize=8)
-    paths.append(os.path.join(out_dir, 'roc.png'))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(storage.join(out_dir, 'roc.png'))
+    _save(plt, fig, paths[-1], dpi=120)
 
     scores = np.asarray(score_dict[headline], np.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -70,10 +78,8 @@ def write_evaluation_plots(score_dict, anomaly, headline, out_dir, title='', thr
     ax.set(xlabel=f'{headline} score (higher = more anomalous)', ylabel='test images',
            title=f'Score histogram {title}'.strip())
     ax.legend(fontsize=8)
-    paths.append(os.path.join(out_dir, 'score_hist.png'))
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(storage.join(out_dir, 'score_hist.png'))
+    _save(plt, fig, paths[-1], dpi=120)
     return paths
 
 
@@ -97,7 +103,7 @@ def write_anomaly_overlays(images, maps, out_dir, masks=None, names=None, scores
     if masks is not None and np.shape(masks) != images.shape[:3]:
         raise ValueError(f'masks {np.shape(masks)} do not match images {images.shape[:3]}')
     from PIL import Image
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     n = min(limit, len(images))
     vmin, vmax = float(maps[:n].min()), float(maps[:n].max())
     h, w = images.shape[1:3]
@@ -125,8 +131,6 @@ def write_anomaly_overlays(images, maps, out_dir, masks=None, names=None, scores
             ax.set_axis_off()
         stem = os.path.splitext(os.path.basename(str(names[i])))[0] if names is not None \
             else 'image'
-        paths.append(os.path.join(out_dir, f'{i:04d}_{stem}.png'))
-        fig.tight_layout()
-        fig.savefig(paths[-1], dpi=100)
-        plt.close(fig)
+        paths.append(storage.join(out_dir, f'{i:04d}_{stem}.png'))
+        _save(plt, fig, paths[-1], dpi=100)
     return paths

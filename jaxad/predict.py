@@ -14,7 +14,7 @@ Predict and calibrate read the workdir only (config.json, the final checkpoint a
 once calibrated, threshold.json: `jaxad.thresholds`), never the training data.
 """
 import csv
-import json
+import io
 import os
 
 import jax
@@ -23,7 +23,7 @@ from absl import logging
 from PIL import Image
 
 from jaxad import evaluate as eval_lib
-from jaxad import thresholds
+from jaxad import storage, thresholds
 from jaxad.config import load_run_config
 from jaxad.errors import DataError
 from jaxad.inputs import IMAGE_EXTENSIONS, list_inputs, score_inputs
@@ -44,7 +44,7 @@ def predict(workdir, input_spec, output=None, config=None):
 
     Returns the dict written to predictions.json.
     """
-    workdir = os.fspath(workdir)
+    workdir = storage.normalize(workdir)
     config = config if config is not None else load_run_config(workdir)
     inputs = list_inputs(input_spec)  # a bad input fails before the model loads
     model = load_model(workdir, config)
@@ -55,7 +55,7 @@ def predict(workdir, input_spec, output=None, config=None):
         logging.info('ignored %d files without an image extension (%s)', inputs.ignored,
                      '/'.join(IMAGE_EXTENSIONS))
     names, scores, skipped = score_inputs(model, inputs)
-    output = os.fspath(output) if output else os.path.join(workdir, 'predictions')
+    output = storage.normalize(output) if output else storage.join(workdir, 'predictions')
     result = write_predictions(output, names, scores, skipped, model, threshold, inputs)
     if threshold is None:
         print(f'jaxad: {thresholds.HOW_TO_GET_ONE}', flush=True)
@@ -70,8 +70,8 @@ def write_anomaly_maps(output, names, maps):
     """
     paths = {}
     for key, values in maps.items():
-        folder = os.path.join(output, key)
-        os.makedirs(folder, exist_ok=True)
+        folder = storage.join(output, key)
+        storage.makedirs(folder)
         paths[key] = []
         for i, (name, m) in enumerate(zip(names, values)):
             m = np.asarray(m, np.float64).reshape(m.shape[0], m.shape[1])
@@ -79,8 +79,10 @@ def write_anomaly_maps(output, names, maps):
             png = np.uint8(np.round(255 * (m - m.min()) / span)) if span > 0 else \
                 np.zeros(m.shape, np.uint8)
             stem = os.path.splitext(os.path.basename(str(name)))[0] or 'image'
-            path = os.path.join(folder, f'{i:06d}_{stem}.png')
-            Image.fromarray(png).save(path)
+            path = storage.join(folder, f'{i:06d}_{stem}.png')
+            buffer = io.BytesIO()
+            Image.fromarray(png).save(buffer, format='PNG')
+            storage.write_bytes(path, buffer.getvalue())
             paths[key].append(path)
     return paths
 
@@ -101,7 +103,7 @@ def write_predictions(output, names, scores, skipped, model, threshold, inputs):
         record.update({k: float(v[i]) for k, v in image_scores.items()})
         records.append(record)
     result = {
-        'workdir': os.path.abspath(model.workdir), 'step': model.step,
+        'workdir': storage.absolute(model.workdir), 'step': model.step,
         'input': inputs.what, 'score_name': headline, 'threshold_rule': rule,
         'threshold': threshold, 'num_images': len(records), 'num_skipped': len(skipped),
         'num_ignored_non_images': inputs.ignored, 'images': records, 'skipped': skipped}
@@ -109,28 +111,30 @@ def write_predictions(output, names, scores, skipped, model, threshold, inputs):
         result['threshold_note'] = thresholds.HOW_TO_GET_ONE
     if jax.process_index() != 0:
         return result
-    os.makedirs(output, exist_ok=True)
+    storage.makedirs(output)
     if maps:
         for key, paths in write_anomaly_maps(output, names, maps).items():
             for record, path in zip(records, paths):
                 record[key] = path
         # The raw maps too (the PNGs are min-max scaled per image): row i is names[i].
-        np.savez_compressed(os.path.join(output, 'anomaly_maps.npz'), names=np.asarray(names),
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, names=np.asarray(names),
                             **{k: np.asarray(v, np.float32) for k, v in maps.items()})
-        result['anomaly_maps_file'] = os.path.join(output, 'anomaly_maps.npz')
-    with open(os.path.join(output, 'predictions.json'), 'w') as f:
-        json.dump(result, f, indent=2)
+        result['anomaly_maps_file'] = storage.join(output, 'anomaly_maps.npz')
+        storage.write_bytes(result['anomaly_maps_file'], buffer.getvalue())
+    storage.write_json(storage.join(output, 'predictions.json'), result, indent=2)
     columns = ['path', 'pred_score', 'is_anomaly', 'threshold_rule'] + \
         [k for k in image_scores if k not in ('pred_score',)] + sorted(maps)
-    with open(os.path.join(output, 'predictions.csv'), 'w', newline='') as f:
-        writer = csv.writer(f)
-        writer.writerow(columns)
-        for record in records:
-            writer.writerow(['' if record.get(c) is None else record.get(c) for c in columns])
+    table = io.StringIO(newline='')
+    writer = csv.writer(table)
+    writer.writerow(columns)
+    for record in records:
+        writer.writerow(['' if record.get(c) is None else record.get(c) for c in columns])
+    storage.write_text(storage.join(output, 'predictions.csv'), table.getvalue())
     n_flag = sum(bool(r['is_anomaly']) for r in records)
     flagged = f'{n_flag} flagged anomalous ({rule} threshold)' if threshold else 'no threshold'
     print(f'jaxad: scored {len(records)} images ({len(skipped)} skipped), {flagged}; wrote '
-          f'{os.path.join(output, "predictions.csv")} and predictions.json', flush=True)
+          f'{storage.join(output, "predictions.csv")} and predictions.json', flush=True)
     return result
 
 
@@ -143,7 +147,7 @@ def calibrate(workdir, normal_spec, anomalies_spec=None, config=None):
     Rule normal_quantile (config threshold.quantile), or f1_max with anomalies;
     a set threshold.value wins (rule fixed). Writes and returns threshold.json's record.
     """
-    workdir = os.fspath(workdir)
+    workdir = storage.normalize(workdir)
     config = config if config is not None else load_run_config(workdir)
     normal_inputs = list_inputs(normal_spec)
     anomaly_inputs = list_inputs(anomalies_spec) if anomalies_spec else None

@@ -21,7 +21,6 @@ The method object is read through `jaxad.methods.base.Method`'s members only
 import dataclasses
 import functools
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +29,7 @@ from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint
+from jaxad import fingerprint, storage
 from jaxad.config import load_run_config
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods import get_method
@@ -122,7 +121,8 @@ class Model:
 
 def load_model(workdir, config=None):
     """The model and scoring state of the latest checkpoint of `workdir`."""
-    workdir = os.fspath(workdir)
+    workdir = storage.normalize(workdir)
+    storage.check_url(workdir, write=False)
     config = config if config is not None else load_run_config(workdir)
     fingerprint.check_scoring_use(config, workdir)  # the checkpoint's scoring state as saved
     if config.table.classes:
@@ -130,8 +130,8 @@ def load_model(workdir, config=None):
                           f'{config.table.classes!r}); predict, calibrate and export score a '
                           'single detector')
     method = _method_for(config)
-    directory = os.path.join(workdir, 'checkpoints')
-    if not os.path.isdir(directory):
+    directory = storage.join(workdir, 'checkpoints')
+    if not storage.isdir(directory):
         raise TrainingError(f'no checkpoint in {directory}; train first (--mode=train)')
     checkpoints = ckpt_lib.Checkpoints(directory, use_async=False, read_only=True)
     try:

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint, loop, sharding, stacking, thresholds
+from jaxad import fingerprint, loop, sharding, stacking, storage, thresholds
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.config import validate_config
 from jaxad.data import sources
@@ -97,8 +97,8 @@ class Group(loop.Run):
         by_model = self.mode == 'vmap' and jax.process_count() == 1
         mesh = sharding.make_mesh(config.num_devices, num_models=self.k if by_model else 1)
         name = 'classes_' + '_'.join('+'.join(map(str, m.normal_classes)) for m in members)
-        directory = os.path.join(setup.workdir, 'groups', name)
-        os.makedirs(directory, exist_ok=True)
+        directory = storage.join(setup.workdir, 'groups', name)
+        storage.makedirs(directory)
         budget = members[0].budget
         self._build(config, directory, budget, mesh, setup.image_shape, name,
                     method=setup.method_for(budget))
@@ -150,7 +150,7 @@ class Group(loop.Run):
             key=eval_lib.eval_bank_key(self.config.seed), label=f'{self.name} {label}')
 
     def results_path(self):
-        return os.path.join(self.directory, 'results.json')
+        return storage.join(self.directory, 'results.json')
 
 
 def jit_stacked_step(train_step, mesh, mode):
@@ -274,16 +274,14 @@ def _evaluate_group(setup, group, state, scorings, step, extra=None):
 
 def _save_group_results(group, results):
     if jax.process_index() == 0:
-        with open(group.results_path(), 'w') as f:
-            json.dump(results, f, indent=2)
+        storage.write_json(group.results_path(), results, indent=2)
 
 
 def _saved_group_results(group, step, config):
     """The group's results.json if it belongs to checkpoint `step` and was scored with
     `config`'s training fingerprint and scoring settings, else None."""
     try:
-        with open(group.results_path()) as f:
-            results = json.load(f)
+        results = json.loads(storage.read_text(group.results_path()))
     except (OSError, ValueError):
         return None
     record = fingerprint.results_record(config)
@@ -395,13 +393,11 @@ def write_table(setup, results, extra=None):
         'paper_image_AUROC_percent': paper, 'FPR@95TPR_positive_class': 'anomaly',
         **fingerprint.results_record(config), **(extra or {})}
     if jax.process_index() == 0:
-        with open(os.path.join(setup.workdir, 'results.json'), 'w') as f:
-            json.dump(table, f, indent=2)
+        storage.write_json(storage.join(setup.workdir, 'results.json'), table, indent=2)
         markdown = format_markdown(table, setup)
-        with open(os.path.join(setup.workdir, 'results.md'), 'w') as f:
-            f.write(markdown)
+        storage.write_text(storage.join(setup.workdir, 'results.md'), markdown)
         print(markdown, flush=True)
-        logging.info('table written to %s', os.path.join(setup.workdir, 'results.md'))
+        logging.info('table written to %s', storage.join(setup.workdir, 'results.md'))
     return table
 
 

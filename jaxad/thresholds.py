@@ -19,12 +19,12 @@ of the scoring bank, calibrated on in `train.finish`) or from the user
 The result is `workdir/threshold.json` (process 0 writes it).
 """
 import json
-import os
 
 import jax
 import numpy as np
 from absl import logging
 
+from jaxad import storage
 from jaxad.errors import ConfigError, DataError
 
 FILENAME = 'threshold.json'
@@ -142,15 +142,14 @@ def holdout_split(normal_indices, fraction, seed):
 
 
 def path_in(workdir):
-    return os.path.join(os.fspath(workdir), FILENAME)
+    return storage.join(storage.normalize(workdir), FILENAME)
 
 
 def save(workdir, record):
     """Writes `workdir/threshold.json` (process 0 only); returns its path."""
     path = path_in(workdir)
     if jax.process_index() == 0:
-        with open(path, 'w') as f:
-            json.dump(record, f, indent=2)
+        storage.write_json(path, record, indent=2)
         logging.info('threshold (%s) %.6g on score %r written to %s', record['rule'],
                      record['value'], record['score'], path)
     return path
@@ -159,11 +158,10 @@ def save(workdir, record):
 def load(workdir):
     """The saved record of `workdir`, or None."""
     path = path_in(workdir)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         return None
     try:
-        with open(path) as f:
-            record = json.load(f)
+        record = json.loads(storage.read_text(path))
     except (OSError, ValueError) as e:
         raise DataError(f'cannot read threshold file {path}: {e}') from e
     if record.get('rule') not in RULES or not isinstance(record.get('value'), (int, float)):

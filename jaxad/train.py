@@ -7,7 +7,6 @@ from the latest checkpoint if there is one, train (`jaxad.loop.Run.train`, the l
 tables use too), then fit the scoring state on the normal training images, save it with
 the final checkpoint and evaluate on the test split.
 """
-import os
 import time
 
 import jax
@@ -18,6 +17,7 @@ from jaxad import fingerprint, predict, sharding, table, thresholds
 from jaxad.config import validate_config
 from jaxad.data import sources
 from jaxad.errors import TrainingError
+from jaxad.lease import holds_workdir
 from jaxad.methods import StepBudget
 from jaxad.loop import (Run, check_image_shape, init_key, load_auxiliary_outliers,
                         make_init_fn, start_record, train_batches)
@@ -134,6 +134,7 @@ def finish(setup, state, extra=None):
                              workdir=setup.workdir, extra=dict(step=step, **extra))
 
 
+@holds_workdir
 def train_and_evaluate(config, workdir):
     """Trains (or resumes) the configured detector and evaluates it.
 
@@ -143,7 +144,6 @@ def train_and_evaluate(config, workdir):
     the results dict also written to `workdir/results.json`. With `table.classes` set
     this trains the one-class table (`jaxad.table`).
     """
-    workdir = os.fspath(workdir)
     if config.table.classes:
         return table.train_table(config, workdir)
     fingerprint.check_workdir(config, workdir)  # before any data is read or compiled
@@ -161,9 +161,9 @@ def train_and_evaluate(config, workdir):
         setup.checkpoints.close()
 
 
+@holds_workdir
 def evaluate_checkpoint(config, workdir):
     """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
-    workdir = os.fspath(workdir)
     if config.table.classes:
         return table.evaluate_table(config, workdir)
     fingerprint.check_workdir(config, workdir)

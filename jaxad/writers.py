@@ -7,15 +7,21 @@ The TensorBoard event files are written by tensorboardX (no TensorFlow needed);
 import itertools
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import weakref
 
 import jax
 
+from jaxad import storage
+
 # Seconds between tensorboardX's background flushes: how stale a live
 # `tensorboard --logdir` view may be. Closing a writer (or the process exiting) flushes.
 TENSORBOARD_FLUSH_SECS = 2
+# Seconds between uploads of the event files to an object-store workdir.
+UPLOAD_SECS = 30
 _event_file_ids = itertools.count()
 
 
@@ -35,13 +41,20 @@ class MetricWriter:
     """
 
     def __init__(self, workdir, filename='metrics.jsonl', tensorboard=False):
-        self.path = os.path.join(workdir, filename)
+        self.path = storage.join(workdir, filename)
         self.logdir = None
         if tensorboard:
             subdir = tensorboard if isinstance(tensorboard, str) else 'tensorboard'
-            self.logdir = os.path.join(workdir, subdir)
+            self.logdir = storage.join(workdir, subdir)
         self._events = None  # tensorboardX.FileWriter, opened on the first write
         self._close_events = None
+        # On an object store (no append) metrics.jsonl is rewritten whole at every write,
+        # from the lines kept here; event files are written to a local folder and uploaded
+        # at most every UPLOAD_SECS and when the writer closes.
+        self._remote = storage.is_url(self.path)
+        self._lines = None
+        self._staging = None
+        self._uploaded = 0.0
 
     def _event_writer(self):
         if self._events is None:
@@ -49,8 +62,11 @@ class MetricWriter:
             import tensorboardX
             # pid and a counter: tensorboardX names files by host and second only.
             suffix = f'.{os.getpid()}.{next(_event_file_ids)}'
+            logdir = self.logdir
+            if self._remote:
+                self._staging = logdir = tempfile.mkdtemp(prefix='jaxad-events-')
             self._events = tensorboardX.FileWriter(
-                self.logdir, flush_secs=TENSORBOARD_FLUSH_SECS, filename_suffix=suffix)
+                logdir, flush_secs=TENSORBOARD_FLUSH_SECS, filename_suffix=suffix)
             self._close_events = weakref.finalize(self, self._events.close)
         return self._events
 
@@ -58,8 +74,15 @@ class MetricWriter:
         if not _is_writer():
             return
         record = {'step': int(step), **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        line = json.dumps(record) + '\n'
+        if self._remote:
+            if self._lines is None:  # a resumed run continues the file
+                self._lines = [storage.read_text(self.path)] if storage.isfile(self.path) else []
+            self._lines.append(line)
+            storage.write_text(self.path, ''.join(self._lines))
+        else:
+            with open(self.path, 'a') as f:
+                f.write(line)
         if self.logdir is not None:
             events = self._event_writer()
             from tensorboardX.proto import summary_pb2
@@ -69,6 +92,13 @@ class MetricWriter:
                 summary_pb2.Summary.Value(tag=k, simple_value=v)
                 for k, v in record.items() if k != 'step'])
             events.add_summary(summary, global_step=record['step'])
+            if self._staging and time.time() - self._uploaded > UPLOAD_SECS:
+                events.flush()
+                self._upload_events()
+
+    def _upload_events(self):
+        storage.sync_folder(self._staging, self.logdir)
+        self._uploaded = time.time()
 
     def close(self):
         """Writes out and closes the event file (a later `write` opens a new one); the JSONL
@@ -76,6 +106,10 @@ class MetricWriter:
         if self._close_events is not None:
             self._close_events()  # runs once: the finalizer does nothing after this
             self._events = self._close_events = None
+            if self._staging:
+                self._upload_events()
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
 
     def __enter__(self):
         return self

@@ -26,6 +26,7 @@ import time
 import numpy as np
 from absl import logging
 
+from jaxad import storage
 from jaxad.data import pixel_sources
 from jaxad.data.images import IMAGE_EXTENSIONS, ImageSet  # noqa: F401 (re-exported)
 from jaxad.data.images import check_channels, decode_errors, is_image_file, read_image
@@ -335,8 +336,27 @@ def load_tfds(name, split, data_dir=None, label_key='label', image_key='image'):
 # ---------------------------------------------------------------- config entry
 
 
+# Fields of `config.data` (and of auxiliary sources) that name files or folders; a URL there
+# is read from a local copy (`storage.local_input`). TFDS reads its data_dir URL itself.
+_PATH_FIELDS = ('path', 'numpy_path', 'normal_dir', 'abnormal_dir', 'mask_dir',
+                'normal_test_dir')
+
+
+def _with_local_paths(data_cfg):
+    """`data_cfg` with every URL in `_PATH_FIELDS` replaced by a local copy's path."""
+    remote = [k for k in _PATH_FIELDS if storage.is_url(str(data_cfg.get(k) or ''))]
+    if not remote:
+        return data_cfg
+    import ml_collections
+    local = ml_collections.ConfigDict(data_cfg.to_dict())
+    for k in remote:
+        local[k] = storage.local_input(data_cfg[k], f'data.{k}')
+    return local
+
+
 def load_split(data_cfg, split):
     """The `split` ('train' or 'test') of the data set `data_cfg` describes."""
+    data_cfg = _with_local_paths(data_cfg)
     source = data_cfg.source
     if source in PIXEL_SOURCES:
         return pixel_sources.load_split(data_cfg, split)
