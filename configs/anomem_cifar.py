@@ -1,4 +1,4 @@
-"""AnoMem (methods.md §7, an inferred sketch: no parity target) on one-class CIFAR.
+"""AnoMem (docs/methods.md §7, an inferred sketch: no parity target) on one-class CIFAR.
 
 python -m jaxad.main --config=configs/anomem_cifar.py:normal_class=0 --workdir=/tmp/anomem_c10_0
 

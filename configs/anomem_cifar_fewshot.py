@@ -1,4 +1,4 @@
-"""AnoMem in the few-anomaly (outlier-exposure) setting on CIFAR (methods.md §7, inferred).
+"""AnoMem in the few-anomaly (outlier-exposure) setting on CIFAR (docs/methods.md §7, inferred).
 
 python -m jaxad.main --config=configs/anomem_cifar_fewshot.py:normal_class=0,num_anomalies=10 \
     --workdir=/tmp/anomem_c10_0_few10

@@ -1,4 +1,4 @@
-"""AnoMem (methods.md §7, an inferred sketch) on one-class Fashion-MNIST (Debian's IDX files).
+"""AnoMem (docs/methods.md §7, an inferred sketch) on one-class Fashion-MNIST (Debian's IDX files).
 
 apt-get install -y dataset-fashion-mnist
 python -m jaxad.main --config=configs/anomem_fmnist.py:normal_class=0 --workdir=/tmp/anomem_fm0

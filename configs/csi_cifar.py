@@ -1,4 +1,4 @@
-"""CSI with the paper's defaults (methods.md §2.4): one-class CIFAR and friends.
+"""CSI with the paper's defaults (docs/methods.md §2.4): one-class CIFAR and friends.
 
 python -m jaxad.main --config=configs/csi_cifar.py:normal_class=0 --workdir=/tmp/csi_c10_0
 

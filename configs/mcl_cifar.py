@@ -1,4 +1,4 @@
-"""MCL (masked contrastive learning + self-ensemble inference, methods.md §4) on CIFAR-10.
+"""MCL (masked contrastive learning + self-ensemble inference, docs/methods.md §4) on CIFAR-10.
 
 python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0 --workdir=/tmp/mcl_c10_0
 python -m jaxad.main --config=configs/mcl_cifar.py:normal_class=0+1+2+3+4+5+6+7+8+9,ood=tfds:cifar100 \

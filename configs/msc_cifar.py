@@ -1,4 +1,4 @@
-"""MSC on one-class CIFAR-10 with the paper's defaults (methods.md §3): ImageNet ResNet-152.
+"""MSC on one-class CIFAR-10 with the paper's defaults (docs/methods.md §3): ImageNet ResNet-152.
 
 python -m jaxad.models.convert --in resnet152-394f9c45.pth --out /data/r152
 python -m jaxad.main --config=configs/msc_cifar.py:normal_class=0,weights=/data/r152 \

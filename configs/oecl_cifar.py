@@ -1,4 +1,4 @@
-"""OECL on one-class CIFAR-10 with the paper's recipe (methods.md §6).
+"""OECL on one-class CIFAR-10 with the paper's recipe (docs/methods.md §6).
 
 python -m jaxad.main --config=configs/oecl_cifar.py:normal_class=0,oe_path=/data/300K_random_images \
     --workdir=/tmp/oecl_c0

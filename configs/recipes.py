@@ -15,7 +15,7 @@ from jaxad.errors import ConfigError
 
 
 def msc_base():
-    """MSC's training recipe (methods.md §3.2) on top of the common base; data and encoder are
+    """MSC's training recipe (docs/methods.md §3.2) on top of the common base; data and encoder are
     the config file's."""
     c = jc.base_config('msc')
     c.model.bn_mode = 'frozen'  # model.eval() for the whole run
@@ -33,7 +33,7 @@ def msc_base():
 
 
 def mcl_base():
-    """MCL's training recipe (methods.md §4.2, `mcl_main.py`) on top of the common base; data and
+    """MCL's training recipe (docs/methods.md §4.2, `mcl_main.py`) on top of the common base; data and
     mcl.num_classes are the config file's."""
     c = jc.base_config('mcl')
     c.model.name = 'resnet34'
@@ -63,7 +63,7 @@ def mcl_base():
 
 
 def oecl_base():
-    """OECL's recipe (methods.md §6.2) on top of the common base; data and oe are the config
+    """OECL's recipe (docs/methods.md §6.2) on top of the common base; data and oe are the config
     file's. realOECL's "LARS" never applies its trust ratio: plain SGD + momentum with
     coupled weight decay, cosine over 500 epochs (per step here, per epoch there)."""
     c = jc.base_config('oecl')
@@ -84,7 +84,7 @@ def oecl_base():
 
 
 def recontrast_base():
-    """ReContrast's MVTec recipe (methods.md §5.3, recontrast_mvtec.py) on top of the common base:
+    """ReContrast's MVTec recipe (docs/methods.md §5.3, recontrast_mvtec.py) on top of the common base:
     WideResNet-50-2 (ImageNet stem and normalisation), 256 px, batch 16, 2000 iterations,
     AdamW(2e-3) on bottleneck + decoder and AdamW(1e-5) on the encoder (betas 0.9/0.999,
     decay 1e-5), constant rates, no augmentation. Data (mvtec or folder_masks) and the
@@ -112,7 +112,7 @@ def recontrast_base():
 
 
 def anomem_base():
-    """AnoMem (methods.md §7, an [inferred] sketch) on top of the common base; data and oe are the
+    """AnoMem (docs/methods.md §7, an [inferred] sketch) on top of the common base; data and oe are the
     config file's. CSI-like SimCLR training: CSI's LARS (lr 0.1, momentum 0.9, wd 1e-6,
     x10 warm-up over 10 epochs then cosine) and augmentations, 2 views per image (no
     rotations), so twice CSI's images per step fit in half its rows. 500 epochs [inferred]."""
@@ -146,6 +146,6 @@ def set_outlier_exposure(c, oe, oe_path, what):
 
 
 # ReContrast's per-category encoder BN mode (the code's recontrast_mvtec.py): eval for these,
-# train for the other MVTec categories; VisA: eval for cashew and pcb1 (methods.md §5.3).
+# train for the other MVTec categories; VisA: eval for cashew and pcb1 (docs/methods.md §5.3).
 EVAL_BN_CATEGORIES = {'mvtec': ('toothbrush', 'leather', 'grid', 'tile', 'wood', 'screw'),
                       'visa': ('cashew', 'pcb1')}

@@ -1,4 +1,4 @@
-"""ReContrast on one MVTec-AD category with the paper's settings (methods.md §5.3).
+"""ReContrast on one MVTec-AD category with the paper's settings (docs/methods.md §5.3).
 
 python -m jaxad.models.convert --in wide_resnet50_2-95faca4d.pth --out /data/wrn50_2
 python -m jaxad.main --config=configs/recontrast_mvtec.py:category=bottle,path=/data/mvtec,weights=/data/wrn50_2 \

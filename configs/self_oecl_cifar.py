@@ -1,4 +1,4 @@
-"""self-OECL on one-class CIFAR-10 (methods.md §6): no auxiliary data.
+"""self-OECL on one-class CIFAR-10 (docs/methods.md §6): no auxiliary data.
 
 python -m jaxad.main --config=configs/self_oecl_cifar.py:normal_class=0 --workdir=/tmp/soecl_c0
 

@@ -131,7 +131,7 @@ def method_sections():
 
 
 def csi_base():
-    """CSI with the paper's defaults (methods.md §2); datasets override `data`. The common
+    """CSI with the paper's defaults (docs/methods.md §2); datasets override `data`. The common
     base of every config: `base_config('csi')`."""
     return base_config('csi')
 
@@ -208,7 +208,7 @@ def base_config(method='csi'):
     c.model.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
     c.model.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
 
-    # Each registered method's knobs (methods.md §2-§7), read only by that method: the
+    # Each registered method's knobs (docs/methods.md §2-§7), read only by that method: the
     # defaults are its class's `default_config()` (jaxad/methods/<name>.py).
     for section, cls in method_sections().items():
         c[section] = cls.default_config()

@@ -11,7 +11,7 @@ Notation: test features x (N, D), train bank b_1..b_M (M, D), x_hat = x / max(||
     'l2':     d = ||x - b||
     'sql2':   d = ||x - b||^2 = ||x||^2 + ||b||^2 - 2<x, b>  (clamped at 0)
   ('l2'/'sql2' use the features as given, or x_hat/b_hat with normalize=True.)
-  On unit vectors ||a - b||^2 = 2 - 2 cos(a, b), so MSC's score (methods.md §3.3,
+  On unit vectors ||a - b||^2 = 2 - 2 cos(a, b), so MSC's score (docs/methods.md §3.3,
   faiss IndexFlatL2 on normalised phi, k = 2, summed) is
   knn_scores(phi, bank, k=2, metric='sql2', reduce='sum', normalize=True)
   = 2 * knn_scores(phi, bank, k=2, metric='cosine', reduce='sum'), equal up to float rounding.
@@ -28,7 +28,7 @@ Notation: test features x (N, D), train bank b_1..b_M (M, D), x_hat = x / max(||
   means mu_c; covariance tied, S = 1/(M - ddof C) sum_c sum_{m in c} (b_m - mu_c)(b_m - mu_c)^T,
   or per class, S_c = 1/(n_c - ddof) sum_{m in c} (...)(...)^T; + ridge * I; score(x) =
   min_c (x - mu_c)^T C_c^-1 (x - mu_c) over classes with at least one bank row. MCL's SEI
-  (methods.md §4.4) uses the square root, ddof = 1, ridge 1e-9 and labels class + C * rotation;
+  (docs/methods.md §4.4) uses the square root, ddof = 1, ridge 1e-9 and labels class + C * rotation;
   sqrt is monotone, so min_c of either gives the same ranking.
 
 Blocking: the bank is padded to a multiple of `bank_block` and test rows to a multiple of

@@ -1,4 +1,4 @@
-"""Contrastive losses shared by the methods (methods.md §1.1).
+"""Contrastive losses shared by the methods (docs/methods.md §1.1).
 
 All losses take float32 inputs and return float32 scalars. They are written
 on the global batch: under `jax.jit` with a data-sharded batch XLA gathers

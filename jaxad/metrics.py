@@ -1,7 +1,7 @@
 """Image-level anomaly-detection metrics, computed exactly on the host.
 
 Convention everywhere: a higher score is more anomalous and label 1 is an anomaly, so the anomaly
-is the positive class (methods.md §1.6); scores that are higher = normal (CSI, OECL, MCL) must be
+is the positive class (docs/methods.md §1.6); scores that are higher = normal (CSI, OECL, MCL) must be
 negated first. Results equal scikit-learn's to float64 rounding, ties included; scikit-learn is
 the test oracle, not a dependency.
 """

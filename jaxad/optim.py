@@ -2,10 +2,10 @@
 
 The default reproduces CSI: torchlars 0.1.2 `LARS(SGD(lr, momentum=0.9, weight_decay=1e-6))`
 under `GradualWarmupScheduler(multiplier=10, total_epoch=10)` + `CosineAnnealingLR(T_max=epochs)`,
-stepped every iteration (methods.md §1.5, §2.4). `optax.lars` is not used: its trust ratio
+stepped every iteration (docs/methods.md §1.5, §2.4). `optax.lars` is not used: its trust ratio
 divides by ||g + wd*p|| instead of torchlars' ||g|| + wd*||p|| + eps.
 
-Large-batch knobs (jax-stack.md §3, SimCLR's recipe): `optim.lr_rule` scales the base rate
+Large-batch knobs (docs/jax-stack.md §3, SimCLR's recipe): `optim.lr_rule` scales the base rate
 with the global batch, `optim.exclude_bn_bias` keeps BN parameters and biases out of weight
 decay and out of the LARS adaptation, `optim.warmup_steps` gives the warm-up in steps
 instead of epochs, and the 'warmup_cosine' schedule is SimCLR's linear warm-up from 0 then

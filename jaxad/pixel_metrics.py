@@ -4,7 +4,7 @@ Same conventions as `jaxad.metrics` (the image-level metrics): a higher score is
 label 1 is an anomaly (the positive class), inputs are NumPy arrays and results Python floats.
 
 `maps` are anomaly maps of shape (N, H, W) at image resolution; `masks` the ground-truth masks
-of the same shape, 1 = anomalous pixel (bool or {0, 1}). In ReContrast (methods.md §5.4) a map is
+of the same shape, 1 = anomalous pixel (bool or {0, 1}). In ReContrast (docs/methods.md §5.4) a map is
 M(x) = Σ over the six encoder/decoder feature pairs of the bilinearly upsampled 1 − channel cosine
 similarity, smoothed per image by `scipy.ndimage.gaussian_filter(M, sigma=4)`; the image score
 is max(M) (class-separated sets) or the mean of the top 1% pixels (unified multi-class setting).

@@ -1,4 +1,4 @@
-"""Mesh and shardings: a ('model', 'data') mesh over the devices (DESIGN.md §2).
+"""Mesh and shardings: a ('model', 'data') mesh over the devices (docs/architecture.md §5).
 
 A single detector uses model size 1: batches are global arrays sharded on
 their leading axis over 'data'; params, batch stats and optimizer state are

@@ -1,4 +1,4 @@
-"""AnoMem (methods.md §7, an inferred sketch): memory retrieval, variance term, deviation
+"""AnoMem (docs/methods.md §7, an inferred sketch): memory retrieval, variance term, deviation
 maps and scores, classifier BCE against NumPy written from the formulas (not from
 jaxad.methods.anomem); oe.max_images; end-to-end one-class and few-anomaly runs."""
 import json

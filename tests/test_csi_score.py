@@ -1,4 +1,4 @@
-"""The CSI score (methods.md §2.5) against a per-sample NumPy loop like ood_pre.py."""
+"""The CSI score (docs/methods.md §2.5) against a per-sample NumPy loop like ood_pre.py."""
 import jax.numpy as jnp
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""CSI losses against NumPy written from methods.md §2.1 in CSI's own layout."""
+"""CSI losses against NumPy written from docs/methods.md §2.1 in CSI's own layout."""
 import jax.numpy as jnp
 import numpy as np
 import pytest

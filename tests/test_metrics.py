@@ -80,7 +80,7 @@ def test_per_class_auroc():
     for c, value in got.items():
         keep = (labels == 0) | (classes == c)
         assert value == pytest.approx(skm.roc_auc_score(labels[keep], scores[keep]), abs=1e-12)
-    # Equal class sizes: the mean of the pairwise AUROCs is the pooled AUROC (methods.md §1.6).
+    # Equal class sizes: the mean of the pairwise AUROCs is the pooled AUROC (docs/methods.md §1.6).
     assert np.mean(list(got.values())) == pytest.approx(metrics.auroc(scores, labels), abs=1e-12)
     with pytest.raises(ValueError, match='40 label'):
         metrics.per_class_auroc(scores, labels, classes, (0,))

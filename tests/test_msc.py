@@ -1,4 +1,4 @@
-"""MSC (methods.md §3): loss and score against NumPy, the fixed centre, frozen layers,
+"""MSC (docs/methods.md §3): loss and score against NumPy, the fixed centre, frozen layers,
 SGD without momentum, MoCo-v2 blur, and fine-tuning from another jaxad run."""
 import json
 import os

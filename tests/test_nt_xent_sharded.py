@@ -10,7 +10,7 @@ from jaxad.methods import csi
 
 
 def numpy_nt_xent(z, pos, tau, eps):
-    """float64, from methods.md §1.1: -log(E_ip / (sum_{k != i} E_ik + eps) + eps)."""
+    """float64, from docs/methods.md §1.1: -log(E_ip / (sum_{k != i} E_ik + eps) + eps)."""
     u = z / np.linalg.norm(z, axis=1, keepdims=True)
     logits = u @ u.T / tau
     np.fill_diagonal(logits, -np.inf)

@@ -1,4 +1,4 @@
-"""OECL / self-OECL (methods.md §6): loss, alpha warm-up, views, scores, end to end.
+"""OECL / self-OECL (docs/methods.md §6): loss, alpha warm-up, views, scores, end to end.
 
 References are written here in NumPy from the formulas (realOECL's NTXentOE and
 test.py), not from jaxad.methods.oecl.

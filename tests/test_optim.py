@@ -113,7 +113,7 @@ def test_scale_by_torchlars_needs_params():
 
 
 def csi_lr(step, base, steps, total, warmup, mult):
-    """GradualWarmupScheduler + CosineAnnealingLR at e = step/steps (methods.md §2.4)."""
+    """GradualWarmupScheduler + CosineAnnealingLR at e = step/steps (docs/methods.md §2.4)."""
     e = step / steps
     if warmup > 0 and e <= warmup:
         return base * e / warmup if mult == 1.0 else base * ((mult - 1) * e / warmup + 1)

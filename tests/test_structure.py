@@ -1,6 +1,10 @@
-"""Package structure: no import cycle anywhere in jaxad/ (DESIGN.md principle 8)."""
+"""Package structure: no import cycle anywhere in jaxad/ (docs/architecture.md §1.2); every
+document the repository cites is in the repository."""
 import ast
+import functools
+import json
 import os
+import re
 
 PACKAGE = 'jaxad'
 ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), PACKAGE)
@@ -107,3 +111,135 @@ def test_graph_sees_function_level_imports():
 def test_no_import_cycle_in_jaxad():
     cycles = [sorted(c) for c in strongly_connected(import_graph()) if len(c) > 1]
     assert not cycles, f'import cycles in {PACKAGE}/: {cycles}'
+
+
+# ------------------------------------------------------------------ cited documents
+
+REPO = os.path.dirname(ROOT)
+# Files that may cite a document: sources, configs, notebooks, docs, launchers, CI.
+CITING_SUFFIXES = ('.py', '.md', '.ipynb', '.sh', '.sbatch', '.txt', '.cfg', '.toml', '.yml',
+                   '.yaml')
+SKIPPED_DIRS = {'__pycache__', 'build', 'dist', 'node_modules'}
+# Any mention of a <name>.md, with the folders written before it (docs/<name>.md).
+MD_MENTION = re.compile(r'(?<![\w./-])((?:[\w.-]+/)*[\w.-]+\.md)\b')
+# The sections a citation names: docs/<name>.md followed by '§2.1', '§1.2, §2.3' or '§2-§7'.
+SECTION_CITATION = re.compile(
+    r'(?<![\w./-])(docs/[\w/.-]+\.md)((?:[ ,;–-]*(?:and )?§\d+(?:\.\d+)*)+)')
+SECTION_NUMBER = re.compile(r'§(\d+(?:\.\d+)*)')
+HEADING_NUMBER = re.compile(r'^#+\s+(\d+(?:\.\d+)*)\.?\s', re.M)
+
+
+def _citing_files():
+    """Repository files that may cite documents (hidden folders other than .ci skipped)."""
+    for folder, dirs, files in os.walk(REPO):
+        dirs[:] = sorted(d for d in dirs if d not in SKIPPED_DIRS and not d.endswith('.egg-info')
+                         and (not d.startswith('.') or d == '.ci')
+                         and not os.path.isfile(os.path.join(folder, d, 'pyvenv.cfg')))
+        for f in sorted(files):
+            if f.endswith(CITING_SUFFIXES) or os.path.basename(folder) == '.ci':
+                yield os.path.join(folder, f)
+
+
+def _lines(path):
+    """(where, line) pairs of a text file ('12'), or of a notebook's cells ('cell 3, line 2':
+    the JSON may escape characters such as the section sign)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except (UnicodeDecodeError, OSError):
+        return []
+    if path.endswith('.ipynb'):
+        try:
+            cells = json.loads(text).get('cells', [])
+        except ValueError:  # scanned as text (tests/test_notebooks.py reports the JSON)
+            cells = None
+        if cells is not None:
+            return [(f'cell {c}, line {n}', line) for c, cell in enumerate(cells)
+                    for n, line in enumerate(''.join(cell.get('source', [])).splitlines(), 1)]
+    return [(str(n), line) for n, line in enumerate(text.splitlines(), 1)]
+
+
+def _doc_names():
+    """Stems of the documents under docs/ ('methods', ...)."""
+    docs = os.path.join(REPO, 'docs')
+    if not os.path.isdir(docs):
+        return set()
+    return {f[:-len('.md')].lower() for f in os.listdir(docs) if f.endswith('.md')}
+
+
+@functools.lru_cache(maxsize=None)
+def _headings(doc_path):
+    """Numbered section headings ('2', '2.1', ...) of a Markdown document."""
+    with open(doc_path, encoding='utf-8') as f:
+        return frozenset(HEADING_NUMBER.findall(f.read()))
+
+
+def bad_citations():
+    """['file:line: why'] for every citation of a document or section that does not exist.
+
+    A path under a top-level folder of the repository (docs/<name>.md, launch/<NAME>.md) must
+    exist; so must an upper-case <NAME>.md at the root or beside the citing file. A bare
+    <name>.md of a project document (without its docs/ folder, or a design note kept outside
+    the repository) cannot be followed from a clone and is refused outside docs/, where it
+    resolves beside the citing file. Other lower-case names (the results and report files a
+    run writes) are outputs, not citations. Every section a docs/<name>.md citation names,
+    and every bare '§N' inside a document of docs/ itself, must be a numbered heading of that
+    document.
+    """
+    top_level = {d for d in os.listdir(REPO) if os.path.isdir(os.path.join(REPO, d))}
+    project_docs = _doc_names() | {'methods', 'architecture', 'design', 'jax-stack'}
+    outside = 'shared' + '/docs'  # the old home of the design notes, outside the repository
+    problems = []
+    for path in _citing_files():
+        rel = os.path.relpath(path, REPO)
+        here = os.path.dirname(path)
+        in_docs = rel.startswith('docs' + os.sep)
+        for number, line in _lines(path):
+            where = f'{rel}:{number}'
+            if outside in line:
+                problems.append(f'{where}: cites {outside}/, which is outside the repository')
+            for cited in MD_MENTION.findall(line):
+                first, _, _ = cited.partition('/')
+                stem = os.path.basename(cited)[:-len('.md')]
+                if '/' in cited:
+                    if first in top_level and not os.path.isfile(os.path.join(REPO, cited)):
+                        problems.append(f'{where}: cites {cited}, which does not exist')
+                elif in_docs and stem.lower() in project_docs:
+                    if not os.path.isfile(os.path.join(here, cited)):
+                        problems.append(f'{where}: cites {cited}, which is not in docs/')
+                elif stem.lower() in project_docs:
+                    problems.append(f'{where}: cites {cited}; the documents live in docs/ '
+                                    f'(write docs/{stem}.md if it exists there)')
+                elif stem.isupper() and not any(os.path.isfile(os.path.join(d, cited))
+                                                for d in (REPO, here)):
+                    problems.append(f'{where}: cites {cited}, which does not exist')
+            for doc, sections in SECTION_CITATION.findall(line):
+                doc_path = os.path.join(REPO, doc)
+                if os.path.isfile(doc_path):
+                    for section in SECTION_NUMBER.findall(sections):
+                        if section not in _headings(doc_path):
+                            problems.append(f'{where}: cites {doc} §{section}, which has no '
+                                            f'heading numbered {section}')
+            if in_docs and rel.endswith('.md'):
+                own = SECTION_CITATION.sub('', line)  # left: this document's own sections
+                for section in SECTION_NUMBER.findall(own):
+                    if section not in _headings(path):
+                        problems.append(f'{where}: cites §{section}, which has no heading '
+                                        f'numbered {section} in {rel}')
+    return problems
+
+
+def test_cited_documents_exist():
+    """Every document (and section) the code, tests, configs, notebooks and docs cite is in
+    the repository, so a clone can follow every reference."""
+    problems = bad_citations()
+    assert not problems, ('citations of documents that are not in the repository:\n'
+                          + '\n'.join(problems))
+
+
+def test_documentation_is_linked_from_readme():
+    with open(os.path.join(REPO, 'README.md'), encoding='utf-8') as f:
+        readme = f.read()
+    for doc in ('docs/architecture.md', 'docs/methods.md'):
+        assert os.path.isfile(os.path.join(REPO, doc)), doc
+        assert doc in readme, f'README.md does not link {doc}'

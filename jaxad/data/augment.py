@@ -1,4 +1,4 @@
-"""On-device SimCLR augmentation with CSI's semantics (methods.md §1.2, §2.3).
+"""On-device SimCLR augmentation with CSI's semantics (docs/methods.md §1.2, §2.3).
 
 Every function works on ONE float32 image (H, W, C) in [0, 1] with its own
 PRNG key, so callers draw per-sample parameters with

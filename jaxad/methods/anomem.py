@@ -1,7 +1,7 @@
-"""AnoMem: multi-scale contrasted memory (Jezequel et al., arXiv 2211.09041; methods.md §7).
+"""AnoMem: multi-scale contrasted memory (Jezequel et al., arXiv 2211.09041; docs/methods.md §7).
 
 NOT a parity implementation. No public code exists and the paper's equations were not
-recovered (methods.md §7.1); this is the sketch of methods.md §7.2. Every choice marked
+recovered (docs/methods.md §7.1); this is the sketch of docs/methods.md §7.2. Every choice marked
 [inferred] below is a guess and a config field (`config.anomem`), so it can be changed
 once the paper PDF is checked. There are no published numbers to compare with
 (`paper_one_class` returns None).
@@ -350,7 +350,7 @@ class AnoMem(Method):
         self.inputs = ('outlier',) if self.few_anomalies else ()
 
     def paper_one_class(self, class_names):
-        """None: no AnoMem per-class or mean numbers were recovered (methods.md §7.1)."""
+        """None: no AnoMem per-class or mean numbers were recovered (docs/methods.md §7.1)."""
         del class_names
         return None
 

@@ -1,5 +1,5 @@
 """The method contract: the one base class the trainer, the table, the evaluator, predict and
-export read a method through (DESIGN.md principle 8).
+export read a method through (docs/architecture.md §3).
 
 A method is one module under jaxad/methods/ with one `Method` subclass, registered by name in
 `jaxad.methods.REGISTRY`. Everything outside jaxad/methods/ uses only the members listed on

@@ -1,4 +1,4 @@
-"""CSI: contrasting shifted instances (methods.md §2).
+"""CSI: contrasting shifted instances (docs/methods.md §2).
 
 Training views (§2.1): each image gets two views; each view is h-flipped
 independently, then rotated by k = 0..K-1 (the shift comes *before* the
@@ -164,7 +164,7 @@ def scores(state: ScoringState, z_bar, logits_bar, knn_k=1):
 
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
                    'ship', 'truck')
-# One-class AUROC % from the paper (methods.md §2.6): Table 1(a) per class and
+# One-class AUROC % from the paper (docs/methods.md §2.6): Table 1(a) per class and
 # mean, Table 1(b) CIFAR-100 super-classes (mean only was recovered).
 PAPER_ONE_CLASS = (
     dict(classes=CIFAR10_CLASSES, mean=94.3, source='CSI (NeurIPS 2020) Table 1(a)',

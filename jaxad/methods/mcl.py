@@ -1,4 +1,4 @@
-"""MCL: Masked Contrastive Learning + Self-Ensemble Inference (methods.md §4).
+"""MCL: Masked Contrastive Learning + Self-Ensemble Inference (docs/methods.md §4).
 
 Cho, Seol, Lee, IJCAI 2021; official code HyunsooCho77/MCL @0559afa (`utils/loss.py`,
 `utils/data_loader.py`, `evaluate/mcl_validate.py`).

@@ -1,4 +1,4 @@
-"""MSC: Mean-Shifted Contrastive loss (Reiss & Hoshen, methods.md §3).
+"""MSC: Mean-Shifted Contrastive loss (Reiss & Hoshen, docs/methods.md §3).
 
 An encoder that already gives good features (ImageNet ResNet-152 in the paper, or a
 jaxad CSI run's encoder: `model.init_from`) is fine-tuned:

@@ -1,4 +1,4 @@
-"""OECL and self-OECL: outlier exposure by the l2 norm of the projection (methods.md §6).
+"""OECL and self-OECL: outlier exposure by the l2 norm of the projection (docs/methods.md §6).
 
 Le-Gia & Ahn, "Understanding normalization in contrastive representation learning and
 OOD detection" (arXiv 2312.15288); official code GiaTaiLe/realOECL.

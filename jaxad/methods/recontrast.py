@@ -1,4 +1,4 @@
-"""ReContrast: contrastive reconstruction (Guo et al., NeurIPS 2023; methods.md §5).
+"""ReContrast: contrastive reconstruction (Guo et al., NeurIPS 2023; docs/methods.md §5).
 
 The method object `ReContrast` (bottom of this module) trains E, the OCBE bottleneck and
 the decoder with the cross-reconstruction loss and scores every test image with its
@@ -506,7 +506,7 @@ class ReContrast(Method):
 
     def paper_one_class(self, class_names):
         """None: MVTec's classes are defect types, not one-class tables; the published
-        per-category numbers (methods.md §5.6) need ImageNet weights."""
+        per-category numbers (docs/methods.md §5.6) need ImageNet weights."""
         del class_names
         return None
 

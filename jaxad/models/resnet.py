@@ -6,7 +6,7 @@ stride sits on the 3x3 conv; 1x1-conv+BN shortcut; expansion 4), and
 and input_norm='imagenet' the layout and arithmetic are torchvision's, so weights
 imported by `jaxad.models.convert` give torchvision's features.
 
-Layout follows the CSI code (methods.md §2.2): inputs in [0, 1] are normalised
+Layout follows the CSI code (docs/methods.md §2.2): inputs in [0, 1] are normalised
 inside the network with (x - 0.5) / 0.5, BasicBlocks [2,2,2,2] or [3,4,6,3],
 global average pooling to the penultimate features f(x). Heads:
 projection 512 -> 512 -> 128 (no BN; hidden = feature width) and the shift classifier 512 -> K.
