@@ -25,7 +25,10 @@ setup(
         'tensorboardX>=2.6,<3',  # config.tensorboard event files (jaxad.writers); no TF
     ],
     extras_require={
-        'tfds': ['tensorflow-datasets>=4.9,<5'],
+        # importlib_resources: tensorflow-datasets imports it to download and prepare a data
+        # set (DatasetBuilder.code_path) but requires it only on Python < 3.9. Preparing
+        # CIFAR-10 also needs TensorFlow (not installed here): jaxad.data.sources says so.
+        'tfds': ['tensorflow-datasets>=4.9,<5', 'importlib_resources>=5,<8'],
         # gs:// workdirs and data (jaxad.storage through fsspec; Orbax's arrays use TensorStore).
         'gcs': ['gcsfs>=2023.1'],
         'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',

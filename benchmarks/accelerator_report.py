@@ -26,8 +26,10 @@ this one, mostly), one at a time, in this order:
 
 The config (default configs/csi_cifar.py; --smoke: configs/quickstart.py at tiny sizes) is
 given as --config=FILE[:args] and --config.FIELD=VALUE, and passed on to every child. The
-run needs CIFAR-10 for csi_cifar: --data, else the config's data.path, else
-shared/data/cifar10-jpg.tar.gz under the repository root.
+run needs CIFAR-10 for csi_cifar: --data (the JPEG folder or .tar.gz), else the config's
+data.path, else shared/data/cifar10-jpg.tar.gz under the repository root; a config that reads
+TFDS cifar10 (csi_cifar's default) reads that JPEG archive instead when it is there, since
+an accelerator machine has no internet to download TFDS data.
 
 Each section's child has a timeout from --budget_s (a share of it, keeping room for the run);
 progress goes to stderr every 30 s. A failed, timed-out or unrun section is an error line in
@@ -60,7 +62,8 @@ _SMOKE = flags.DEFINE_bool('smoke', False, 'Tiny sizes (quickstart config, a few
                            'checks that every section runs, measures nothing.')
 _BUDGET = flags.DEFINE_float('budget_s', 480.0, 'Wall-time budget of the whole report (s).')
 _DATA = flags.DEFINE_string('data', '', 'CIFAR-10 JPEG folder or .tar.gz for the run '
-                            '(default: the config\'s data.path, then shared/data/ in the repo).')
+                            '(default: the config\'s data.path, then shared/data/ in the repo; '
+                            'for TFDS cifar10: shared/data/ if there, else TFDS).')
 _SECTIONS = flags.DEFINE_list('sections', [], 'Only these sections (default: all).')
 _TORCH = flags.DEFINE_enum('torch', 'auto', ['auto', 'true', 'false'],
                            'auto: time PyTorch on CUDA, or on the CPU when JAX runs there too.')
@@ -439,10 +442,20 @@ def section_stacked(ctx):
 
 
 def run_data_args(ctx):
-    """--config.data.path for the run where the config reads a folder or .tar.gz."""
-    if ctx.config.data.source != 'folder':
+    """--config.data.path for the run where the config reads a folder or .tar.gz, or reads
+    TFDS cifar10 (then --data or the repository's JPEG archive replaces it, when given)."""
+    data = ctx.config.data
+    if data.source == 'tfds' and data.tfds_name == 'cifar10':
+        path = _DATA.value or (SHARED_CIFAR if os.path.exists(SHARED_CIFAR) else '')
+        if not path:
+            return []  # TFDS: downloaded and prepared on first use, where that is possible
+        if not os.path.exists(path):
+            raise SectionError(f'no data for the run: {path} not found; pass --data=PATH (the '
+                               'CIFAR-10 JPEG folder or .tar.gz)')
+        return ['--config.data.source=folder', f'--config.data.path={os.path.abspath(path)}']
+    if data.source != 'folder':
         return []  # digits, TFDS, numpy: the config finds its own data
-    candidates = [_DATA.value] if _DATA.value else [ctx.config.data.path, SHARED_CIFAR]
+    candidates = [_DATA.value] if _DATA.value else [data.path, SHARED_CIFAR]
     for path in candidates:
         if path and os.path.exists(path):
             return [f'--config.data.path={os.path.abspath(path)}']

@@ -12,7 +12,9 @@ image AUROC per class (jaxad.metrics.auroc) and their mean.
 No learning and no augmentation: it is the reference baseline that RESULTS.md
 sets the learned detectors (CSI etc.) against. Data come from the project's
 loaders (jaxad.data.sources.load_split) with the `.data` of the matching
-config (configs/csi_fmnist.py, configs/quickstart.py, configs/csi_cifar.py).
+config (configs/csi_fmnist.py, configs/quickstart.py, configs/csi_cifar.py): --dataset
+cifar10_jpg reads the CIFAR-10 JPEG archive given as --path, cifar10 TFDS's cifar10
+(downloaded and prepared on first use, as the CIFAR configs do).
 Grey data sets are read with one channel rather than the configs' three
 repeated ones; that scales every distance by sqrt(3) and leaves the AUROC as is.
 
@@ -38,7 +40,8 @@ from jaxad.data import sources  # noqa: E402
 DATASETS = {
     'fashion_mnist': ('configs/csi_fmnist.py', ''),
     'digits': ('configs/quickstart.py', ''),
-    'cifar10_jpg': ('configs/csi_cifar.py', ''),
+    'cifar10_jpg': ('configs/csi_cifar.py', 'dataset=cifar10_jpg'),  # needs --path
+    'cifar10': ('configs/csi_cifar.py', 'dataset=cifar10'),  # TFDS, prepared on first use
 }
 BLOCK_ROWS = 1024
 
@@ -52,6 +55,8 @@ def data_config(dataset, path=None):
     if dataset not in DATASETS:
         raise ValueError(f'unknown dataset {dataset!r}; choose {", ".join(DATASETS)}')
     config_file, arg = DATASETS[dataset]
+    if dataset == 'cifar10_jpg':  # the JPEG archive has no default: the config needs it
+        arg = f'{arg},path={path or ""}'
     spec = importlib.util.spec_from_file_location(
         f'_pixel_knn_config_{dataset}', os.path.join(REPO_ROOT, config_file))
     module = importlib.util.module_from_spec(spec)

@@ -5,10 +5,11 @@ python -m jaxad.main --config=configs/anomem_cifar.py:normal_class=0 --workdir=/
 Arguments (after ':', comma separated):
   normal_class  int, or ints joined by '+' (default 0 = airplane); 'all' or a comma
                 list (0,3,5) trains the one-class table, one detector per item
-  dataset       cifar10_jpg (default: ../shared/data/cifar10-jpg.tar.gz or `path`),
-                cifar10 | cifar100 | svhn_cropped (prepared TFDS data)
-  path          the CIFAR-10 JPEG folder or .tar.gz (dataset=cifar10_jpg)
-  tfds_data_dir TFDS data dir (TFDS datasets)
+  dataset       cifar10 (the default without `path`) | cifar100 | svhn_cropped: TFDS data,
+                downloaded and prepared on first use (see configs/csi_cifar.py);
+                cifar10_jpg (the default with `path`)
+  path          the CIFAR-10 JPEG folder or .tar.gz (train/<class>/, test/<class>/)
+  tfds_data_dir TFDS data dir (default: TFDS_DATA_DIR or ~/tensorflow_datasets)
   epochs        training epochs (default 500 [inferred]; the paper's schedule was not recovered)
   seed
 
@@ -25,11 +26,11 @@ csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 
 def get_config(arg=None):
-    arg = jc.parse_arg(arg, normal_class='0', dataset='cifar10_jpg', path='',
+    arg = jc.parse_arg(arg, normal_class='0', dataset='', path='',
                        tfds_data_dir='', epochs=500, seed=0)
     c = recipes.anomem_base()
     c.seed = arg.seed
     c.optim.epochs = arg.epochs
     jc.set_normal_classes(c, arg.normal_class)
-    csi_cifar.set_cifar_data(c, arg)
+    csi_cifar.set_cifar_data(c, arg, 'configs/anomem_cifar.py')
     return c

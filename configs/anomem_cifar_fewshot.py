@@ -22,7 +22,7 @@ csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 
 def get_config(arg=None):
-    arg = jc.parse_arg(arg, normal_class='0', dataset='cifar10_jpg', path='',
+    arg = jc.parse_arg(arg, normal_class='0', dataset='', path='',
                        tfds_data_dir='', epochs=500, seed=0, num_anomalies=10, hinge=0.0)
     if arg.num_anomalies <= 0:
         raise ConfigError(f'num_anomalies must be > 0, got {arg.num_anomalies}')
@@ -30,7 +30,7 @@ def get_config(arg=None):
     c.seed = arg.seed
     c.optim.epochs = arg.epochs
     jc.set_normal_classes(c, arg.normal_class)
-    csi_cifar.set_cifar_data(c, arg)
+    csi_cifar.set_cifar_data(c, arg, 'configs/anomem_cifar_fewshot.py')
     c.anomem.few_anomalies = True
     c.anomem.hinge_weight = float(arg.hinge)
     c.oe.source = 'other_classes'

@@ -7,29 +7,30 @@ python -m jaxad.main --config=configs/msc_cifar.py:normal_class=0,weights=/data/
 Needs the torchvision ImageNet weights (converted with `jaxad.models.convert`); without
 them MSC has nothing to shift and the run stops with a clear error. No ImageNet weights?
 Start from a jaxad CSI run instead: configs/msc_from_run.py. Arguments: normal_class,
-weights (converted DIR), arch (resnet152 | resnet18), epochs, path, angular, seed.
+weights (converted DIR), arch (resnet152 | resnet18), epochs, path (CIFAR-10 JPEG folder or
+.tar.gz; default: TFDS cifar10, downloaded and prepared on first use, see
+configs/csi_cifar.py), tfds_data_dir, angular, seed.
 """
 from jaxad import config as jc
 from jaxad.errors import ConfigError
 
 # Loaded by path (not `from configs import ...`): works from any working directory.
 recipes = jc.config_module(__file__, 'recipes')
+csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 FROZEN_R152 = ('^encoder/(conv1|bn1|layer1_|layer2_)',)  # requires_grad=False in main.py
 
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, normal_class='0', weights='', arch='resnet152', epochs=20,
-                       path='../shared/data/cifar10-jpg.tar.gz', angular=False, seed=0)
+                       path='', tfds_data_dir='', angular=False, seed=0)
     if not arg.weights:
         raise ConfigError('configs/msc_cifar.py needs ImageNet weights: convert them with '
                           '`python -m jaxad.models.convert --in resnet152.pth --out DIR` and '
                           'pass weights=DIR (or use configs/msc_from_run.py)')
     c = recipes.msc_base()
     c.seed = arg.seed
-    c.data.source = 'folder'
-    c.data.path = arg.path
-    c.data.image_size = 32
+    csi_cifar.set_cifar_data(c, arg, 'configs/msc_cifar.py')
     jc.set_normal_classes(c, arg.normal_class)
     c.model.name = arg.arch
     c.model.stem = 'imagenet'

@@ -13,32 +13,27 @@ other nine CIFAR-10 classes instead: that leaks the test anomalies' classes into
 (an outlier-exposure study, not the one-class protocol); oe=numpy reads oe_path as .npz.
 
 Arguments (after ':', comma separated): normal_class (int, '0+3', 'all' or a comma list
-for the one-class table), path (CIFAR-10 JPEG folder or .tar.gz), oe (folder | numpy |
-other_classes), oe_path, epochs (500), alpha (1.0), warmup_epochs (50), seed.
+for the one-class table), path (CIFAR-10 JPEG folder or .tar.gz; default: TFDS cifar10,
+downloaded and prepared on first use, see configs/csi_cifar.py), tfds_data_dir, oe (folder |
+numpy | other_classes), oe_path, epochs (500), alpha (1.0), warmup_epochs (50), seed.
 
 Recipe: 64 normal + 64 OE images per step, two SimCLR views each (no blur); SGD lr 0.1,
 momentum 0.9, wd 5e-4, cosine over 500 epochs; ResNet-18 (CIFAR stem) with the
 Linear-BN-ReLU-Linear(128) head; alpha = 0 for 50 epochs, then 1.
 """
-import os
-
 from jaxad import config as jc
 
 # Loaded by path (not `from configs import ...`): works from any working directory.
 recipes = jc.config_module(__file__, 'recipes')
-
-DEFAULT_JPG = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
-                           'cifar10-jpg.tar.gz')
+csi_cifar = jc.config_module(__file__, 'csi_cifar')
 
 
 def get_config(arg=None):
-    arg = jc.parse_arg(arg, normal_class='0', path='', oe='folder', oe_path='', epochs=500,
-                       alpha=1.0, warmup_epochs=50, seed=0)
+    arg = jc.parse_arg(arg, normal_class='0', path='', tfds_data_dir='', oe='folder',
+                       oe_path='', epochs=500, alpha=1.0, warmup_epochs=50, seed=0)
     c = recipes.oecl_base()
     c.seed = arg.seed
-    c.data.source = 'folder'
-    c.data.path = arg.path or os.path.abspath(DEFAULT_JPG)
-    c.data.image_size = 32
+    csi_cifar.set_cifar_data(c, arg, 'configs/oecl_cifar.py')
     jc.set_normal_classes(c, arg.normal_class)
     recipes.set_outlier_exposure(c, arg.oe, arg.oe_path, 'configs/oecl_cifar.py')
     c.oecl.alpha = arg.alpha

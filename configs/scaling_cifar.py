@@ -29,7 +29,7 @@ SEEDS = [0, 1, 2]
 
 
 def get_config(arg=None):
-    c = _csi_cifar.get_config(arg)
+    c = _csi_cifar.get_config(arg, what='configs/scaling_cifar.py')
     c.batch_size = 256
     c.log_every = 10
     c.checkpoint.every_steps = 500

@@ -78,6 +78,7 @@ def set_ood(c, ood):
     kind, sep, rest = ood.partition(':')
     if sep and kind == 'tfds':
         c.eval.ood.source, c.eval.ood.tfds_name = 'tfds', rest
+        c.eval.ood.tfds_download = True  # downloaded and prepared on first use
     elif sep and kind == 'numpy':
         c.eval.ood.source, c.eval.ood.numpy_path = 'numpy', rest
     else:
@@ -164,7 +165,13 @@ def base_config(method='csi'):
     c.data.channels = 3
     c.data.normal_classes = (0,)
     c.data.tfds_name = ''
-    c.data.tfds_data_dir = ''
+    c.data.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # True: a TFDS data set not yet prepared in tfds_data_dir is downloaded and prepared on
+    # first use, as tfds.load does (tensorflow-datasets needs TensorFlow for that step only).
+    c.data.tfds_download = False
+    # What to do instead when TFDS cannot give the data, for the error message (the CIFAR
+    # configs: "pass path=/path/to/cifar10-jpg.tar.gz ..."); '' = nothing to add.
+    c.data.tfds_alternative = ''
     c.data.label_key = 'label'
     c.data.test_fraction = 0.5  # digits: held-out fraction
     c.data.split_seed = 0  # digits: seed of the stratified train/test split; folder_masks: of
@@ -222,6 +229,8 @@ def base_config(method='csi'):
     c.oe.path = ''
     c.oe.tfds_name = ''
     c.oe.tfds_data_dir = ''
+    c.oe.tfds_download = False
+    c.oe.tfds_alternative = ''
     c.oe.label_key = 'label'
     c.oe.numpy_path = ''
     c.oe.max_images = 0  # > 0: a seeded (config.seed) subset of this many outliers; 0 = all
@@ -293,6 +302,8 @@ def base_config(method='csi'):
     c.eval.ood.path = ''
     c.eval.ood.tfds_name = ''
     c.eval.ood.tfds_data_dir = ''
+    c.eval.ood.tfds_download = False
+    c.eval.ood.tfds_alternative = ''
     c.eval.ood.label_key = 'label'
     c.eval.ood.numpy_path = ''
 

@@ -41,6 +41,9 @@ NEUTRAL = (
     'export.',  # which platforms an export is lowered for
     'eval.batch_size', 'eval.plots', 'eval.num_overlays', 'eval.save_maps',
     'eval.density_test_block', 'eval.density_bank_block',
+    # how a TFDS data set is had (downloaded on first use or not), not which data it is
+    'data.tfds_download', 'data.tfds_alternative', 'oe.tfds_download', 'oe.tfds_alternative',
+    'eval.ood.tfds_download', 'eval.ood.tfds_alternative',
 )
 SCORING = ('eval.',)
 

@@ -65,6 +65,12 @@ def tiny_config(npz_path, **overrides):
     return set_fields(c, **overrides)
 
 
+# The CIFAR-10 JPEG archive of this project's machines and CI, beside the checkout. Only tests
+# read it, always passing it explicitly (no config or jaxad default points outside the
+# repository); tests that need it skip off CI when it is not there.
+CIFAR_TAR = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..', 'shared',
+                                         'data', 'cifar10-jpg.tar.gz'))
+
 # On CI (CI=true) optional reference data and torch are installed by .ci/run,
 # so a missing one is a failure there, not a skip.
 ON_CI = bool(os.environ.get('CI'))

@@ -14,10 +14,8 @@ from sklearn import datasets
 from jaxad import config as jc
 from jaxad.data import sources
 from jaxad.errors import ConfigError, DataError
-from tests.helpers import make_npz, skip_unless_on_ci
+from tests.helpers import CIFAR_TAR, make_npz, skip_unless_on_ci
 
-CIFAR_TAR = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data',
-                         'cifar10-jpg.tar.gz')
 
 
 def pattern(seed, size=8):
@@ -332,10 +330,17 @@ def test_load_split_reads_only_documented_fields(tmp_path):
 
 def test_tfds_not_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # import now fails
-    with pytest.raises(DataError, match=r"'cifar100'.*pip install jaxad\[tfds\]"):
+    with pytest.raises(DataError, match=r"'cifar100'.*run pip install -e '\.\[tfds\]' in the "
+                                        r"jaxad checkout$"):
         sources.load_tfds('cifar100', 'train', label_key='coarse_label')
-    with pytest.raises(DataError, match=r'pip install jaxad\[tfds\]'):
+    with pytest.raises(DataError, match=r"pip install -e '\.\[tfds\]' in"):
         sources.load_split(data_cfg(source='tfds', tfds_name='cifar10'), 'train')
+    # downloading (the CIFAR configs) will need TensorFlow as well: one command for both
+    cfg = data_cfg(source='tfds', tfds_name='cifar10', tfds_download=True,
+                   tfds_alternative='pass path=/x')
+    with pytest.raises(DataError, match=r"pip install -e '\.\[tfds\]' tensorflow in the jaxad "
+                                        r"checkout \(TensorFlow only .*; or pass path=/x$"):
+        sources.load_split(cfg, 'train')
 
 
 # -------------------------------------------------------------------- one-class

@@ -12,6 +12,8 @@ Off CI the tests skip when tensorflow-datasets is not installed; on CI (.ci/run 
 the extra) they run and fail without it.
 """
 import importlib.util
+import pathlib
+import sys
 
 import ml_collections
 import numpy as np
@@ -88,7 +90,8 @@ def data_cfg(**fields):
     """The `config.data` fields load_split reads, locked as in a real config."""
     cfg = ml_collections.ConfigDict(dict(
         source='tfds', path='', image_size=8, channels=3, test_fraction=0.5, split_seed=0,
-        tfds_name=NAME, tfds_data_dir='', label_key='label', numpy_path=''))
+        tfds_name=NAME, tfds_data_dir='', label_key='label', numpy_path='', tfds_download=False,
+        tfds_alternative=''))
     cfg.update(fields)
     cfg.lock()
     return cfg
@@ -152,6 +155,18 @@ def test_prepared_dataset_errors(data_dir):
         sources.load_split(data_cfg(tfds_data_dir=data_dir), 'validation')
     with pytest.raises(DataError, match=f"(?s)'{NAME}' split 'train' is not prepared.*tfds build"):
         sources.load_split(data_cfg(tfds_data_dir=data_dir + '/elsewhere'), 'train')
+
+
+def test_download_on_first_use_reads_prepared_data_as_it_is(data_dir, monkeypatch):
+    # The CIFAR configs' tfds_download=True: data already prepared in tfds_data_dir is read
+    # as before, without TensorFlow and without preparing anything again.
+    monkeypatch.setitem(sys.modules, 'tensorflow', None)  # an import would fail now
+    version_dir = pathlib.Path(data_dir) / NAME / '1.0.0'
+    before = sorted(p.name for p in version_dir.iterdir())
+    image_set = sources.load_split(data_cfg(tfds_data_dir=data_dir, tfds_download=True,
+                                            tfds_alternative='pass path=/x'), 'test')
+    assert len(image_set) == SPLITS['test'][0] and image_set.class_names == CLASSES
+    assert sorted(p.name for p in version_dir.iterdir()) == before
 
 
 class _ListSource:

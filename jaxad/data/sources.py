@@ -15,11 +15,14 @@ the images.
   test_fraction  held-out fraction of the digits split
   split_seed     seed of the digits train/test split
   tfds_name, tfds_data_dir, label_key   TFDS dataset, its data dir, label feature
+  tfds_download  download and prepare a TFDS data set on first use (needs TensorFlow once)
+  tfds_alternative  what to do instead when TFDS cannot give the data (error messages)
   numpy_path     .npz with `{split}_images`, `{split}_labels` (numpy)
 """
 import dataclasses
 import gzip
 import os
+import socket
 import tarfile
 import time
 
@@ -299,28 +302,43 @@ class _RecordImages:
         return np.asarray(self._source[int(i)][self._image_key], np.uint8)
 
 
-def load_tfds(name, split, data_dir=None, label_key='label', image_key='image'):
-    """A prepared TFDS data set, read lazily through its ArrayRecord data source.
+def load_tfds(name, split, data_dir=None, label_key='label', image_key='image',
+              download=False, alternative=''):
+    """A TFDS data set, read lazily through its ArrayRecord data source.
 
     Images are decoded when a batch needs them; labels are read once here (one
     pass over the records). `label_key='coarse_label'` gives CIFAR-100's 20
-    superclasses.
+    superclasses. `download=True` downloads and prepares a data set that is not yet
+    prepared in `data_dir` (first use; see `_download_and_prepare`), as `tfds.load`
+    does. `alternative`: what the user can do instead when TFDS cannot give the data
+    (e.g. "pass path=/path/to/cifar10-jpg.tar.gz"), added to the error message.
     """
+    instead = f'; or {alternative}' if alternative else ''
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise DataError(f'TFDS data set {name!r} needs tensorflow_datasets: '
-                        'pip install jaxad[tfds]') from e
+        if download:  # preparing it will need TensorFlow too: say so now, not next run
+            run = ("pip install -e '.[tfds]' tensorflow in the jaxad checkout (TensorFlow only "
+                   'to prepare it on first use; later runs read it without)')
+        else:
+            run = "pip install -e '.[tfds]' in the jaxad checkout"
+        raise DataError(f'TFDS data set {name!r} needs tensorflow-datasets, which is not '
+                        f'installed: run {run}{instead}') from e
     where = data_dir or '~/tensorflow_datasets'
     try:
         builder = tfds.builder(name, data_dir=data_dir or None, file_format='array_record')
+        if download and not builder.is_prepared():
+            where = os.fspath(builder.data_dir_root)
+            _download_and_prepare(builder, name, where, instead)
         source = builder.as_data_source(split=split)
+    except DataError:
+        raise
     except Exception as e:  # tfds raises assorted types for unknown/unprepared data
         raise DataError(
             f'TFDS data set {name!r} split {split!r} is not prepared as ArrayRecord in {where} '
-            f'({e}). Prepare it once where TensorFlow is installed (e.g. Colab): '
+            f'({_one_line(e)}). Prepare it once where TensorFlow is installed (e.g. Colab): '
             f'`tfds build {name} --file_format=array_record --data_dir=DIR`, '
-            'then set data.tfds_data_dir=DIR') from e
+            f'then set data.tfds_data_dir=DIR{instead}') from e
     features = builder.info.features
     if label_key not in features or image_key not in features:
         raise DataError(f'TFDS data set {name!r} has features {sorted(features)}; '
@@ -331,6 +349,102 @@ def load_tfds(name, split, data_dir=None, label_key='label', image_key='image'):
         labels[start:start + len(keys)] = [r[label_key] for r in source.__getitems__(keys)]
     return ImageSet(_RecordImages(source, image_key), labels,
                     list(features[label_key].names), f'tfds:{name} [{split}]')
+
+
+# Connection attempts of a TFDS download before it gives up (tensorflow-datasets' own 10,
+# with its backoff, take about 200 s to report that there is no network). A transfer that
+# breaks after it started is not retried by these anyway.
+_TFDS_CONNECT_RETRIES = 2
+
+
+def _download_and_prepare(builder, name, where, instead):
+    """`builder.download_and_prepare` as ArrayRecord, with what it needs checked first.
+
+    What tensorflow-datasets 4.9.10 needs to prepare CIFAR-10 (and CIFAR-100, SVHN), read
+    from its source: the download itself is plain `requests`, but
+    * `DatasetBuilder.code_path` (core/dataset_builder.py), reached through `url_infos` /
+      `_checksums_path` before anything is downloaded, imports `importlib_resources`, which
+      tensorflow-datasets requires only on Python < 3.9 (jaxad's `tfds` extra adds it);
+    * TensorFlow: the archive is extracted through `tf.io.gfile` (core/download/extractor.py,
+      `_copy`), the cifar builder reads each batch file with `tf.io.gfile.GFile`
+      (image_classification/cifar.py, `_load_data`) and `tfds.features.Image` PNG-encodes
+      NumPy images with `tf.image.encode_png` (core/features/image_feature.py,
+      `_ImageEncoder._encode_image`). tensorflow-datasets' use without TensorFlow
+      (`as_data_source` over ArrayRecord files) covers reading prepared data, as jaxad
+      does, not preparing this builder's.
+    Both are checked before the download starts (CIFAR-10 is 163 MiB), so a missing one
+    costs nothing. The prepared ArrayRecord files are read later without TensorFlow. A
+    multi-process run does not prepare: its processes would race on one data dir.
+    """
+    import jax
+    if jax.process_count() > 1:
+        raise DataError(
+            f'TFDS data set {name!r} is not prepared in {where}, and a multi-process run does '
+            f'not prepare it (its processes would race): prepare it once first with `tfds '
+            f'build {name} --file_format=array_record --data_dir=DIR` (needs TensorFlow) and '
+            f'set tfds_data_dir=DIR{instead}')
+    needs, installs = [], []
+    try:
+        import importlib_resources  # noqa: F401
+    except ImportError:
+        needs.append('importlib_resources (tensorflow-datasets imports it without requiring it)')
+        installs.append("-e '.[tfds]'")
+    try:
+        import tensorflow as tf
+    except ImportError:
+        needs.append('TensorFlow (tensorflow-datasets extracts, reads and PNG-encodes the '
+                     'images with it)')
+        installs.append('tensorflow')
+    if needs:
+        checkout = ' in the jaxad checkout' if "-e '.[tfds]'" in installs else ''
+        raise DataError(
+            f'TFDS data set {name!r} is not prepared in {where}, and downloading and '
+            f'preparing it needs {" and ".join(needs)}: run pip install {" ".join(installs)}'
+            f'{checkout}, then rerun (the first run downloads and prepares it, later runs '
+            f'read it without TensorFlow){instead}')
+    # Keep TensorFlow off the accelerators: JAX owns them (TF would reserve GPU memory).
+    try:
+        tf.config.set_visible_devices([], 'GPU')
+    except (AttributeError, RuntimeError, ValueError):  # an old/stand-in TF, or too late
+        pass
+    from tensorflow_datasets.core.download import downloader
+    logging.info('TFDS data set %r is not prepared in %s: downloading and preparing it '
+                 '(once)', name, where)
+    retries = getattr(downloader, 'MAX_RETRIES', None)
+    try:
+        if isinstance(retries, int):
+            downloader.MAX_RETRIES = min(retries, _TFDS_CONNECT_RETRIES)
+        builder.download_and_prepare(file_format='array_record')
+    except Exception as e:
+        if _is_network_error(e):
+            raise DataError(
+                f'could not download TFDS data set {name!r} into {where} ({_one_line(e)}): '
+                'without internet access, prepare it where there is internet and TensorFlow '
+                f'(e.g. Colab: `tfds build {name} --file_format=array_record --data_dir=DIR`), '
+                f'copy DIR here and set tfds_data_dir=DIR{instead}') from e
+        raise DataError(f'preparing TFDS data set {name!r} in {where} failed: '
+                        f'{_one_line(e)}{instead}') from e
+    finally:
+        if isinstance(retries, int):
+            downloader.MAX_RETRIES = retries
+
+
+def _is_network_error(error):
+    """Whether `error` or one of its causes is a failed connection or download (requests'
+    and urllib's exceptions, tfds's DownloadError, or the OS's)."""
+    names = {'RequestException', 'DownloadError', 'URLError'}
+    while error is not None:
+        if isinstance(error, (ConnectionError, TimeoutError, socket.gaierror)) or any(
+                c.__name__ in names for c in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _one_line(error, limit=300):
+    """`error` as `Type: message` on one line, cut to `limit` characters."""
+    text = ' '.join(f'{type(error).__name__}: {error}'.split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
 
 
 # ---------------------------------------------------------------- config entry
@@ -372,7 +486,8 @@ def load_split(data_cfg, split):
                                 data_cfg.split_seed)
     elif source == 'tfds':
         return load_tfds(data_cfg.tfds_name, split, data_cfg.tfds_data_dir or None,
-                         data_cfg.label_key)
+                         data_cfg.label_key, download=data_cfg.get('tfds_download', False),
+                         alternative=data_cfg.get('tfds_alternative', ''))
     elif source == 'numpy':
         image_set = _load_npz(data_cfg.numpy_path, split)
     else:
@@ -417,6 +532,8 @@ def load_auxiliary(aux_cfg, split, image_shape, what):
     cfg = dict(source=aux_cfg.source, path=aux_cfg.get('path', ''), image_size=None,
                channels=c, tfds_name=aux_cfg.get('tfds_name', ''),
                tfds_data_dir=aux_cfg.get('tfds_data_dir', ''),
+               tfds_download=aux_cfg.get('tfds_download', False),
+               tfds_alternative=aux_cfg.get('tfds_alternative', ''),
                label_key=aux_cfg.get('label_key', 'label'), test_fraction=0.5, split_seed=0,
                numpy_path=aux_cfg.get('numpy_path', ''),
                category=aux_cfg.get('category', ''), normal_dir=aux_cfg.get('normal_dir', ''),
