@@ -9,24 +9,36 @@
 #   TPU_VERSION [tpu-ubuntu2204-base]  PROJECT [gcloud's default project]
 #   CREATE_FLAGS [] extra flags for `create`, e.g. "--spot" or "--preemptible"
 #   REMOTE_DIR [jaxad] checkout directory on the workers (relative to the home directory)
-#   CONFIG [configs/csi_cifar.py]  WORKDIR [jaxad_runs/$TPU_NAME] on the workers; a relative
-#     path is under the workers' home directory
+#   CONFIG [configs/csi_cifar.py]
+#   BUCKET [] a GCS bucket the TPU's service account can write; WORKDIR defaults to
+#     gs://$BUCKET/jaxad_runs/$TPU_NAME
+#   WORKDIR [gs://$BUCKET/jaxad_runs/$TPU_NAME] the run's workdir: a gs:// URL (the normal
+#     way: every worker sees it, and it outlives a preempted VM) or a path every worker
+#     sees (a relative path is under the workers' home directory)
+#   MAX_ATTEMPTS [20] `run` reruns the same command after a preemption until results.json
+#     exists, at most this many times; RETRY_SECS [30] pause between attempts
 #   TRAIN_FLAGS [] extra flags for jaxad.main, e.g. "--config.batch_size=1024"
 #   JAX_SPEC ["jax[tpu]>=0.7,<0.13"] what `install` adds to `pip install -e .`
 #   FETCH_DIR [./tpu_results/$TPU_NAME] where `fetch` copies worker 0's workdir
 #   KEEP_TPU [0] `all` deletes the TPU at the end (even after a failure) unless KEEP_TPU=1
 #   DRY_RUN [0] 1: print the gcloud commands instead of running them
 #
-# Example (a v4-32 slice: 4 hosts x 4 chips, one process per host):
-#   TPU_NAME=csi-c10 ACCELERATOR_TYPE=v4-32 CONFIG=configs/scaling_cifar.py:epochs=200 \
+# Example (a v4-32 spot slice: 4 hosts x 4 chips, one process per host):
+#   TPU_NAME=csi-c10 ACCELERATOR_TYPE=v4-32 CREATE_FLAGS=--spot BUCKET=my-bucket \
+#     CONFIG=configs/scaling_cifar.py:epochs=200 \
 #     TRAIN_FLAGS="--config.batch_size=2048 --config.optim.lr_rule=sqrt" launch/tpu_pod.sh all
 #
 # Every worker runs `python3 -m jaxad.main ... --distributed=auto`: on a TPU pod
 # jax.distributed.initialize() finds the coordinator, process count and id by itself.
-# Only process 0 writes config.json, metrics.jsonl and results.json. Orbax checkpoints of a
-# multi-host run need a WORKDIR that every worker sees (a gcsfuse mount or Filestore/NFS);
-# with a per-worker local path a resumed run cannot find its checkpoint on every host.
-# The CIFAR-10 data must be readable on every worker at the config's data path.
+# Only process 0 writes config.json, metrics.jsonl and results.json; every process writes
+# its shards of the Orbax checkpoints, so WORKDIR must be one place all workers see: a
+# gs:// URL (jaxad writes it directly), or a shared filesystem.
+# Preemption: a spot/preemptible TPU gets SIGTERM; jaxad saves a checkpoint at the step in
+# flight on every host and exits non-zero. `run` then recreates the TPU if it was taken
+# away, and reruns the same command, which resumes from that step, until results.json
+# exists. Exit status 1 (a bad config or input) is not retried.
+# The CIFAR-10 data must be readable on every worker at the config's data path (a gs:// URL
+# works: each worker copies it to a local cache once).
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-jaxad-pod}
@@ -37,7 +49,16 @@ PROJECT=${PROJECT:-}
 CREATE_FLAGS=${CREATE_FLAGS:-}
 REMOTE_DIR=${REMOTE_DIR:-jaxad}
 CONFIG=${CONFIG:-configs/csi_cifar.py}
-WORKDIR=${WORKDIR:-jaxad_runs/$TPU_NAME}
+BUCKET=${BUCKET:-}
+if [[ -z "${WORKDIR:-}" ]]; then
+  if [[ -z "$BUCKET" ]]; then
+    echo "set BUCKET (a GCS bucket every worker can write) or WORKDIR" >&2
+    exit 2
+  fi
+  WORKDIR=gs://$BUCKET/jaxad_runs/$TPU_NAME
+fi
+MAX_ATTEMPTS=${MAX_ATTEMPTS:-20}
+RETRY_SECS=${RETRY_SECS:-30}
 TRAIN_FLAGS=${TRAIN_FLAGS:-}
 JAX_SPEC=${JAX_SPEC:-jax[tpu]>=0.7,<0.13}
 FETCH_DIR=${FETCH_DIR:-./tpu_results/$TPU_NAME}
@@ -86,23 +107,69 @@ copy() {
 
 install() {
   on_all_workers "cd ~/$REMOTE_DIR && python3 -m pip install -q -U pip && \
-python3 -m pip install -q -e . '$JAX_SPEC' && python3 -c 'import jax; print(jax.device_count(), jax.local_device_count())'"
+python3 -m pip install -q -e '.[gcs]' '$JAX_SPEC' && python3 -c 'import jax; print(jax.device_count(), jax.local_device_count())'"
 }
 
 remote_workdir() {  # $WORKDIR for the workers' shell: relative = under their home directory
-  if [[ "$WORKDIR" == /* ]]; then echo "$WORKDIR"; else echo "\$HOME/$WORKDIR"; fi
+  if [[ "$WORKDIR" == /* || "$WORKDIR" == *://* ]]; then echo "$WORKDIR"; else echo "\$HOME/$WORKDIR"; fi
 }
 
-run() {
-  on_all_workers "cd ~/$REMOTE_DIR && python3 -m jaxad.main --config=$CONFIG \
---workdir=$(remote_workdir) --distributed=auto $TRAIN_FLAGS"
+tpu_state() {  # READY, PREEMPTED, ... ('' when it does not exist)
+  gcloud compute tpus tpu-vm describe "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --format='value(state)' \
+    2>/dev/null || true
 }
 
-fetch() {  # worker 0 (process 0) writes the run's JSON files; checkpoints stay on the pod
+finished() {  # WORKDIR/results.json exists: the run trained and scored
+  if [[ "$WORKDIR" == gs://* ]]; then
+    gcloud storage ls "$WORKDIR/results.json" >/dev/null 2>&1
+  else
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --worker=0 \
+      --command="test -f $(remote_workdir)/results.json" >/dev/null 2>&1
+  fi
+}
+
+run() {  # the same command on every worker, again after each preemption, until results.json
+  local attempt rc state
+  for ((attempt = 1; attempt <= MAX_ATTEMPTS; attempt++)); do
+    if [[ "${DRY_RUN:-0}" != 1 ]]; then
+      state=$(tpu_state)
+      if [[ "$state" != READY ]]; then  # a spot TPU taken away: a new one, set up again
+        echo "tpu_pod.sh: TPU $TPU_NAME is '${state:-gone}'; recreating it" >&2
+        [[ -n "$state" ]] && delete
+        create
+        copy
+        install
+      fi
+    fi
+    rc=0
+    on_all_workers "cd ~/$REMOTE_DIR && python3 -m jaxad.main --config=$CONFIG \
+--workdir=$(remote_workdir) --distributed=auto $TRAIN_FLAGS" || rc=$?
+    if [[ "${DRY_RUN:-0}" == 1 ]] || finished; then
+      return 0
+    fi
+    if [[ "$rc" == 1 ]]; then  # jaxad's own error (bad config or input): rerunning won't help
+      echo "tpu_pod.sh: the run failed (exit status 1); not retrying" >&2
+      return 1
+    fi
+    echo "tpu_pod.sh: attempt $attempt/$MAX_ATTEMPTS ended (exit status $rc) without" \
+      "results.json; rerunning the same command in ${RETRY_SECS}s (it resumes from the" \
+      "last checkpoint)" >&2
+    sleep "$RETRY_SECS"
+  done
+  echo "tpu_pod.sh: no results.json after $MAX_ATTEMPTS attempts" >&2
+  return 1
+}
+
+fetch() {  # process 0 writes the run's JSON files; checkpoints stay in WORKDIR
   mkdir -p "$FETCH_DIR"
-  gcloud_cmd compute tpus tpu-vm scp "${GCLOUD_FLAGS[@]}" --worker=0 \
-    "$TPU_NAME:$WORKDIR/config.json" "$TPU_NAME:$WORKDIR/metrics.jsonl" \
-    "$TPU_NAME:$WORKDIR/results.json" "$FETCH_DIR/"
+  if [[ "$WORKDIR" == gs://* ]]; then
+    gcloud_cmd storage cp "$WORKDIR/config.json" "$WORKDIR/metrics.jsonl" \
+      "$WORKDIR/results.json" "$FETCH_DIR/"
+  else
+    gcloud_cmd compute tpus tpu-vm scp "${GCLOUD_FLAGS[@]}" --worker=0 \
+      "$TPU_NAME:$WORKDIR/config.json" "$TPU_NAME:$WORKDIR/metrics.jsonl" \
+      "$TPU_NAME:$WORKDIR/results.json" "$FETCH_DIR/"
+  fi
 }
 
 delete() {

@@ -164,3 +164,33 @@ def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
     assert (run / 'export' / 'score_fn.jax_export').is_file()
     assert 'largest |exported - predict|' in _outputs_text(
         next(c for c in nb.cells if 'export.load(' in c.source))
+
+
+def test_quickstart_with_a_gcs_workdir(tmp_path, monkeypatch):
+    """The quickstart with `WORKDIR_ROOT = 'gs://...'` (what a Colab user sets so that a
+    disconnect loses at most the last checkpoint), against a real GCS server on loopback:
+    the run, its plots, predictions and export all live in the bucket."""
+    from tests.gcs import FakeGcs
+    _kernel_env(monkeypatch, tmp_path / 'xla_cache')
+    server = FakeGcs()
+    try:
+        bucket = server.make_bucket('colab-runs')
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        work = tmp_path / 'work'
+        work.mkdir()
+        path = _with_parameters(os.path.join(REPO, 'colabs', 'quickstart.ipynb'),
+                                QUICKSTART_TINY + f"WORKDIR_ROOT = '{bucket}/runs'\n",
+                                tmp_path / 'quickstart_gcs.ipynb')
+        nb = execute_notebook(path, work, tmp_path)
+        errors = [o for c in nb.cells for o in c.get('outputs', []) if o.output_type == 'error']
+        assert not errors, errors
+        objects = server.objects('colab-runs', 'runs/quickstart_tiny/')
+        for name in ('results.json', 'plots/roc.png', 'predictions/predictions.csv',
+                     'export/export_meta.json'):
+            assert f'runs/quickstart_tiny/{name}' in objects, name
+        assert not (work / 'quickstart_tiny').exists()
+        plot_cell = next(c for c in nb.cells if 'score_hist.png' in c.source)
+        assert sum('image/png' in out.get('data', {}) for out in plot_cell.outputs) == 2
+    finally:
+        server.stop()

@@ -328,6 +328,7 @@ def test_shell_launchers_parse(script):
 
 def test_tpu_pod_dry_run(tmp_path):
     env = dict(os.environ, DRY_RUN='1', TPU_NAME='t1', ZONE='z1', ACCELERATOR_TYPE='v4-16',
+               BUCKET='my-bucket',
                CONFIG='configs/scaling_cifar.py:epochs=2', TRAIN_FLAGS='--config.batch_size=512',
                FETCH_DIR=str(tmp_path / 'fetched'))
     out = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_pod.sh'), 'all'], env=env,
@@ -339,7 +340,8 @@ def test_tpu_pod_dry_run(tmp_path):
     run = [ln for ln in lines if 'jaxad.main' in ln]
     assert len(run) == 1 and '--worker=all' in run[0] and 'distributed=auto' in run[0]
     assert 'batch_size=512' in run[0] and 'pip' not in run[0]
-    assert any('pip\\ install' in ln and '-e\\ .' in ln for ln in lines)
+    assert 'workdir=gs://my-bucket/jaxad_runs/t1' in run[0]
+    assert any('pip\\ install' in ln and '-e\\ \\\'.\\[gcs\\]' in ln for ln in lines)
     assert lines[-1] == 'gcloud compute tpus tpu-vm delete t1 --zone=z1 --quiet '
     bad = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_pod.sh'), 'nope'], env=env,
                          capture_output=True, text=True)
@@ -386,3 +388,53 @@ def test_launcher_flags_exist_in_jaxad_main():
     for flag in ('--coordinator_address', '--num_processes', '--process_id', '--distributed'):
         assert flag in out, f'{flag} not in the help; {crash}'
     assert 'auto' in out.split('--distributed')[1].split('--')[0]
+
+
+# A stand-in `gcloud` for the rerun loop: it logs every call; the TPU's state lives in a
+# file; the training command fails as a preempted run does (SIGTERM -> non-zero, the spot
+# VM taken away) until RUNS_BEFORE_DONE runs have happened, then writes results.json.
+_GCLOUD = r"""
+echo "$*" >> "$STATE_DIR/calls"
+case "$*" in
+  *"tpu-vm describe"*) cat "$STATE_DIR/state" 2>/dev/null ;;
+  *"tpu-vm create"*) echo READY > "$STATE_DIR/state" ;;
+  *"tpu-vm delete"*) rm -f "$STATE_DIR/state" ;;
+  *"storage ls"*) test -f "$STATE_DIR/results.json"; exit $? ;;
+  *jaxad.main*)
+    n=$(( $(cat "$STATE_DIR/runs" 2>/dev/null || echo 0) + 1 )); echo $n > "$STATE_DIR/runs"
+    if [[ "$FAIL_WITH" == 1 ]]; then exit 1; fi
+    if (( n < RUNS_BEFORE_DONE )); then echo PREEMPTED > "$STATE_DIR/state"; exit 143; fi
+    touch "$STATE_DIR/results.json" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.parametrize('fail_with', [143, 1])
+def test_tpu_pod_run_reruns_after_a_preemption_until_results_exist(tmp_path, fail_with):
+    """A preempted attempt (exit 143 and the spot TPU gone): the TPU is recreated, set up
+    again and the same command rerun, until results.json exists on gs://; exit status 1
+    (jaxad's error for a bad config) is not retried."""
+    state = tmp_path / 'state_dir'
+    state.mkdir()
+    (state / 'state').write_text('READY\n')
+    stub = _stub_bin(tmp_path, gcloud=_GCLOUD)
+    env = dict(os.environ, PATH=f'{stub}:{os.environ["PATH"]}', STATE_DIR=str(state),
+               RUNS_BEFORE_DONE='3', FAIL_WITH=str(fail_with), TPU_NAME='t1', ZONE='z1',
+               BUCKET='my-bucket', RETRY_SECS='0')
+    out = subprocess.run(['bash', os.path.join(LAUNCH, 'tpu_pod.sh'), 'run'], env=env,
+                         capture_output=True, text=True)
+    calls = (state / 'calls').read_text().splitlines()
+    runs = [c for c in calls if 'jaxad.main' in c]
+    if fail_with == 1:
+        assert out.returncode == 1 and 'not retrying' in out.stderr
+        assert len(runs) == 1
+        return
+    assert out.returncode == 0, out.stderr
+    assert len(runs) == 3 and len(set(runs)) == 1  # the same command each time
+    assert 'workdir=gs://my-bucket/jaxad_runs/t1' in runs[0]
+    first, second = [i for i, c in enumerate(calls) if 'jaxad.main' in c][:2]
+    between = calls[first + 1:second]
+    for step in ('tpu-vm delete', 'tpu-vm create', 'scp --recurse', 'pip install'):
+        assert any(step in c for c in between), (step, between)
+    assert out.stderr.count('rerunning the same command') == 2
