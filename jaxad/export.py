@@ -18,7 +18,10 @@
                        decoding/resizing is done, score names, the headline score,
                        the threshold (rule, value) and jaxad/jax versions.
 
-`load(OUT)` needs jax and NumPy only (plus Pillow for `score_files`):
+`load(OUT)` needs jax and NumPy only (plus Pillow for `score_files`, and
+flatbuffers for jax.export's deserialization), not the packages of training
+(Flax, Orbax, Optax, Grain, ml_collections, absl, tensorflow_datasets): only
+`export_run`/`export_model` import them (tests/test_export.py checks this).
 `load(OUT).score(images)` gives the scores, `.predict(images)` adds `pred_score`,
 `is_anomaly` (pred_score >= threshold value) and `threshold_rule`. Images must
 already be image_size x image_size with the run's channels;
@@ -30,7 +33,6 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from jaxad import storage
 from jaxad.errors import ConfigError, DataError, JaxadError
@@ -65,6 +67,8 @@ def _export(fn, image_shape, fixed_batch, platforms):
     allows it, else `fixed_batch`. Every platform asked for is in the artifact or this
     raises, naming the platform that failed."""
     jitted = jax.jit(fn)
+    from absl import logging
+
     (b,) = jax.export.symbolic_shape('b')
     symbolic_error = None
     for batch in (b, fixed_batch):

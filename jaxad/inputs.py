@@ -14,20 +14,25 @@ data.image_size is set, mvtec and folder_masks were resized with the same
 bilinear filter. Unreadable files are logged once each, listed under `skipped`
 with the reason, and never stop the run.
 
-`score_inputs(model, inputs)` decodes and scores them in padded batches with
-`jaxad.scoring.score_batches`.
+`decoded_batches` yields them decoded, in padded batches (`pad_batch`);
+`jaxad.scoring.score_inputs(model, inputs)` scores those batches.
+
+This module needs NumPy and Pillow only, none of the training side's packages
+(Flax, Orbax, absl, ...): `jaxad.export`'s loader decodes files with it. The
+skip warning goes through the standard `logging` module (under the command
+line, absl's handler prints it as it prints absl's own records).
 """
 import dataclasses
 import glob
+import logging
 import os
 
 import numpy as np
-from absl import logging
 
 from jaxad.data import images as image_files
 from jaxad.errors import DataError
-from jaxad.scoring import pad_batch, score_batches
-from jaxad.writers import Progress
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = image_files.IMAGE_EXTENSIONS  # the one list, shared with the data sources
 _GLOB_CHARS = '*?['
@@ -123,6 +128,14 @@ def _npz_items(path):
     return list(zip(names, images))
 
 
+def pad_batch(images, batch_size):
+    """`images` (n <= batch_size) padded with copies of its first row to batch_size."""
+    n = len(images)
+    if n == batch_size:
+        return images
+    return np.concatenate([images, np.repeat(images[:1], batch_size - n, axis=0)])
+
+
 def load_image(source, image_size, channels):
     """uint8 (image_size, image_size, channels) from a path or an HWC/HW uint8 array.
 
@@ -143,7 +156,7 @@ def decoded_batches(inputs, image_size, channels, batch_size, skipped, progress=
             names.append(name)
         except _SKIPPED_ERRORS as e:
             reason = f'{type(e).__name__}: {e}'
-            logging.warning('skipping %s: %s', name, reason)
+            log.warning('skipping %s: %s', name, reason)
             skipped.append({'path': name, 'reason': reason})
         if len(arrays) == batch_size:
             yield names, np.stack(arrays), batch_size
@@ -154,24 +167,3 @@ def decoded_batches(inputs, image_size, channels, batch_size, skipped, progress=
         yield names, pad_batch(np.stack(arrays), batch_size), len(arrays)
     if progress:
         progress.update(done, skipped=len(skipped))
-
-
-def score_inputs(model, inputs, batch_size=None, label='predict'):
-    """(names, {score: (N,)}, skipped) for `inputs`, decoded and scored in padded batches."""
-    batch_size = batch_size or model.config.eval.batch_size
-    d = model.config.data
-    skipped, names, valid = [], [], []
-    progress = Progress(len(inputs.items), label=label)
-
-    def batches():
-        for batch_names, images, n in decoded_batches(inputs, d.image_size, d.channels,
-                                                      batch_size, skipped, progress):
-            names.extend(batch_names)
-            valid.append(n)
-            yield images
-
-    scores = score_batches(model.method, model.variables, model.scoring, model.key, batches())
-    if not names:
-        return names, {}, skipped
-    keep = np.concatenate([np.arange(n) + i * batch_size for i, n in enumerate(valid)])
-    return names, {k: v[keep] for k, v in scores.items()}, skipped

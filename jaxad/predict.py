@@ -3,7 +3,8 @@
 
 Three modules, one job each:
   jaxad.scoring  the score function and the restored run (`load_model`, `Model`,
-                 `score_array`, `make_score_fn`: what `jaxad.export` serialises);
+                 `score_array`, `score_inputs`, `make_score_fn`: what `jaxad.export`
+                 serialises);
   jaxad.inputs   what to score: `list_inputs` (folder, glob, list file, image,
                  .npz) and decoding with the training sources' image reader;
   jaxad.predict  this module: the modes and their outputs, predictions.{csv,json}
@@ -26,9 +27,9 @@ from jaxad import evaluate as eval_lib
 from jaxad import storage, thresholds
 from jaxad.config import load_run_config
 from jaxad.errors import DataError
-from jaxad.inputs import IMAGE_EXTENSIONS, list_inputs, score_inputs
+from jaxad.inputs import IMAGE_EXTENSIONS, list_inputs
 from jaxad.inputs import load_image  # noqa: F401 (re-exported)
-from jaxad.scoring import Model, load_model, predict_key, score_array
+from jaxad.scoring import Model, load_model, predict_key, score_array, score_inputs
 
 # Besides the modes, `predict.load_model`, `predict.IMAGE_EXTENSIONS` and `predict.load_image`
 # stay reachable here for their older callers (tests/test_checkpoint_recovery.py,

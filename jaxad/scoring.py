@@ -12,8 +12,8 @@ test-time augmentation draws whatever its position or batch (`indices` are all
 the image alone. `make_score_fn` closes it over a model; `jaxad.export`
 serialises exactly that closure; predict and calibration (`jaxad.predict`) run
 the same function jitted with the variables as arguments (`score_batches`,
-`score_array`: one compile per method and batch shape, no model-sized
-constants in the program).
+`score_array`, `score_inputs`: one compile per method and batch shape, no
+model-sized constants in the program).
 
 The method object is read through `jaxad.methods.base.Method`'s members only
 (`features`, `score`, `headline_score`).
@@ -30,9 +30,12 @@ from absl import logging
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
 from jaxad import fingerprint, storage
+from jaxad import inputs as inputs_lib
 from jaxad.config import load_run_config
 from jaxad.errors import ConfigError, TrainingError
+from jaxad.inputs import pad_batch
 from jaxad.methods import get_method
+from jaxad.writers import Progress
 
 
 # ------------------------------------------------------------------ the score
@@ -74,14 +77,6 @@ def score_batches(method, variables, scoring, key, batches):
     return {k: np.concatenate([np.asarray(o[k]) for o in outs]) for k in outs[0]}
 
 
-def pad_batch(images, batch_size):
-    """`images` (n <= batch_size) padded with copies of its first row to batch_size."""
-    n = len(images)
-    if n == batch_size:
-        return images
-    return np.concatenate([images, np.repeat(images[:1], batch_size - n, axis=0)])
-
-
 def score_array(model, images, batch_size=None):
     """Scores of a uint8 (N, H, W, C) array at the model's size, in fixed padded batches."""
     images = np.asarray(images)
@@ -90,6 +85,28 @@ def score_array(model, images, batch_size=None):
     batches = (pad_batch(images[s:s + batch_size], batch_size) for s in range(0, n, batch_size))
     scores = score_batches(model.method, model.variables, model.scoring, model.key, batches)
     return {k: v[:n] for k, v in scores.items()}
+
+
+def score_inputs(model, inputs, batch_size=None, label='predict'):
+    """(names, {score: (N,)}, skipped) for `jaxad.inputs.list_inputs`' `inputs`, decoded
+    and scored in padded batches."""
+    batch_size = batch_size or model.config.eval.batch_size
+    d = model.config.data
+    skipped, names, valid = [], [], []
+    progress = Progress(len(inputs.items), label=label)
+
+    def batches():
+        for batch_names, images, n in inputs_lib.decoded_batches(
+                inputs, d.image_size, d.channels, batch_size, skipped, progress):
+            names.extend(batch_names)
+            valid.append(n)
+            yield images
+
+    scores = score_batches(model.method, model.variables, model.scoring, model.key, batches())
+    if not names:
+        return names, {}, skipped
+    keep = np.concatenate([np.arange(n) + i * batch_size for i, n in enumerate(valid)])
+    return names, {k: v[keep] for k, v in scores.items()}, skipped
 
 
 # ------------------------------------------------------------------ the model

@@ -311,7 +311,7 @@ def test_table_group_survives_damaged_state_and_scoring(npz, tmp_path):
         return workdir, group
 
     def same(table):
-        for got, want in zip(table['classes'], expected['classes']):
+        for got, want in zip(table['classes'], expected['classes'], strict=True):
             assert (got['image_AUROC'], got['scores']) == (want['image_AUROC'], want['scores'])
 
     workdir, group = damaged_copy('state', 'state')

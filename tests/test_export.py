@@ -13,7 +13,7 @@ import pytest
 
 from jaxad import export, predict
 from jaxad.errors import ConfigError
-from tests.helpers import skip_unless_on_ci
+from tests.helpers import CHILD_XLA_FLAGS, skip_unless_on_ci
 from tests.predict_run import trained_run
 
 # jax.export serialization needs flatbuffers (a jaxad install requirement); on CI a
@@ -85,3 +85,57 @@ def test_export_platforms_flag(tmp_path_factory, tmp_path):
     with pytest.raises(ConfigError, match=r"export.platforms='cpu,gpu': choose one or more "
                                           r'of cpu,cuda,tpu'):
         export.export_run(run.workdir, tmp_path / 'bad', config=config)
+
+
+# What loading an artifact and scoring files must not need: jaxad's other requirements.
+NOT_NEEDED = ('orbax', 'flax', 'optax', 'grain', 'tensorflow_datasets', 'ml_collections',
+              'absl')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@needs_flatbuffers
+def test_loading_and_scoring_files_needs_only_jax_numpy_pillow(tmp_path_factory, tmp_path):
+    """The module docstring's promise: `load(OUT)` and `score_files` run with jax, NumPy and
+    Pillow. A child process where importing orbax, flax, optax, grain, tensorflow_datasets,
+    ml_collections or absl fails (stand-in packages first on PYTHONPATH) loads a real
+    artifact and scores image files (resized, one unreadable), with this process's scores."""
+    from PIL import Image
+    run = trained_run(tmp_path_factory)
+    out = tmp_path / 'export'
+    export.export_run(run.workdir, out)
+    files = tmp_path / 'files'
+    files.mkdir()
+    images = np.concatenate([run.data['test_images'][:3], run.data['train_images'][:2]])
+    for i, image in enumerate(images):  # 12x12: score_files resizes them to the run's 8x8
+        Image.fromarray(image).resize((12, 12)).save(files / f'{i}.png')
+    (files / 'broken.png').write_bytes(b'not a png')  # skipped, with the reason
+    names, want, skipped = export.load(out).score_files(files)
+    assert len(names) == len(images) and [s['path'] for s in skipped] == [
+        str(files / 'broken.png')]
+
+    blocked = tmp_path / 'blocked'
+    for name in NOT_NEEDED:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / '__init__.py').write_text(
+            f'raise ImportError("{name} is not installed here", name={name!r})\n')
+    code = textwrap.dedent(f"""
+        import sys
+        import numpy as np
+        from jaxad import export
+        names, scores, skipped = export.load({str(out)!r}).score_files({str(files)!r})
+        np.savez({str(tmp_path / 'child.npz')!r}, names=names, **scores)
+        print(len(skipped), sorted({{m.split('.')[0] for m in sys.modules}}
+                                   & set({NOT_NEEDED!r})))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(('XLA_', 'JAX_'))}
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS, PYTHONPATH=os.pathsep.join(
+        p for p in (str(blocked), REPO, env.get('PYTHONPATH')) if p))
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ['1', '[]']
+    child = np.load(tmp_path / 'child.npz')
+    assert list(child['names']) == names
+    assert sorted(set(child.files) - {'names'}) == sorted(want)
+    for name in want:  # another process's compile: equal up to float32 rounding
+        np.testing.assert_allclose(child[name], want[name], rtol=1e-5, atol=1e-5)

@@ -3,7 +3,9 @@
 `jax.jit(...).trace(...).lower(lowering_platforms=...)` builds the StableHLO a GPU or TPU would
 compile, with the same jit wrappers (shardings, donation) the trainer and the evaluator use
 (`jaxad.programs`). A CPU-only path (a host callback, a CPU custom call, a branch on the
-tracing machine's backend) fails here instead of on the user's accelerator.
+tracing machine's backend) fails here instead of on the user's accelerator: every
+`stablehlo.custom_call` of a cuda or tpu lowering must call a target in that platform's
+allow-list (`ACCELERATOR_TARGETS`), and no host callback may be in the text.
 
 * `model.conv_impl='auto'` resolves per lowering platform: the CPU lowering has the matmul
   weight gradient (`jaxad.models.conv`), the cuda and tpu lowerings have exactly XLA's
@@ -25,6 +27,15 @@ from tests.helpers import set_fields
 from tests.test_conformance import TINY_CONFIGS
 
 ACCELERATORS = ('cuda', 'tpu')
+# The custom-call targets an accelerator lowering may call. The only ones the programs below
+# lower to today are the batched symmetric eigendecomposition of MCL's fit_scoring
+# (jnp.linalg.eigh: cuSOLVER on cuda, XLA's Eigh expander on tpu; on cpu it is LAPACK's
+# lapack_ssyevd_ffi, which a GPU or TPU cannot run). The SPMD partitioner's markers are
+# handled by XLA itself on every platform. Anything else (a lapack_* or other CPU kernel, a
+# host callback) fails the tests; a new accelerator kernel is added here knowingly.
+_PARTITIONER_TARGETS = {'Sharding', 'SPMDFullToShardShape', 'SPMDShardToFullShape'}
+ACCELERATOR_TARGETS = {'cuda': {'cusolver_syevd_ffi'} | _PARTITIONER_TARGETS,
+                       'tpu': {'Eigh'} | _PARTITIONER_TARGETS}
 # lowering needs only the configs, not the files they name
 NO_DATA = {'npz': '/nonexistent/tiny.npz', 'synth': '/nonexistent/synth'}
 
@@ -34,6 +45,43 @@ def op_counts(lowered):
     text = lowered.as_text()
     return {op: len(re.findall(rf'stablehlo\.{op}\b', text))
             for op in ('convolution', 'dot_general', 'custom_call')}
+
+
+def custom_call_targets(text):
+    """The call_target_name of every stablehlo.custom_call in a lowered module's text (the
+    pretty form `stablehlo.custom_call @name(...)` and the generic form's attribute)."""
+    targets = re.findall(r'stablehlo\.custom_call\s+@([\w.$-]+)', text)
+    targets += re.findall(r'"stablehlo\.custom_call"\(.*?call_target_name\s*=\s*"([^"]+)"',
+                          text)
+    # every custom call was read: none hides in a form the patterns above do not know
+    assert len(targets) == len(re.findall(r'stablehlo\.custom_call\b', text)), text
+    return targets
+
+
+def assert_runs_on(text, platform, where):
+    """No custom call outside `platform`'s allow-list and no host callback in `text`."""
+    bad = sorted(set(custom_call_targets(text)) - ACCELERATOR_TARGETS[platform])
+    assert not bad, f'{where}: custom calls {bad} are not known to run on {platform}'
+    assert 'callback' not in text, where
+
+
+def test_custom_call_targets_are_read_and_cpu_kernels_rejected():
+    """The check itself: MCL's fit_scoring calls LAPACK in its cpu lowering, which the cuda
+    and tpu allow-lists reject, and each accelerator's own eigh kernel, which they accept."""
+    config = TINY_CONFIGS['mcl'](NO_DATA)
+    image_shape = (config.data.image_size,) * 2 + (config.data.channels,)
+    method = get_method(config, programs.DEFAULT_BUDGET)
+    program = programs.fit_scoring_program(method, image_shape, num_bank=24)
+    cpu = program.lower(('cpu',)).as_text()
+    assert custom_call_targets(cpu) == ['lapack_ssyevd_ffi']
+    for platform in ACCELERATORS:
+        with pytest.raises(AssertionError, match=r"custom calls \['lapack_ssyevd_ffi'\]"):
+            assert_runs_on(cpu, platform, 'mcl fit_scoring (cpu lowering)')
+    assert custom_call_targets(program.lower(('cuda',)).as_text()) == ['cusolver_syevd_ffi']
+    assert custom_call_targets(program.lower(('tpu',)).as_text()) == ['Eigh']
+    generic = ('%0 = "stablehlo.custom_call"(%arg0) {call_target_name = "lapack_sgesdd_ffi"} : '
+               '(tensor<4x4xf32>) -> tensor<4x4xf32>')
+    assert custom_call_targets(generic) == ['lapack_sgesdd_ffi']
 
 
 def _tiny_csi(conv_impl):
@@ -51,7 +99,9 @@ def test_conv_impl_auto_follows_the_lowering_platform():
     assert matmul_cpu['dot_general'] > xla_cpu['dot_general']  # the two impls are told apart
     assert op_counts(step['auto'].lower(('cpu',))) == matmul_cpu
     for platform in ACCELERATORS:
-        auto = op_counts(step['auto'].lower((platform,)))
+        lowered = step['auto'].lower((platform,))
+        assert_runs_on(lowered.as_text(), platform, f'tiny csi step, {platform}')
+        auto = op_counts(lowered)
         assert auto == op_counts(step['xla'].lower((platform,))), platform
         assert auto['dot_general'] == xla_cpu['dot_general'], platform
 
@@ -63,8 +113,11 @@ def test_paper_csi_step_lowers():
     single = programs.train_step(c, (32, 32, 3))
     stack = programs.train_step(c, (32, 32, 3), stack=10)
     for platform in ACCELERATORS:
-        one = op_counts(single.lower((platform,)))
+        alone = single.lower((platform,))
+        one = op_counts(alone)
         lowered = stack.lower((platform,))
+        assert_runs_on(alone.as_text(), platform, f'csi step, {platform}')
+        assert_runs_on(lowered.as_text(), platform, f'csi stack of 10, {platform}')
         assert one['convolution'] > 0, platform
         assert op_counts(lowered)['convolution'] == one['convolution'], platform
         # the stack's parameters carry the model axis: (10, 3, 3, 3, 64) for the stem kernel
@@ -85,5 +138,4 @@ def test_every_method_lowers(name):
         for platform in ACCELERATORS:
             text = program.lower((platform,)).as_text()
             assert 'func.func public @main' in text, (name, program.name, platform)
-            # no host callback survives into an accelerator program
-            assert 'callback' not in text, (name, program.name, platform)
+            assert_runs_on(text, platform, f'{name} {program.name}')
