@@ -5,7 +5,8 @@ it started, when it last renewed) before it writes anything else, renews it ever
 `stale_after / 4` seconds from a background thread, and deletes it when it ends (finished,
 failed or preempted). A second run on the same workdir:
 
-* refuses with one line naming the holder (host, pid, since when) while the lease is live;
+* refuses with one line naming the holder (host, pid, since when) while the lease is live
+  (`WorkdirBusy`: exit status 75, which launchers retry);
 * takes the lease over, saying so, when the holder is gone: a process of this host that no
   longer exists (at once), or a lease not renewed for `stale_after` seconds (a run that was
   killed with -9, or whose machine vanished: a preempted VM). Default 120 s,
@@ -32,7 +33,7 @@ import jax
 from absl import logging
 
 from jaxad import storage
-from jaxad.errors import TrainingError
+from jaxad.errors import TrainingError, WorkdirBusy
 
 LEASE_FILE = 'lease.json'
 STALE_ENV = 'JAXAD_LEASE_STALE_SECS'
@@ -94,7 +95,7 @@ class Lease:
 
     def _refuse(self, other, now):
         age = now - float(other.get('renewed', 0))
-        return TrainingError(
+        return WorkdirBusy(
             f'workdir {self.workdir} is in use by another run (host {other["host"]}, pid '
             f'{other["pid"]}, since {_when(float(other["started"]))}, lease renewed {age:.0f} s '
             f'ago): stop that run or wait for it; a lease not renewed for '

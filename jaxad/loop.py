@@ -282,18 +282,31 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self, state, start_step, progress, progress_offset=0, **progress_fields):
+    def train(self, state, start_step, progress, progress_offset=0, watch=None,
+              **progress_fields):
         """Steps `start_step + 1 .. total_steps` of the jitted, donated step: every `log_every`
         steps a line in DIRECTORY/metrics.jsonl (for a stack: member means and each member's
         losses) and a `progress` update, a checkpoint every `checkpoint.every_steps` (the
         final save, with the scoring state, is the caller's). Returns the state.
 
-        The host never waits on the device between log points: the step is dispatched
+        The host never reads from the device between log points: the step is dispatched
         under a transfer guard that forbids device-to-host copies (a stray `float(x)` in
         the hot loop is an error, not a silent stall; tests/test_hot_loop.py), and a log
         point's metrics are copied asynchronously and read after the next step has been
         dispatched, so the device is not idle while the host logs. At a checkpoint and
-        at the last step they are read at once: a non-finite loss is never saved."""
+        at the last step they are read at once: a non-finite loss is never saved.
+
+        watch: a `jaxad.preemption.Watch`, armed once the first step is dispatched and asked
+        after each step is dispatched (a host-only check, the same step on every process).
+        When it says stop before the last step, the steps in flight are finished, the last
+        one's metrics read (and logged if it is a log step), a checkpoint of that step saved
+        and committed, and `Preempted` raised (the metric writer is closed on the way out).
+        At the last step the loop ends as usual; the caller's final save is that step's
+        checkpoint. With a watch the host also stays at most one step ahead of the device:
+        once step s is dispatched it waits for step s - 1 to complete (no copy; the device
+        has step s queued meanwhile), then asks the watch. Without that bound it would run up
+        to `log_every` steps ahead between log points, and a signal would wait for all of
+        them; with it, for at most two steps (the one running and the one queued)."""
         config, mesh, total = self.config, self.mesh, self.total_steps
         step_fn = self.jit_step(make_train_step(self.method, self.tx, self.schedule))
         batches = self.batches(start_step)
@@ -305,14 +318,26 @@ class Run:
         self._last_saved, self._t_last, self._step_last = start_step, time.time(), start_step
         pending = None  # (step, metrics, is_log) read after the next step is dispatched
         with MetricWriter(self.directory, tensorboard=config.get('tensorboard', False)) as writer:
+            previous = None  # with a watch: an output of the previous step
             for step in range(start_step + 1, total + 1):
                 with jax.transfer_guard_device_to_host('disallow_explicit'):
                     state, metrics = step_fn(state, next(batches), self.rng)
+                if watch is not None and step == start_step + 1:
+                    watch.arm()  # from now on there is training to save
                 if pending:
                     self._read_metrics(*pending, writer, geometry, models, progress,
                                        progress_offset, progress_fields)
                     pending = None
+                if watch is not None:
+                    # At most this step in flight past the previous one (no copy; the device
+                    # has this step queued meanwhile). Not state.step: the state is donated.
+                    if previous is not None:
+                        previous.block_until_ready()
+                    previous = jax.tree_util.tree_leaves(metrics)[0]
                 is_log, is_save = log_and_save_flags(step, total, config)
+                # Preempted: this step's checkpoint (at the last step: the caller's final one).
+                stop = watch is not None and watch.reached() and step < total
+                is_save = is_save or stop
                 if not (is_log or is_save):
                     continue
                 for leaf in jax.tree_util.tree_leaves(metrics):
@@ -324,9 +349,17 @@ class Run:
                     if is_save:
                         self.checkpoints.save(step, state)
                         self._last_saved = step
+                    if stop:
+                        self.checkpoints.wait()  # committed before anyone is told it is
+                        raise watch.preempted(step, total, self.checkpoints.directory,
+                                              **self.preempted_fields())
                 else:
                     pending = (step, metrics, is_log)
         return state
+
+    def preempted_fields(self):
+        """What a preemption message says of this run beyond its step (tables: the group)."""
+        return {}
 
     def _read_metrics(self, step, metrics, is_log, writer, geometry, models, progress,
                       progress_offset, progress_fields):

@@ -29,6 +29,10 @@ Any config field can be overridden with --config.FIELD=VALUE (e.g. --config.tens
 predict, calibrate and export read WORKDIR/config.json, so --config is optional there.
 Multi-process runs: --coordinator_address, --num_processes, --process_id (or JAXAD_* env vars).
 
+SIGTERM or SIGINT (Ctrl-C) during training: the step in flight finishes, a checkpoint of that
+step is saved, one line says where, and the exit status is 143 (SIGTERM) or 130 (SIGINT);
+rerun the same command to resume from that step (jaxad/preemption.py).
+
 Kept short on purpose: the work is in `jaxad.train`, which notebooks call too.
 """
 import logging as py_logging
@@ -37,7 +41,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxad.errors import JaxadError
+from jaxad.errors import JaxadError, Preempted
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/quickstart.py[:arg]; fields are overridden with '
@@ -76,9 +80,9 @@ class _QuietOrbax(py_logging.Filter):
         return record.levelno >= py_logging.WARNING or 'orbax' not in record.pathname
 
 
-def _fail(message):
+def _fail(message, code=1):
     print(f'jaxad: error: {message}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    sys.exit(code)
 
 
 def _parse_flags(argv):
@@ -124,9 +128,13 @@ def main(argv):
     }[mode]
     try:
         run()
+    except Preempted as e:  # SIGTERM / SIGINT: the checkpoint of e.step is committed
+        logging.flush()
+        print(f'jaxad: {e}', file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     except JaxadError as e:
         logging.flush()
-        _fail(e)
+        _fail(e, getattr(e, 'exit_code', 1))
 
 
 if __name__ == '__main__':

@@ -31,7 +31,7 @@ import numpy as np
 from absl import logging
 
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint, loop, sharding, stacking, storage, thresholds
+from jaxad import fingerprint, loop, preemption, sharding, stacking, storage, thresholds
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.config import validate_config
 from jaxad.data import sources
@@ -86,6 +86,8 @@ def make_groups(members, stack_size):
 class Group(loop.Run):
     """A stack of members trained as one program (`loop.Run`), with its own checkpoints
     and metrics.jsonl under WORKDIR/groups/<classes>/."""
+
+    groups_done = None  # 'i of n': the table's groups finished before this one (messages)
 
     def __init__(self, setup, members):
         config = setup.config
@@ -151,6 +153,9 @@ class Group(loop.Run):
 
     def results_path(self):
         return storage.join(self.directory, 'results.json')
+
+    def preempted_fields(self):
+        return dict(group=self.name, groups_done=self.groups_done)
 
 
 def jit_stacked_step(train_step, mesh, mode):
@@ -304,30 +309,43 @@ def train_table(config, workdir):
                                   for g in setup.groups))
     try:
         results, done_before = [], 0
-        for group in setup.groups:
-            state, start = group.resume()
-            classes_done = f'{len(results)}/{len(setup.members)}'
-            finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
-            saved = _saved_group_results(group, start, config) if finished else None
-            if saved is not None:
-                logging.info('group %s finished at step %d; reusing its results', group.name,
-                             start)
-                group_results = saved
-            elif finished:
-                scorings, extra = _finished_group_scoring(setup, group, state, start)
-                group_results = _evaluate_group(setup, group, state, scorings, start, extra)
-            else:
-                state = group.train(state, start, progress, done_before,
-                                    classes=classes_done, group=group.name)
-                scorings = _fit_group_scoring(setup, group, state)
-                group.checkpoints.save(group.total_steps, state, scoring=scorings)
-                group.checkpoints.wait()
-                fingerprint.write_scoring_settings(config, group.directory)
-                group_results = _evaluate_group(setup, group, state, scorings, group.total_steps)
-            _save_group_results(group, group_results)
-            results.extend(group_results)
-            done_before += group.total_steps
-            progress.update(done_before, classes=f'{len(results)}/{len(setup.members)}')
+        # SIGTERM / SIGINT (jaxad.preemption): a group in training stops at a step with its
+        # checkpoint, and no further group starts; evaluations are not watched (disarmed).
+        with preemption.Watch() as watch:
+            for i, group in enumerate(setup.groups):
+                group.groups_done = f'{i} of {len(setup.groups)}'
+                if watch.reached():
+                    raise watch.preempted_between_groups(
+                        group.name, group.groups_done, os.path.join(workdir, 'groups'))
+                state, start = group.resume()
+                classes_done = f'{len(results)}/{len(setup.members)}'
+                finished = start >= group.total_steps and group.checkpoints.has_scoring(start)
+                saved = _saved_group_results(group, start, config) if finished else None
+                if saved is not None:
+                    logging.info('group %s finished at step %d; reusing its results',
+                                 group.name, start)
+                    group_results = saved
+                elif finished:
+                    scorings, extra = _finished_group_scoring(setup, group, state, start)
+                    group_results = _evaluate_group(setup, group, state, scorings, start, extra)
+                else:
+                    state = group.train(state, start, progress, done_before, watch=watch,
+                                        classes=classes_done, group=group.name)
+                    scorings = _fit_group_scoring(setup, group, state)
+                    group.checkpoints.save(group.total_steps, state, scoring=scorings)
+                    group.checkpoints.wait()
+                    fingerprint.write_scoring_settings(config, group.directory)
+                    if watch.reached():
+                        raise watch.preempted(group.total_steps, group.total_steps,
+                                              group.checkpoints.directory, final=True,
+                                              **group.preempted_fields())
+                    watch.disarm()  # until the next group's first step
+                    group_results = _evaluate_group(setup, group, state, scorings,
+                                                    group.total_steps)
+                _save_group_results(group, group_results)
+                results.extend(group_results)
+                done_before += group.total_steps
+                progress.update(done_before, classes=f'{len(results)}/{len(setup.members)}')
         return write_table(setup, results, extra=dict(wall_seconds=round(time.time() - t0, 2)))
     finally:
         setup.close()

@@ -13,7 +13,7 @@ import jax
 from absl import logging
 
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint, predict, sharding, table, thresholds
+from jaxad import fingerprint, predict, preemption, sharding, table, thresholds
 from jaxad.config import validate_config
 from jaxad.data import sources
 from jaxad.errors import TrainingError
@@ -116,8 +116,13 @@ def write_config(config, workdir):
     fingerprint.write_run_record(config, workdir)
 
 
-def finish(setup, state, extra=None):
-    """Fits the scoring state, saves the final checkpoint, evaluates."""
+def finish(setup, state, extra=None, watch=None):
+    """Fits the scoring state, saves the final checkpoint, evaluates.
+
+    watch: the run's `jaxad.preemption.Watch`, active until the final checkpoint and the
+    threshold are written; a signal by then raises `Preempted` there (the rerun evaluates
+    the saved run), and the evaluation itself is not watched.
+    """
     config = setup.config
     variables = {'params': state.params, 'batch_stats': state.batch_stats}
     scoring = _fit_scoring(setup, state)
@@ -128,6 +133,11 @@ def finish(setup, state, extra=None):
     fingerprint.write_run_record(config, setup.workdir)
     fingerprint.write_scoring_settings(config, setup.workdir)
     threshold = predict.calibrate_after_training(setup, variables, scoring, step)
+    if watch is not None:
+        if watch.reached():
+            raise watch.preempted(step, setup.total_steps, setup.checkpoints.directory,
+                                  final=True)
+        watch.disarm()  # evaluation: the signals act as without jaxad again
     extra = dict(extra or {}, **({'threshold': threshold} if threshold else {}))
     return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
                              setup.normal_classes, config=config, mesh=setup.mesh,
@@ -155,8 +165,13 @@ def train_and_evaluate(config, workdir):
         if start >= setup.total_steps and setup.checkpoints.has_scoring(start):
             logging.info('run already finished at step %d; evaluating only', start)
             return _evaluate_finished(setup, state, start)
-        state = setup.train(state, start, Progress(setup.total_steps, first=start))
-        return finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)))
+        # SIGTERM / SIGINT from here to the final checkpoint: stop at a step, with its
+        # checkpoint (jaxad.preemption); `finish` ends the watch before evaluating.
+        with preemption.Watch() as watch:
+            state = setup.train(state, start, Progress(setup.total_steps, first=start),
+                                watch=watch)
+            return finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)),
+                          watch=watch)
     finally:
         setup.checkpoints.close()
 

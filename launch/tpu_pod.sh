@@ -36,7 +36,8 @@
 # Preemption: a spot/preemptible TPU gets SIGTERM; jaxad saves a checkpoint at the step in
 # flight on every host and exits non-zero. `run` then recreates the TPU if it was taken
 # away, and reruns the same command, which resumes from that step, until results.json
-# exists. Exit status 1 (a bad config or input) is not retried.
+# exists. Exit status 1 (a bad config or input) is not retried; 75 (the workdir is still
+# held by a live run of the old job) is.
 # The CIFAR-10 data must be readable on every worker at the config's data path (a gs:// URL
 # works: each worker copies it to a local cache once).
 set -euo pipefail
