@@ -7,11 +7,18 @@ python benchmarks/parity.py --summarize /tmp/p/*.jsonl
 Both sides read one jaxad config (`TASKS`: the config file, its arguments and overrides) and
 train the same detector on the same NumPy arrays: jaxad through `python -m jaxad.main`, the
 PyTorch side with the pieces of benchmarks/torch_reference.py (the model with PyTorch's
-default init and BatchNorm, the B x 2 x K views, NT-Xent + shift cross-entropy, torchlars LARS)
-and, here, what a training run adds to a step:
+default init and BatchNorm, the B x 2 x K views, NT-Xent + shift cross-entropy, its
+transcription of torchlars' LARS) and, here, what a training run adds to a step.
 
-* data: `jaxad.data.sources.load_split` (the only jaxad import of the PyTorch side: data
-  arrays), the normal class's training images, the whole test split (label: not normal);
+The PyTorch side uses jaxad for its inputs, not for its computation: the config file is a
+jaxad config (executing it imports `jaxad.config`, and with it jax, Flax and ml_collections),
+its settings are read from that ConfigDict (`torch_reference.settings_from_config`,
+`schedule_settings`, the data and eval fields), and the arrays come from jaxad's own
+loaders (`load_data`: `jaxad.data.sources.load_split`). The model, views, loss, optimiser,
+schedule and score are this file's and torch_reference.py's PyTorch code.
+
+* data: `jaxad.data.sources.load_split` (the same arrays as the jaxad side), the normal
+  class's training images, the whole test split (label: not normal);
 * batches: a stream of per-epoch permutations of the normal images cut into consecutive
   batches of `batch_size` (batches run across epoch boundaries, as jaxad's Grain pipeline),
   steps_per_epoch = n_normal // batch_size, total = optim.epochs * steps_per_epoch;
@@ -30,7 +37,8 @@ final_loss is the mean training loss (NT-Xent + shift CE) of the last `LOSS_WIND
 last_loss the last step's. Each side writes one JSON line per seed. `--summarize` prints
 each task's table: mean +- std (ddof 1) per side, the difference of the means, twice its
 standard error sqrt(s1^2/n1 + s2^2/n2), the two-sided Welch t-test p-value
-(scipy.stats.ttest_ind(equal_var=False)) and parity = |difference| < 2 SE.
+(scipy.stats.ttest_ind(equal_var=False)) and parity = |difference| < 2 SE: a difference
+test that found none at this resolution, not a test of equivalence.
 
 --jobs N runs N seeds at once (one child process each); --threads sets each process's
 intra-op threads (torch.set_num_threads; XLA's CPU Eigen pool via XLA_FLAGS).
@@ -376,7 +384,7 @@ def summarize(records):
 
 def markdown(summary):
     lines = ['| task | metric | jaxad mean +- std (n) | PyTorch mean +- std (n) | difference '
-             '| 2 SE | Welch p | parity |',
+             '| 2 SE | Welch p | within 2 SE |',
              '|---|---|---|---|---|---|---|---|']
 
     def ms(s, digits):

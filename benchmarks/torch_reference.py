@@ -4,7 +4,8 @@ python benchmarks/torch_reference.py --batch_size 32 --image_size 32 --steps 20
 python benchmarks/torch_reference.py --config configs/csi_cifar.py --batch_size 128
 
 The same computation as jaxad's CSI step (`jaxad/methods/csi.py`, `jaxad/models/resnet.py`,
-`jaxad/optim.py`), written the way a PyTorch user would write it, with no jaxad import:
+`jaxad/optim.py`), written the way a PyTorch user would write it; the step itself uses no
+jaxad code (its settings may come from a jaxad config, see `--config` below):
 
 * model: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool, BasicBlocks [2, 2, 2, 2] of
   width * {1, 2, 4, 8}, 1x1 conv + BN shortcuts, inputs normalised by (x - 0.5) / 0.5), the
@@ -15,12 +16,20 @@ The same computation as jaxad's CSI step (`jaxad/methods/csi.py`, `jaxad/models/
   (colour jitter p = 0.8 with contrast and HSV in random order, grayscale p = 0.2, random
   resized crop by affine_grid / grid_sample with reflection padding), all batched on the device;
 * loss: NT-Xent (tau = 0.5, CSI's eps = 1e-8 inside the log) + shift cross-entropy;
-* update: torchlars LARS around momentum SGD (trust ratio 1e-3 * ||p|| / (||g|| + wd ||p|| +
-  eps), weight decay 1e-6, momentum 0.9), at a constant learning rate;
+* update: a transcription of torchlars' LARS around momentum SGD (trust ratio 1e-3 * ||p|| /
+  (||g|| + wd ||p|| + eps), weight decay 1e-6, momentum 0.9), at a constant learning rate;
 * precision: bf16 autocast + channels_last on CUDA, float32 on the CPU (the loss in float32).
 
 `measure()` times the whole step (augmentation, forward, backward, update), compiled by nobody:
 eager PyTorch, cudnn.benchmark on. Prints one JSON line. Never part of the test pass/fail.
+
+`--config` (`load_config`) executes a jaxad config file, which imports `jaxad.config` and
+with it jax, Flax, ml_collections and jaxad's model and method modules; `settings_from_config`
+then reads sizes, loss and optimiser values from the ConfigDict (or its nested dict).
+Without `--config` the script imports torch and NumPy only. benchmarks/parity.py (a loaded
+jaxad config) and benchmarks/throughput.py (`measure_json`, the config as JSON) take their
+settings from jaxad configs as well. benchmarks/vs_original_csi.py --check compares one step
+of this file's model, loss and LARS with the original alinlab/CSI code's and with jaxad's.
 """
 import argparse
 import contextlib
@@ -255,7 +264,7 @@ def csi_loss(outputs, batch_size, num_shifts, temperature=0.5, shift_weight=1.0,
 
 
 class LARS:
-    """torchlars LARS around SGD(momentum, weight_decay), applied to every tensor.
+    """torchlars' LARS around SGD(momentum, weight_decay), transcribed, applied to every tensor.
 
     g' = (g + wd p) * a, a = trust * ||p|| / (||g|| + wd ||p|| + eps) where both norms are
     positive, else 1; buf = m buf + g' (buf = g' at first); p -= lr buf. One fused
@@ -425,7 +434,8 @@ def measure_json(spec):
 
 
 def load_config(spec):
-    """`path.py[:args]` -> the config file's get_config(args) (imports ml_collections only)."""
+    """`path.py[:args]` -> the config file's get_config(args). Executing a jaxad config file
+    imports jaxad.config (jax, Flax, ml_collections and jaxad's model and method modules)."""
     path, _, arg = spec.partition(':')
     module_spec = importlib.util.spec_from_file_location('_torch_reference_config', path)
     module = importlib.util.module_from_spec(module_spec)

@@ -7,8 +7,10 @@ axis, and one jitted, donated step applies the method's ordinary
 `(state, batch, rng)` step to every member (`jax.vmap` on accelerators,
 unrolled on CPU: `jaxad.stacking`), each member fed a batch of its own class
 from its own data stream. BatchNorm statistics therefore stay per
-member, and member k computes exactly what a single run of its class with the
-same seed computes (same init key, augmentation keys and data order).
+member, and member k runs the step of a single run of its class with the same
+seed (same init key, augmentation keys and data order), up to float32 rounding:
+the stacked program orders some float32 sums differently, so over many steps a
+member can end at a visibly different model (README, RESULTS.md).
 
 Members stack when their step budgets agree (same images per class, hence
 same steps per epoch and learning-rate schedule); `table.stack_size` bounds
