@@ -260,3 +260,34 @@ def test_an_unusable_store_is_one_line_in_bounded_time_and_nothing_is_written(cl
     assert elapsed < 60, elapsed
     assert not gcs.objects(BUCKET, f'{case}/')
     assert not (cli.base / 'gs:').exists()
+
+
+def test_sigterm_on_gcs_saves_the_step_in_flight_and_the_rerun_equals_the_local_run(
+        cli, local_run, gcs):
+    """SIGTERM between checkpoints of a gs:// run: exit 143, one line naming the step, that
+    step committed in the bucket (and no results.json), the lease released; the rerun
+    resumes there and gives the uninterrupted local run's results."""
+    import re
+    import signal
+    url = f'gs://{BUCKET}/preempted'
+    log = cli.base / 'preempted.log'
+    proc = cli.start(f'--workdir={url}', log=log, JAXAD_TEST_STEP_SLEEP='1.5')
+    try:
+        _wait_for_object(gcs, 'preempted/checkpoints/2/commit_success.txt', proc, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 143, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = re.findall(r'jaxad: preempted \(SIGTERM\) at step (\d+) of (\d+); saved checkpoint '
+                       rf'step (\d+) in {re.escape(url)}/checkpoints\.', log.read_text())
+    assert len(lines) == 1, log.read_text()[-3000:]
+    step = int(lines[0][0])
+    assert lines[0] == (str(step), str(STEPS), str(step)) and 2 <= step < STEPS
+    objects = gcs.objects(BUCKET, 'preempted/')
+    assert f'preempted/checkpoints/{step}/commit_success.txt' in objects
+    assert 'preempted/results.json' not in objects and 'preempted/lease.json' not in objects
+    cli.run(f'--workdir={url}', log=log)
+    assert f'resuming from {url}/checkpoints step {step}' in log.read_text()
+    reference = json.loads((local_run / 'results.json').read_text())
+    assert_same_results(json.loads(cli.read(f'{url}/results.json')), reference)
