@@ -154,13 +154,10 @@ def batch_geometry(config, mesh, schedule, steps_per_epoch):
     per_device = config.batch_size // sharding.data_size(mesh)
     geometry = dict(global_batch=config.batch_size, per_device_batch=per_device,
                     data_devices=sharding.data_size(mesh), process_count=jax.process_count())
-    lr = f'base lr {config.optim.lr:g} -> {float(schedule(0)):g} at step 0'
-    if 'warmup' in config.optim.schedule:  # the other schedules have no warm-up
-        warm = optim.warmup_steps(config.optim, steps_per_epoch)
-        lr += f', {float(schedule(warm)):g} after warm-up'
-    logging.info('global batch %d images = %d per device x %d devices (%d processes); '
-                 'lr rule %s: %s', config.batch_size, per_device, geometry['data_devices'],
-                 geometry['process_count'], config.optim.lr_rule, lr)
+    logging.info('global batch %d images = %d per device x %d devices (%d processes); %s',
+                 config.batch_size, per_device, geometry['data_devices'],
+                 geometry['process_count'],
+                 optim.describe_schedule(config.optim, schedule, steps_per_epoch))
     return geometry
 
 

@@ -22,6 +22,8 @@ from jaxad.errors import ConfigError
 
 OPTIMIZERS = ('lars', 'sgd', 'adam', 'adamw')
 SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine', 'cosine', 'constant')
+# The schedules that start with a warm-up (`warmup_length`); the others have none.
+WARMUP_SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine')
 LR_RULES = ('none', 'linear', 'sqrt')
 
 
@@ -132,6 +134,26 @@ def warmup_steps(optim_cfg, steps_per_epoch):
     if steps < 0:
         raise ConfigError(f'optim.warmup_steps must be >= 0, got {steps}')
     return steps if steps > 0 else round(optim_cfg.warmup_epochs * steps_per_epoch)
+
+
+def warmup_length(optim_cfg, steps_per_epoch):
+    """The warm-up length in steps of the schedule `optim_cfg.schedule` names (`warmup_steps`),
+    or None for a schedule without a warm-up."""
+    if optim_cfg.schedule not in WARMUP_SCHEDULES:
+        return None
+    return warmup_steps(optim_cfg, steps_per_epoch)
+
+
+def describe_schedule(optim_cfg, schedule, steps_per_epoch):
+    """One line on the learning rate of `schedule` (made from `optim_cfg` by `make_schedule`)
+    for the run's log: the lr rule, the base rate, the rate at step 0 and, for a schedule with
+    a warm-up, the rate once it is over."""
+    text = (f'lr rule {optim_cfg.get("lr_rule", "none")}: base lr {optim_cfg.lr:g} -> '
+            f'{float(schedule(0)):g} at step 0')
+    warm = warmup_length(optim_cfg, steps_per_epoch)
+    if warm is not None:
+        text += f', {float(schedule(warm)):g} after warm-up'
+    return text
 
 
 def make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
