@@ -36,7 +36,7 @@ def child(args):
     import jax
     import numpy as np
 
-    from jaxad import optim, train
+    from jaxad import loop, optim
     from jaxad.methods import csi, get_method
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import importlib.util
@@ -56,7 +56,7 @@ def child(args):
     method = get_method(config)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     tx, schedule = optim.make_optimizer(config.optim, 100, 10_000, global_batch=b)
-    state = jax.jit(train.make_init_fn(method, tx, shape))(jax.random.key(0))
+    state = jax.jit(loop.make_init_fn(method, tx, shape))(jax.random.key(0))
     images = np.random.default_rng(0).integers(0, 256, (b,) + shape, dtype=np.uint8)
     key = jax.random.key(1)
 
@@ -74,7 +74,7 @@ def child(args):
 
     fwd = jax.jit(forward)
     fwd_bwd = jax.jit(jax.value_and_grad(loss))
-    step = jax.jit(train.make_train_step(method, tx, schedule, 1))
+    step = jax.jit(loop.make_train_step(method, tx, schedule))
     parts = {'augment': (augment, (key, images)),
              'fwd': (fwd, (state.params, state.batch_stats, views)),
              'fwd_bwd': (fwd_bwd, (state.params, state.batch_stats, views)),

@@ -23,7 +23,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxad import optim, sharding, stacking, table, train
+from jaxad import loop, optim, sharding, stacking
 from jaxad.methods import get_method
 
 import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
@@ -45,19 +45,19 @@ def measure(config, k, mode, steps, warmup):
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
     b = config.batch_size
     images = np.random.default_rng(0).integers(0, 256, (k, b) + shape, dtype=np.uint8)
-    step = train.make_train_step(method, tx, schedule, 1)
+    step = loop.make_train_step(method, tx, schedule)
     if mode == 'single':
         mesh = sharding.make_mesh(config.num_devices)
-        state = train.init_state(method, tx, jax.random.key(0), shape, mesh)
-        step_fn = train.jit_train_step(step, mesh)
+        state = loop.init_state(method, tx, jax.random.key(0), shape, mesh)
+        step_fn = loop.jit_train_step(step, mesh)
         batch = sharding.to_global({'image': images[0]}, mesh)
         rng = jax.random.key(1)
     else:
         mesh = sharding.make_mesh(config.num_devices, num_models=k if mode == 'vmap' else 1)
-        init = stacking.stacked(train.make_init_fn(method, tx, shape), mode)
+        init = stacking.stacked(loop.make_init_fn(method, tx, shape), mode)
         keys = jax.vmap(jax.random.key)(np.arange(k, dtype=np.uint32))
         state = jax.jit(init, out_shardings=sharding.model_sharding(mesh))(keys)
-        step_fn = table.jit_stacked_step(step, mesh, mode)
+        step_fn = loop.jit_stacked_step(step, mesh, mode)
         batch = sharding.to_global({'image': images}, mesh, sharding.stacked_data_sharding(mesh))
         rng = jax.device_put(keys, sharding.model_sharding(mesh))
     t0 = time.perf_counter()

@@ -4,7 +4,7 @@ python benchmarks/step_analysis.py --config=configs/csi_cifar.py --batch_sizes=3
     --conv_impls=xla,auto --stack_k=10 --stack_batch_sizes=32,128
 
 The step is the trainer's own: `jaxad.loop.make_train_step` jitted by
-`jaxad.train.jit_train_step` on a one-device mesh (`--num_devices`), lowered with
+`jaxad.loop.jit_train_step` on a one-device mesh (`--num_devices`), lowered with
 `jax.ShapeDtypeStruct` arguments (state shapes from `jax.eval_shape` of the trainer's
 init function), so no state or batch is ever materialised; `.compile()` then gives
 XLA's `cost_analysis()` and `memory_analysis()`. One JSON line per result:
@@ -45,7 +45,7 @@ import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxad import loop, optim, sharding, stacking, table, train
+from jaxad import loop, optim, sharding, stacking
 from jaxad.methods import csi, get_method
 from jaxad.models.resnet import ARCHS, STAGE_SIZES
 
@@ -149,7 +149,7 @@ def compile_step(method, tx, schedule, config, batch_size):
                                     loop.init_key(config.seed)), repl)
     batch = batch_shapes(method, (batch_size,), shape, sharding.data_sharding(mesh))
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-    step = train.jit_train_step(loop.make_train_step(method, tx, schedule), mesh)
+    step = loop.jit_train_step(loop.make_train_step(method, tx, schedule), mesh)
     t0 = time.perf_counter()
     lowered = step.lower(state, batch, rng)
     compiled = lowered.compile()
@@ -276,7 +276,7 @@ def stack_memory(config, method, tx, schedule, k, batch_size, mode):
     state = abstract(jax.eval_shape(init, keys), models)
     batch = batch_shapes(method, (k, batch_size), shape, sharding.stacked_data_sharding(mesh))
     rng = jax.ShapeDtypeStruct((k,), jax.random.key(0).dtype, sharding=models)
-    step = table.jit_stacked_step(loop.make_train_step(method, tx, schedule), mesh, mode)
+    step = loop.jit_stacked_step(loop.make_train_step(method, tx, schedule), mesh, mode)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     return dict(memory(compiled), compile_s=round(time.perf_counter() - t0, 2),

@@ -38,7 +38,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxad import optim, sharding, train
+from jaxad import loop, optim, sharding
 from jaxad.methods import csi, get_method
 
 import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
@@ -64,9 +64,9 @@ def measure(config, batch_size, steps, warmup):
     tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000,
                                         global_batch=config.batch_size)
     shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    state = train.init_state(method, tx, jax.random.key(0), shape, mesh)
+    state = loop.init_state(method, tx, jax.random.key(0), shape, mesh)
     num_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))
-    step_fn = train.jit_train_step(train.make_train_step(method, tx, schedule, 1), mesh)
+    step_fn = loop.jit_train_step(loop.make_train_step(method, tx, schedule), mesh)
     images = np.random.default_rng(0).integers(0, 256, (batch_size,) + shape, dtype=np.uint8)
     batch = sharding.to_global({'image': images}, mesh)
     rng = jax.random.key(1)

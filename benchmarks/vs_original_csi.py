@@ -29,7 +29,7 @@ Two things differ from running their code unchanged, both outside their files:
   it is not installed.
 
 jaxad's step is the trainer's jitted step (`jaxad.programs.train_step(config, (32, 32, 3)).fn`,
-i.e. `train.jit_train_step(loop.make_train_step(...))`) for `--config` at `--batch_size` images,
+i.e. `loop.jit_train_step(loop.make_train_step(...))`) for `--config` at `--batch_size` images,
 run on real arrays (an initialised TrainState, uint8 images), its state fed back each step
 (the step donates it), each step ended with `block_until_ready`.
 

@@ -5,7 +5,8 @@ it to `workdir/config.json`. Config files call `parse_arg` for their
 `--config=file.py:key=val,flag` argument and start from `base_config` (`csi_base`
 is CSI's) or from a method recipe of configs/recipes.py.
 
-The shared sections (data, model, optim, eval, ...) are defined here; each method's own
+The shared sections (data, model, optim, eval, ...) are defined here, one builder each
+(`data_config`, `model_config`, ...: `base_config` puts them together); each method's own
 section (`config.csi`, `config.msc`, ...) and its checks belong to the method class
 (`default_config`, `validate`; jaxad/methods/base.py). This module imports jaxad.methods
 only inside functions, and no method module imports it.
@@ -16,8 +17,9 @@ import os
 import ml_collections
 
 from jaxad.errors import ConfigError
-from jaxad import density
+from jaxad import density, optim
 from jaxad.losses import NT_XENT_IMPLS
+from jaxad.models import resnet
 
 
 def parse_arg(arg, **defaults):
@@ -137,10 +139,229 @@ def csi_base():
     return base_config('csi')
 
 
+def table_config():
+    """The one-class table (`jaxad.table`)."""
+    # One-class table (jaxad.table): '' = a single detector on data.normal_classes;
+    # 'all' or '0,3,5' = one detector per class (items may be '0+3'), trained
+    # stack_size at a time under jax.vmap (0 = all of a group at once).
+    c = ml_collections.ConfigDict()
+    c.classes = ''
+    c.stack_size = 0
+    c.stack_mode = 'auto'  # vmap | unroll | auto (unroll on CPU): jaxad.stacking
+    return c
+
+
+def data_config():
+    """The data set, its normal classes and image geometry (`jaxad.data.sources`)."""
+    c = ml_collections.ConfigDict()
+    c.source = 'folder'
+    c.path = ''
+    c.image_size = 32
+    c.channels = 3
+    c.normal_classes = (0,)
+    c.tfds_name = ''
+    c.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # True: a TFDS data set not yet prepared in tfds_data_dir is downloaded and prepared on
+    # first use, as tfds.load does (tensorflow-datasets needs TensorFlow for that step only).
+    c.tfds_download = False
+    # What to do instead when TFDS cannot give the data, for the error message (the CIFAR
+    # configs: "pass path=/path/to/cifar10-jpg.tar.gz ..."); '' = nothing to add.
+    c.tfds_alternative = ''
+    c.label_key = 'label'
+    c.test_fraction = 0.5  # digits: held-out fraction
+    c.split_seed = 0  # digits: seed of the stratified train/test split; folder_masks: of
+    # the normal hold-out
+    c.numpy_path = ''
+    # Pixel-mask sources (jaxad.data.pixel_sources); set data.normal_classes=(0,).
+    c.category = ''  # mvtec: the category folder under data.path (e.g. 'bottle')
+    # folder_masks (anomalib Folder): folders relative to data.path ('' = unused)
+    c.normal_dir = ''
+    c.abnormal_dir = ''
+    c.mask_dir = ''  # masks matched by stem: x.png -> x.png or x_mask.png
+    c.normal_test_dir = ''  # '' = hold out normal_split_ratio of normal_dir for test
+    c.normal_split_ratio = 0.2
+    return c
+
+
+def model_config():
+    """The network (`jaxad.models.resnet`)."""
+    c = ml_collections.ConfigDict()
+    c.name = 'resnet18'
+    c.stem = 'cifar'
+    c.width = 64
+    c.proj_dim = 128
+    c.dtype = 'float32'  # compute dtype; params stay float32
+    c.bn_mode = 'batch'  # 'batch': global-batch statistics; 'frozen': running stats (MSC)
+    # 1: statistics of the global batch (SyncBN, as CSI's and OECL's multi-GPU runs have it);
+    # G > 1: per contiguous G-th of the batch (what G GPUs without SyncBN do)
+    c.bn_groups = 1
+    # The running variance as torch keeps it: the unbiased batch variance ('biased': flax's).
+    c.bn_running_var = 'unbiased'
+    c.conv_impl = 'auto'  # auto: matmul weight gradients on CPU (models/conv.py)
+    # name: resnet18/34/50/101/152, wide_resnet50_2/101_2 (torchvision layouts).
+    c.input_norm = 'csi'  # 'csi': (x-0.5)/0.5; 'imagenet': torchvision mean/std
+    # A DIR written by `python -m jaxad.models.convert --in W.pth --out DIR`: the encoder
+    # starts from it (needs stem='imagenet', width=64; heads stay random). '' = random init.
+    c.init_from = ''
+    # Initialisation (models/resnet.py): 'torch' = PyTorch's default Conv2d/Linear init, as
+    # CSI's and OECL's CIFAR ResNets and heads start (all six originals are PyTorch code);
+    # 'torchvision' = torchvision's ResNet init (MCL's recipe); 'flax' = lecun-normal, zero
+    # biases (jaxad before this field). init_from replaces the encoder (MSC, ReContrast).
+    # ReContrast and AnoMem do not read model.init / bn_running_var yet: ReContrast's
+    # bottleneck and decoder set the code's init themselves, AnoMem's layers keep flax's; the
+    # BN of both keeps flax's biased running variance.
+    c.init = 'torch'
+    c.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
+    c.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
+    return c
+
+
+def oe_config():
+    """Outlier exposure (`oe.source`)."""
+    # Outlier exposure (OECL): '' none; 'normal' (the normal images again, shuffled on
+    # their own: self-OECL); 'other_classes' (the data set's non-normal training images);
+    # or a data source ('folder', 'tfds', ...) read with the fields below and fitted to
+    # data.image_size / data.channels.
+    c = ml_collections.ConfigDict()
+    c.source = ''
+    c.path = ''
+    c.tfds_name = ''
+    c.tfds_data_dir = ''
+    c.tfds_download = False
+    c.tfds_alternative = ''
+    c.label_key = 'label'
+    c.numpy_path = ''
+    c.max_images = 0  # > 0: a seeded (config.seed) subset of this many outliers; 0 = all
+    return c
+
+
+def loss_config():
+    """The shared contrastive-loss implementation (`jaxad.losses`)."""
+    # Shared contrastive-loss implementation: 'dense' forms the (N, N) logits; 'chunked'
+    # shards queries over 'data' and streams key blocks (large global batches, losses.py).
+    c = ml_collections.ConfigDict()
+    c.nt_xent = 'dense'
+    c.key_block = 2048
+    return c
+
+
+def augment_config():
+    """Training augmentation (`jaxad.data.augment`)."""
+    c = ml_collections.ConfigDict()
+    c.crop_scale = (0.08, 1.0)
+    c.crop_ratio = (3 / 4, 4 / 3)
+    c.brightness = 0.4
+    c.contrast = 0.4
+    c.saturation = 0.4
+    c.hue = 0.1
+    c.jitter_p = 0.8
+    c.gray_p = 0.2
+    return c
+
+
+def optim_config():
+    """The optimiser and learning-rate schedule (`jaxad.optim`)."""
+    c = ml_collections.ConfigDict()
+    c.name = 'lars'  # torchlars LARS around SGD(momentum)
+    c.lr = 0.1  # base rate; the peak is lr x warmup_multiplier under csi_warmup_cosine
+    c.lr_rule = 'none'  # 'linear': lr*B/lr_base_batch, 'sqrt': lr*sqrt(B/lr_base_batch)
+    c.lr_base_batch = 256
+    c.exclude_bn_bias = False  # True: no decay/LARS on BN and biases (SimCLR); CSI: False
+    c.momentum = 0.9
+    c.nesterov = False  # sgd only (MCL)
+    c.betas = (0.9, 0.999)  # adamw
+    # ((regex, lr), ...): matching params get their own optimiser at this base rate
+    # (ReContrast: the encoder at 1e-5 beside the decoder's 2e-3)
+    c.group_lr = ()
+    c.freeze = ()  # regexes on param paths ('encoder/layer1_0/...'): kept fixed (MSC)
+    c.final_lr_fraction = 0.0  # 'cosine' ends at lr * this (MCL: 5e-4)
+    c.weight_decay = 1e-6
+    c.trust_coef = 1e-3
+    c.eps = 1e-8
+    c.schedule = 'csi_warmup_cosine'  # | warmup_cosine | cosine | constant
+    c.warmup_epochs = 10
+    c.warmup_steps = 0  # > 0 overrides warmup_epochs
+    c.warmup_multiplier = 10.0
+    c.epochs = 1000
+    return c
+
+
+def eval_config():
+    """Evaluation (`jaxad.evaluate`): test-time augmentation, density evaluators, plots and
+    an out-of-distribution test set."""
+    c = ml_collections.ConfigDict()
+    c.batch_size = 256
+    c.num_samples = 10  # test-time augmentations T (CSI: --ood_samples 10)
+    c.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
+    c.knn_k = 1
+    c.plots = True  # roc.png + score_hist.png under workdir/plots (needs matplotlib)
+    c.num_overlays = 16  # pixel methods: overlay PNGs under workdir/plots/overlays
+    c.save_maps = True  # pixel methods: every test map in workdir/anomaly_maps.npz
+    # Density evaluators (jaxad.density) on the method's bank features, reported beside its
+    # own scores: any of 'knn', 'gde', 'kde', 'mahalanobis', evaluated together in one pass.
+    c.density = ()
+    c.knn_metric = 'cosine'  # cosine (1 - cos) | l2 | sql2 (MSC: sql2, sum, normalised, k=2)
+    c.knn_reduce = 'mean'  # mean | sum | kth of the k nearest distances
+    c.knn_normalize = False  # l2/sql2 on l2-normalised features
+    c.gde_ridge = 1e-6
+    c.kde_temperature = 0.1
+    c.maha_ridge = 1e-6
+    c.maha_shared_cov = True
+    c.density_test_block = 1024
+    c.density_bank_block = 4096
+    # Another data set's test split appended to the test set as anomalies (labelled
+    # multi-class OOD, e.g. CIFAR-10 with normal_class=0+1+...+9 vs CIFAR-100): the
+    # data-source fields of `config.data`, images fitted to its size and channels.
+    c.ood = ml_collections.ConfigDict()
+    c.ood.source = ''
+    c.ood.path = ''
+    c.ood.tfds_name = ''
+    c.ood.tfds_data_dir = ''
+    c.ood.tfds_download = False
+    c.ood.tfds_alternative = ''
+    c.ood.label_key = 'label'
+    c.ood.numpy_path = ''
+    return c
+
+
+def checkpoint_config():
+    """Checkpoint cadence and retention (`jaxad.checkpoint`)."""
+    c = ml_collections.ConfigDict()
+    c.every_steps = 1000
+    c.max_to_keep = 3
+    c.use_async = True
+    return c
+
+
+def export_config():
+    """`--mode=export` (`jaxad.export`)."""
+    # --mode=export: the platforms the artifact is lowered for (comma-separated, of cpu,
+    # cuda, tpu); one StableHLO module serves them all, so a CPU-made artifact runs on
+    # a GPU or TPU host. A platform it cannot be lowered for is an error, not dropped.
+    c = ml_collections.ConfigDict()
+    c.platforms = 'cpu,cuda,tpu'
+    return c
+
+
+def threshold_config():
+    """The decision threshold (`jaxad.thresholds`)."""
+    # Decision threshold on the headline score (jaxad.thresholds), saved as
+    # workdir/threshold.json. holdout_fraction > 0 keeps that fraction of the normal
+    # training images (seeded split) out of training and out of the scoring bank and
+    # calibrates on them after training; 0 = the paper protocol (all of them train).
+    c = ml_collections.ConfigDict()
+    c.holdout_fraction = 0.0
+    c.quantile = 0.95  # rule 'normal_quantile': this quantile of normal scores
+    c.value = ml_collections.config_dict.placeholder(float)  # set: rule 'fixed'
+    return c
+
+
 def base_config(method='csi'):
-    """The common base: the shared sections with their defaults, every registered method's
-    own section (its `default_config()`), and `method`. The method recipes of
-    configs/recipes.py start from it."""
+    """The common base: the top-level fields, the shared sections with their defaults (one
+    builder each: `table_config`, `data_config`, `model_config`, `oe_config`, `loss_config`,
+    `augment_config`, `optim_config`, `eval_config`, `checkpoint_config`, `export_config`,
+    `threshold_config`), every registered method's own section (its `default_config()`),
+    and `method`. The method recipes of configs/recipes.py start from it."""
     c = ml_collections.ConfigDict()
     c.method = method
     c.seed = 0
@@ -149,189 +370,29 @@ def base_config(method='csi'):
     c.total_steps = 0  # 0 = optim.epochs x steps per epoch
     c.log_every = 50
     c.tensorboard = False  # also write metrics as TensorBoard event files to WORKDIR/tensorboard/
-
-    # One-class table (jaxad.table): '' = a single detector on data.normal_classes;
-    # 'all' or '0,3,5' = one detector per class (items may be '0+3'), trained
-    # stack_size at a time under jax.vmap (0 = all of a group at once).
-    c.table = ml_collections.ConfigDict()
-    c.table.classes = ''
-    c.table.stack_size = 0
-    c.table.stack_mode = 'auto'  # vmap | unroll | auto (unroll on CPU): jaxad.stacking
-
-    c.data = ml_collections.ConfigDict()
-    c.data.source = 'folder'
-    c.data.path = ''
-    c.data.image_size = 32
-    c.data.channels = 3
-    c.data.normal_classes = (0,)
-    c.data.tfds_name = ''
-    c.data.tfds_data_dir = ''  # '' = TFDS's default (TFDS_DATA_DIR or ~/tensorflow_datasets)
-    # True: a TFDS data set not yet prepared in tfds_data_dir is downloaded and prepared on
-    # first use, as tfds.load does (tensorflow-datasets needs TensorFlow for that step only).
-    c.data.tfds_download = False
-    # What to do instead when TFDS cannot give the data, for the error message (the CIFAR
-    # configs: "pass path=/path/to/cifar10-jpg.tar.gz ..."); '' = nothing to add.
-    c.data.tfds_alternative = ''
-    c.data.label_key = 'label'
-    c.data.test_fraction = 0.5  # digits: held-out fraction
-    c.data.split_seed = 0  # digits: seed of the stratified train/test split; folder_masks: of
-    # the normal hold-out
-    c.data.numpy_path = ''
-    # Pixel-mask sources (jaxad.data.pixel_sources); set data.normal_classes=(0,).
-    c.data.category = ''  # mvtec: the category folder under data.path (e.g. 'bottle')
-    # folder_masks (anomalib Folder): folders relative to data.path ('' = unused)
-    c.data.normal_dir = ''
-    c.data.abnormal_dir = ''
-    c.data.mask_dir = ''  # masks matched by stem: x.png -> x.png or x_mask.png
-    c.data.normal_test_dir = ''  # '' = hold out normal_split_ratio of normal_dir for test
-    c.data.normal_split_ratio = 0.2
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = 'resnet18'
-    c.model.stem = 'cifar'
-    c.model.width = 64
-    c.model.proj_dim = 128
-    c.model.dtype = 'float32'  # compute dtype; params stay float32
-    c.model.bn_mode = 'batch'  # 'batch': global-batch statistics; 'frozen': running stats (MSC)
-    # 1: statistics of the global batch (SyncBN, as CSI's and OECL's multi-GPU runs have it);
-    # G > 1: per contiguous G-th of the batch (what G GPUs without SyncBN do)
-    c.model.bn_groups = 1
-    # The running variance as torch keeps it: the unbiased batch variance ('biased': flax's).
-    c.model.bn_running_var = 'unbiased'
-    c.model.conv_impl = 'auto'  # auto: matmul weight gradients on CPU (models/conv.py)
-    # name: resnet18/34/50/101/152, wide_resnet50_2/101_2 (torchvision layouts).
-    c.model.input_norm = 'csi'  # 'csi': (x-0.5)/0.5; 'imagenet': torchvision mean/std
-    # A DIR written by `python -m jaxad.models.convert --in W.pth --out DIR`: the encoder
-    # starts from it (needs stem='imagenet', width=64; heads stay random). '' = random init.
-    c.model.init_from = ''
-    # Initialisation (models/resnet.py): 'torch' = PyTorch's default Conv2d/Linear init, as
-    # CSI's and OECL's CIFAR ResNets and heads start (all six originals are PyTorch code);
-    # 'torchvision' = torchvision's ResNet init (MCL's recipe); 'flax' = lecun-normal, zero
-    # biases (jaxad before this field). init_from replaces the encoder (MSC, ReContrast).
-    # ReContrast and AnoMem do not read model.init / bn_running_var yet: ReContrast's
-    # bottleneck and decoder set the code's init themselves, AnoMem's layers keep flax's; the
-    # BN of both keeps flax's biased running variance.
-    c.model.init = 'torch'
-    c.model.proj_hidden = 0  # projection head hidden width; 0 = feature width (CSI)
-    c.model.proj_bn = False  # BatchNorm after the hidden layer (OECL's head)
-
+    c.table = table_config()
+    c.data = data_config()
+    c.model = model_config()
     # Each registered method's knobs (docs/methods.md §2-§7), read only by that method: the
     # defaults are its class's `default_config()` (jaxad/methods/<name>.py).
     for section, cls in method_sections().items():
         c[section] = cls.default_config()
-
-    # Outlier exposure (OECL): '' none; 'normal' (the normal images again, shuffled on
-    # their own: self-OECL); 'other_classes' (the data set's non-normal training images);
-    # or a data source ('folder', 'tfds', ...) read with the fields below and fitted to
-    # data.image_size / data.channels.
-    c.oe = ml_collections.ConfigDict()
-    c.oe.source = ''
-    c.oe.path = ''
-    c.oe.tfds_name = ''
-    c.oe.tfds_data_dir = ''
-    c.oe.tfds_download = False
-    c.oe.tfds_alternative = ''
-    c.oe.label_key = 'label'
-    c.oe.numpy_path = ''
-    c.oe.max_images = 0  # > 0: a seeded (config.seed) subset of this many outliers; 0 = all
-
-    # Shared contrastive-loss implementation: 'dense' forms the (N, N) logits; 'chunked'
-    # shards queries over 'data' and streams key blocks (large global batches, losses.py).
-    c.loss = ml_collections.ConfigDict()
-    c.loss.nt_xent = 'dense'
-    c.loss.key_block = 2048
-
-    c.augment = ml_collections.ConfigDict()
-    c.augment.crop_scale = (0.08, 1.0)
-    c.augment.crop_ratio = (3 / 4, 4 / 3)
-    c.augment.brightness = 0.4
-    c.augment.contrast = 0.4
-    c.augment.saturation = 0.4
-    c.augment.hue = 0.1
-    c.augment.jitter_p = 0.8
-    c.augment.gray_p = 0.2
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.name = 'lars'  # torchlars LARS around SGD(momentum)
-    c.optim.lr = 0.1  # base rate; the peak is lr x warmup_multiplier under csi_warmup_cosine
-    c.optim.lr_rule = 'none'  # 'linear': lr*B/lr_base_batch, 'sqrt': lr*sqrt(B/lr_base_batch)
-    c.optim.lr_base_batch = 256
-    c.optim.exclude_bn_bias = False  # True: no decay/LARS on BN and biases (SimCLR); CSI: False
-    c.optim.momentum = 0.9
-    c.optim.nesterov = False  # sgd only (MCL)
-    c.optim.betas = (0.9, 0.999)  # adamw
-    # ((regex, lr), ...): matching params get their own optimiser at this base rate
-    # (ReContrast: the encoder at 1e-5 beside the decoder's 2e-3)
-    c.optim.group_lr = ()
-    c.optim.freeze = ()  # regexes on param paths ('encoder/layer1_0/...'): kept fixed (MSC)
-    c.optim.final_lr_fraction = 0.0  # 'cosine' ends at lr * this (MCL: 5e-4)
-    c.optim.weight_decay = 1e-6
-    c.optim.trust_coef = 1e-3
-    c.optim.eps = 1e-8
-    c.optim.schedule = 'csi_warmup_cosine'  # | warmup_cosine | cosine | constant
-    c.optim.warmup_epochs = 10
-    c.optim.warmup_steps = 0  # > 0 overrides warmup_epochs
-    c.optim.warmup_multiplier = 10.0
-    c.optim.epochs = 1000
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.batch_size = 256
-    c.eval.num_samples = 10  # test-time augmentations T (CSI: --ood_samples 10)
-    c.eval.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
-    c.eval.knn_k = 1
-    c.eval.plots = True  # roc.png + score_hist.png under workdir/plots (needs matplotlib)
-    c.eval.num_overlays = 16  # pixel methods: overlay PNGs under workdir/plots/overlays
-    c.eval.save_maps = True  # pixel methods: every test map in workdir/anomaly_maps.npz
-    # Density evaluators (jaxad.density) on the method's bank features, reported beside its
-    # own scores: any of 'knn', 'gde', 'kde', 'mahalanobis', evaluated together in one pass.
-    c.eval.density = ()
-    c.eval.knn_metric = 'cosine'  # cosine (1 - cos) | l2 | sql2 (MSC: sql2, sum, normalised, k=2)
-    c.eval.knn_reduce = 'mean'  # mean | sum | kth of the k nearest distances
-    c.eval.knn_normalize = False  # l2/sql2 on l2-normalised features
-    c.eval.gde_ridge = 1e-6
-    c.eval.kde_temperature = 0.1
-    c.eval.maha_ridge = 1e-6
-    c.eval.maha_shared_cov = True
-    c.eval.density_test_block = 1024
-    c.eval.density_bank_block = 4096
-    # Another data set's test split appended to the test set as anomalies (labelled
-    # multi-class OOD, e.g. CIFAR-10 with normal_class=0+1+...+9 vs CIFAR-100): the
-    # data-source fields of `config.data`, images fitted to its size and channels.
-    c.eval.ood = ml_collections.ConfigDict()
-    c.eval.ood.source = ''
-    c.eval.ood.path = ''
-    c.eval.ood.tfds_name = ''
-    c.eval.ood.tfds_data_dir = ''
-    c.eval.ood.tfds_download = False
-    c.eval.ood.tfds_alternative = ''
-    c.eval.ood.label_key = 'label'
-    c.eval.ood.numpy_path = ''
-
-    c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000
-    c.checkpoint.max_to_keep = 3
-    c.checkpoint.use_async = True
-
-    # --mode=export: the platforms the artifact is lowered for (comma-separated, of cpu,
-    # cuda, tpu); one StableHLO module serves them all, so a CPU-made artifact runs on
-    # a GPU or TPU host. A platform it cannot be lowered for is an error, not dropped.
-    c.export = ml_collections.ConfigDict()
-    c.export.platforms = 'cpu,cuda,tpu'
-
-    # Decision threshold on the headline score (jaxad.thresholds), saved as
-    # workdir/threshold.json. holdout_fraction > 0 keeps that fraction of the normal
-    # training images (seeded split) out of training and out of the scoring bank and
-    # calibrates on them after training; 0 = the paper protocol (all of them train).
-    c.threshold = ml_collections.ConfigDict()
-    c.threshold.holdout_fraction = 0.0
-    c.threshold.quantile = 0.95  # rule 'normal_quantile': this quantile of normal scores
-    c.threshold.value = ml_collections.config_dict.placeholder(float)  # set: rule 'fixed'
+    c.oe = oe_config()
+    c.loss = loss_config()
+    c.augment = augment_config()
+    c.optim = optim_config()
+    c.eval = eval_config()
+    c.checkpoint = checkpoint_config()
+    c.export = export_config()
+    c.threshold = threshold_config()
     return c
 
 
 def validate_config(config):
-    """Checks that catch a bad config before any data is loaded: the shared sections
-    here, the method's own by its class (`validate`)."""
+    """Checks that catch a bad config before any data is loaded, for single runs and tables
+    alike: the shared sections here (the model's fields by `resnet.check_model_config`, the
+    optimiser's and schedule's by `optim.check_config`), the method's own by its class
+    (`validate`)."""
     def positive(name, value):
         if value <= 0:
             raise ConfigError(f'{name} must be > 0, got {value}')
@@ -363,6 +424,8 @@ def validate_config(config):
         positive('eval.kde_temperature', config.eval.kde_temperature)
     if config.oe.get('max_images', 0) < 0:
         raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {config.oe.max_images}')
+    resnet.check_model_config(config.model)
+    optim.check_config(config.optim, config.batch_size)
     from jaxad.methods import method_class
     method_class(config.method).validate(config)  # the method's own checks (unknown: error)
 

@@ -3,14 +3,16 @@
 A `Run` is one training program with its own checkpoint directory: a single detector
 (`jaxad.train.Setup`, in WORKDIR) or a stack of K detectors whose state carries a leading
 model axis (`jaxad.table.Group`, in WORKDIR/groups/<classes>). A subclass says how its
-state is initialised and sharded, how its step is jitted and where its batches come from;
+state is initialised and sharded, how its step is jitted (`jit_train_step` or
+`jit_stacked_step`, both here) and where its batches come from;
 `Run` builds the method (for the run's `StepBudget`), optimizer and checkpoints, restores
 (abstract state from `jax.eval_shape`: no initial state is built to restore into),
 trains, logs and saves the same way for both.
 
-Also here: TrainState, the pure step (`make_train_step`), the init function, step
-budgets, input checks, log/save cadence and the outlier-exposure stream.
+Also here: TrainState, the pure step (`make_train_step`) and its jitted forms, the init
+function, input checks, log/save cadence and the outlier-exposure stream.
 """
+import abc
 import time
 
 import flax
@@ -21,7 +23,7 @@ import optax
 from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
-from jaxad import distributed, fingerprint, optim, sharding, storage
+from jaxad import distributed, fingerprint, optim, sharding, stacking, storage
 from jaxad import evaluate as eval_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
@@ -41,18 +43,15 @@ class TrainState:
     consts: dict
 
 
-def make_train_step(method, tx, schedule, steps_per_epoch=None):
+def make_train_step(method, tx, schedule):
     """A pure `(state, batch, rng) -> (state, metrics)` step.
 
     A method with `needs_step` also finds the update count in `batch['step']` (schedules
-    given in epochs were turned into steps by the method's own `StepBudget`; the
-    `steps_per_epoch` argument is unused, kept for existing callers).
+    given in epochs were turned into steps by the method's own `StepBudget`).
 
     `rng` is the run's base key; the step folds in `state.step`, so a resumed
     run draws exactly the augmentations an uninterrupted one would.
     """
-    del steps_per_epoch
-
     def train_step(state, batch, rng):
         key = jax.random.fold_in(rng, state.step)
         if method.needs_step:
@@ -85,6 +84,34 @@ def make_init_fn(method, tx, image_shape):
         return TrainState(jnp.zeros((), jnp.int32), variables['params'],
                           variables['batch_stats'], tx.init(variables['params']), consts)
     return init
+
+
+def jit_train_step(train_step, mesh):
+    """The step of one detector jitted on `mesh` (batch on 'data', state and key replicated,
+    state donated), traced with the mesh as ambient context so that explicit collectives
+    (the chunked NT-Xent's `shard_map`) find its axes."""
+    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
+
+    def step_on_mesh(state, batch, rng):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return train_step(state, batch, rng)
+    return jax.jit(step_on_mesh, donate_argnums=(0,),
+                   in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+
+
+def jit_stacked_step(train_step, mesh, mode):
+    """The step of a stack of detectors (`stacking.stacked(train_step, mode)`) jitted: state
+    and keys on 'model', batches on ('model', 'data'), state donated."""
+    models = sharding.model_sharding(mesh)
+    batch = sharding.stacked_data_sharding(mesh)  # every batch key
+    return jax.jit(stacking.stacked(train_step, mode), donate_argnums=(0,),
+                   in_shardings=(models, batch, models), out_shardings=(models, models))
+
+
+def init_state(method, tx, key, image_shape, mesh):
+    """Initial TrainState of one detector, created directly replicated on the mesh."""
+    return jax.jit(make_init_fn(method, tx, image_shape),
+                   out_shardings=sharding.replicated(mesh))(key)
 
 
 def init_key(seed):
@@ -127,13 +154,10 @@ def batch_geometry(config, mesh, schedule, steps_per_epoch):
     per_device = config.batch_size // sharding.data_size(mesh)
     geometry = dict(global_batch=config.batch_size, per_device_batch=per_device,
                     data_devices=sharding.data_size(mesh), process_count=jax.process_count())
-    lr = f'base lr {config.optim.lr:g} -> {float(schedule(0)):g} at step 0'
-    if 'warmup' in config.optim.schedule:  # the other schedules have no warm-up
-        warm = optim.warmup_steps(config.optim, steps_per_epoch)
-        lr += f', {float(schedule(warm)):g} after warm-up'
-    logging.info('global batch %d images = %d per device x %d devices (%d processes); '
-                 'lr rule %s: %s', config.batch_size, per_device, geometry['data_devices'],
-                 geometry['process_count'], config.optim.lr_rule, lr)
+    logging.info('global batch %d images = %d per device x %d devices (%d processes); %s',
+                 config.batch_size, per_device, geometry['data_devices'],
+                 geometry['process_count'],
+                 optim.describe_schedule(config.optim, schedule, steps_per_epoch))
     return geometry
 
 
@@ -212,18 +236,51 @@ def train_batches(method, config, train_set, indices, normal_classes, outlier_se
         process_count=jax.process_count(), **kwargs)
 
 
-class Run:
+class Run(abc.ABC):
     """One training program with its own checkpoints; the loop that drives it.
 
-    Subclasses call `_build` once their data is known and define:
-      init_fn(), init_keys(): the pure init function and the key(s) it takes
-      state_sharding: where every array of the state lives
-      jit_step(train_step): the step jitted for this run's shardings
-      batches(start_step): iterator of global batches from `start_step`
-      fit_consts(state): `state` with the method's constants fitted (`uses_consts`)
-      member_names: None for one detector, else the stack's member names
+    Subclasses call `_build` once their data is known and define the hooks declared
+    abstract below (init_fn, init_keys, state_sharding, rng, jit_step, batches, fit_consts);
+    `member_names` is None for one detector, else the stack's member names.
     """
     member_names = None
+
+    # ------------------------------------------------------------------ hooks
+
+    @abc.abstractmethod
+    def init_fn(self):
+        """The pure init function, key(s) -> initial TrainState (`make_init_fn`, stacked for
+        a stack)."""
+
+    @abc.abstractmethod
+    def init_keys(self):
+        """The key(s) `init_fn()` takes."""
+
+    @property
+    @abc.abstractmethod
+    def state_sharding(self):
+        """Where every array of the state lives."""
+
+    @property
+    @abc.abstractmethod
+    def rng(self):
+        """The run's base key(s), passed to every step (the step folds in the step number)."""
+
+    @abc.abstractmethod
+    def jit_step(self, train_step):
+        """`train_step` jitted for this run's shardings (`jit_train_step`,
+        `jit_stacked_step`)."""
+
+    @abc.abstractmethod
+    def batches(self, start_step):
+        """Iterator of global batches from `start_step`."""
+
+    @abc.abstractmethod
+    def fit_consts(self, state):
+        """`state` with the method's constants fitted from its initial model (`uses_consts`;
+        unchanged otherwise)."""
+
+    # ------------------------------------------------------------------ building
 
     def _build(self, config, directory, budget, mesh, image_shape, name, method=None):
         """The run's method (`method`, or one built for `budget`), optimizer and checkpoint

@@ -22,6 +22,8 @@ from jaxad.errors import ConfigError
 
 OPTIMIZERS = ('lars', 'sgd', 'adam', 'adamw')
 SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine', 'cosine', 'constant')
+# The schedules that start with a warm-up (`warmup_length`); the others have none.
+WARMUP_SCHEDULES = ('csi_warmup_cosine', 'warmup_cosine')
 LR_RULES = ('none', 'linear', 'sqrt')
 
 
@@ -134,6 +136,26 @@ def warmup_steps(optim_cfg, steps_per_epoch):
     return steps if steps > 0 else round(optim_cfg.warmup_epochs * steps_per_epoch)
 
 
+def warmup_length(optim_cfg, steps_per_epoch):
+    """The warm-up length in steps of the schedule `optim_cfg.schedule` names (`warmup_steps`),
+    or None for a schedule without a warm-up."""
+    if optim_cfg.schedule not in WARMUP_SCHEDULES:
+        return None
+    return warmup_steps(optim_cfg, steps_per_epoch)
+
+
+def describe_schedule(optim_cfg, schedule, steps_per_epoch):
+    """One line on the learning rate of `schedule` (made from `optim_cfg` by `make_schedule`)
+    for the run's log: the lr rule, the base rate, the rate at step 0 and, for a schedule with
+    a warm-up, the rate once it is over."""
+    text = (f'lr rule {optim_cfg.get("lr_rule", "none")}: base lr {optim_cfg.lr:g} -> '
+            f'{float(schedule(0)):g} at step 0')
+    warm = warmup_length(optim_cfg, steps_per_epoch)
+    if warm is not None:
+        text += f', {float(schedule(warm)):g} after warm-up'
+    return text
+
+
 def make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch=None):
     """The learning-rate schedule named by `optim_cfg.schedule`, a function of the update count.
 
@@ -223,6 +245,44 @@ def _base_tx(optim_cfg, schedule, mask):
                        optax.scale_by_learning_rate(schedule))
 
 
+def check_config(optim_cfg, global_batch=None):
+    """ConfigError for a `config.optim` no optimiser or schedule can be built from: the
+    optimiser, schedule and lr rule names, the warm-up, the group rates and the regexes.
+    Called by `jaxad.config.validate_config` before any data is read (what needs the data,
+    steps per epoch and the parameter paths, is checked by `make_optimizer`)."""
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
+                          f'choose one of {", ".join(OPTIMIZERS)}')
+    if optim_cfg.get('nesterov', False) and optim_cfg.name != 'sgd':
+        raise ConfigError(f'optim.nesterov needs optim.name=sgd, not {optim_cfg.name!r}')
+    if optim_cfg.schedule not in SCHEDULES:
+        raise ConfigError(f'unknown optim.schedule {optim_cfg.schedule!r}; '
+                          f'choose one of {", ".join(SCHEDULES)}')
+    scaled_lr(optim_cfg.lr, global_batch, optim_cfg.get('lr_rule', 'none'),
+              optim_cfg.get('lr_base_batch', 256))
+    if optim_cfg.get('warmup_steps', 0) < 0:
+        raise ConfigError(f'optim.warmup_steps must be >= 0, got {optim_cfg.warmup_steps}')
+    if optim_cfg.schedule == 'csi_warmup_cosine':
+        if optim_cfg.epochs <= 0:
+            raise ConfigError(f'csi_warmup_cosine needs optim.epochs > 0, got {optim_cfg.epochs}')
+        if optim_cfg.warmup_epochs < 0:
+            raise ConfigError(f'warmup_epochs must be >= 0, got {optim_cfg.warmup_epochs}')
+        if optim_cfg.warmup_multiplier < 1.0:
+            raise ConfigError(f'warmup multiplier must be >= 1 (GradualWarmupScheduler), '
+                              f'got {optim_cfg.warmup_multiplier}')
+    groups = tuple(optim_cfg.get('group_lr', ()))
+    for group in groups:
+        if len(group) != 2 or not isinstance(group[0], str):
+            raise ConfigError(f'optim.group_lr entries are (regex, lr) pairs, got {group!r}')
+    for what, patterns in (('optim.freeze', tuple(optim_cfg.get('freeze', ()))),
+                           ('optim.group_lr', tuple(g[0] for g in groups))):
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ConfigError(f'{what}: bad regular expression: {e}') from e
+
+
 def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None, freeze=()):
     """(optax transformation, schedule) from `config.optim`.
 
@@ -237,11 +297,7 @@ def make_optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None, f
     of the same kind at base rate lr, under the same schedule shape (ReContrast: the encoder
     at 1e-5 beside the decoder at 2e-3). The returned schedule is the main group's.
     """
-    if optim_cfg.name not in OPTIMIZERS:
-        raise ConfigError(f'unknown optim.name {optim_cfg.name!r}; '
-                          f'choose one of {", ".join(OPTIMIZERS)}')
-    if optim_cfg.get('nesterov', False) and optim_cfg.name != 'sgd':
-        raise ConfigError(f'optim.nesterov needs optim.name=sgd, not {optim_cfg.name!r}')
+    check_config(optim_cfg, global_batch)
     mask = decay_mask if optim_cfg.get('exclude_bn_bias', False) else None
     schedule = make_schedule(optim_cfg, steps_per_epoch, total_steps, global_batch)
     txs = {'train': _base_tx(optim_cfg, schedule, mask)}

@@ -28,13 +28,7 @@ from jaxad import storage, thresholds
 from jaxad.config import load_run_config
 from jaxad.errors import DataError
 from jaxad.inputs import IMAGE_EXTENSIONS, list_inputs
-from jaxad.inputs import load_image  # noqa: F401 (re-exported)
 from jaxad.scoring import Model, load_model, predict_key, score_array, score_inputs
-
-# Besides the modes, `predict.load_model`, `predict.IMAGE_EXTENSIONS` and `predict.load_image`
-# stay reachable here for their older callers (tests/test_checkpoint_recovery.py,
-# tests/test_workdir_guard.py, tests/test_sources.py); new code imports jaxad.scoring /
-# jaxad.inputs.
 
 
 # ------------------------------------------------------------------ predict
@@ -179,21 +173,23 @@ def calibrate(workdir, normal_spec, anomalies_spec=None, config=None):
     return record
 
 
-def calibrate_after_training(setup, variables, scoring, step):
+def calibrate_after_training(config, method, workdir, variables, scoring, step, *,
+                             train_images, holdout_indices):
     """`train.finish`: saves the threshold of a finished run when the config asks for one.
 
     threshold.value set: rule fixed. threshold.holdout_fraction > 0: rule
-    normal_quantile over the held-out normal training images, scored exactly as
+    normal_quantile over the held-out normal training images (`train_images` at
+    `holdout_indices`, empty when threshold.holdout_fraction is 0), scored exactly as
     predict scores. Otherwise nothing (returns None).
     """
-    config, name = setup.config, setup.method.headline_score
-    holdout = setup.holdout_indices  # train.Setup's; empty when threshold.holdout_fraction is 0
+    name = method.headline_score
+    holdout = holdout_indices
     if 'threshold' in config and config.threshold.value is not None:
         record = thresholds.fixed(config.threshold.value, score_name=name, step=step)
     elif len(holdout):
-        model = Model(config, setup.method, jax.device_get(variables), jax.device_get(scoring),
-                      step, predict_key(config), setup.workdir)
-        images = np.stack([np.asarray(setup.train_set.images[i], np.uint8) for i in holdout])
+        model = Model(config, method, jax.device_get(variables), jax.device_get(scoring),
+                      step, predict_key(config), workdir)
+        images = np.stack([np.asarray(train_images[i], np.uint8) for i in holdout])
         scores = score_array(model, images)
         fraction = config.threshold.holdout_fraction
         record = thresholds.calibrate(
@@ -203,5 +199,5 @@ def calibrate_after_training(setup, variables, scoring, step):
         record['holdout_fraction'] = fraction
     else:
         return None
-    thresholds.save(setup.workdir, record)
+    thresholds.save(workdir, record)
     return record

@@ -83,9 +83,8 @@ def method_and_optimizer(config, budget=DEFAULT_BUDGET):
 
 
 def train_step(config, image_shape, *, stack=0, mesh=None, budget=DEFAULT_BUDGET):
-    """The train step at `config.batch_size` images: jitted as `train.jit_train_step`, or
-    with `stack` = K > 0 as a table's K-model step under vmap (`table.jit_stacked_step`)."""
-    from jaxad import table, train  # they import this module's neighbours, not this one
+    """The train step at `config.batch_size` images: jitted as `loop.jit_train_step`, or
+    with `stack` = K > 0 as a table's K-model step under vmap (`loop.jit_stacked_step`)."""
 
     method, tx, schedule = method_and_optimizer(config, budget)
     init = loop.make_init_fn(method, tx, image_shape)
@@ -95,11 +94,11 @@ def train_step(config, image_shape, *, stack=0, mesh=None, budget=DEFAULT_BUDGET
     if not stack:
         mesh = mesh or sharding.make_mesh(1)
         state = jax.eval_shape(init, key)
-        return Program('train_step', train.jit_train_step(step, mesh),
+        return Program('train_step', loop.jit_train_step(step, mesh),
                        (state, batch, abstract_key()))
     mesh = mesh or sharding.make_mesh(1, num_models=stack)
     state = jax.eval_shape(jax.vmap(init), _stack(key, stack))
-    return Program(f'train_step_stack{stack}', table.jit_stacked_step(step, mesh, 'vmap'),
+    return Program(f'train_step_stack{stack}', loop.jit_stacked_step(step, mesh, 'vmap'),
                    (state, _stack(batch, stack), _stack(abstract_key(), stack)))
 
 

@@ -23,6 +23,7 @@ Outputs: `workdir/results.json` (per-member metrics and their mean) and
 `workdir/results.md` (the table a person pastes into a paper).
 """
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -106,11 +107,16 @@ class Group(loop.Run):
         budget = members[0].budget
         self._build(config, directory, budget, mesh, setup.image_shape, name,
                     method=setup.method_for(budget))
-        self.state_sharding = sharding.model_sharding(mesh)
-        # Every member uses the run's seed, as K separate runs of the paper protocol would.
-        seeds = np.full(self.k, config.seed, np.uint32)
-        self.rng = jax.device_put(jax.vmap(jax.random.key)(seeds), self.state_sharding)
 
+    @functools.cached_property
+    def state_sharding(self):
+        return sharding.model_sharding(self.mesh)
+
+    @functools.cached_property
+    def rng(self):
+        # Every member uses the run's seed, as K separate runs of the paper protocol would.
+        seeds = np.full(self.k, self.config.seed, np.uint32)
+        return jax.device_put(jax.vmap(jax.random.key)(seeds), self.state_sharding)
     def init_fn(self):
         return stacking.stacked(loop.make_init_fn(self.method, self.tx, self.image_shape),
                                 self.mode)
@@ -119,7 +125,7 @@ class Group(loop.Run):
         return jax.vmap(loop.init_key)(np.full(self.k, self.config.seed, np.uint32))
 
     def jit_step(self, train_step):
-        return jit_stacked_step(train_step, self.mesh, self.mode)
+        return loop.jit_stacked_step(train_step, self.mesh, self.mode)
 
     def batches(self, start_step):
         """Member k's batch of its own class from its own stream, stacked on axis 0."""
@@ -158,14 +164,6 @@ class Group(loop.Run):
 
     def preempted_fields(self):
         return dict(group=self.name, groups_done=self.groups_done)
-
-
-def jit_stacked_step(train_step, mesh, mode):
-    """jit of the stacked step: state and rngs on 'model', batches on ('model', 'data')."""
-    models = sharding.model_sharding(mesh)
-    batch = sharding.stacked_data_sharding(mesh)  # every batch key
-    return jax.jit(stacking.stacked(train_step, mode), donate_argnums=(0,),
-                   in_shardings=(models, batch, models), out_shardings=(models, models))
 
 
 def check_no_threshold(config):

@@ -7,6 +7,7 @@ from the latest checkpoint if there is one, train (`jaxad.loop.Run.train`, the l
 tables use too), then fit the scoring state on the normal training images, save it with
 the final checkpoint and evaluate on the test split.
 """
+import functools
 import time
 
 import jax
@@ -19,29 +20,9 @@ from jaxad.data import sources
 from jaxad.errors import TrainingError
 from jaxad.lease import holds_workdir
 from jaxad.methods import StepBudget
-from jaxad.loop import (Run, check_image_shape, init_key, load_auxiliary_outliers,
-                        make_init_fn, start_record, train_batches)
-# Shared pieces callers know as train.X (their home is jaxad.loop / jaxad.writers).
-from jaxad.loop import TrainState, make_train_step, outlier_source  # noqa: F401
-from jaxad.writers import MetricWriter, Progress  # noqa: F401
-
-
-def jit_train_step(train_step, mesh):
-    """The step jitted on `mesh`, traced with the mesh as ambient context so that explicit
-    collectives (the chunked NT-Xent's `shard_map`) find its axes."""
-    repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
-
-    def step_on_mesh(state, batch, rng):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return train_step(state, batch, rng)
-    return jax.jit(step_on_mesh, donate_argnums=(0,),
-                   in_shardings=(repl, data, repl), out_shardings=(repl, repl))
-
-
-def init_state(method, tx, key, image_shape, mesh):
-    """Initial TrainState, created directly replicated on the mesh."""
-    return jax.jit(make_init_fn(method, tx, image_shape),
-                   out_shardings=sharding.replicated(mesh))(key)
+from jaxad.loop import (Run, check_image_shape, init_key, jit_train_step,
+                        load_auxiliary_outliers, make_init_fn, start_record, train_batches)
+from jaxad.writers import Progress
 
 
 def init_consts(method, state, train_set, indices, config, mesh):
@@ -88,9 +69,15 @@ class Setup(Run):
         budget = StepBudget.of(config, len(self.normal_indices),
                                f'class(es) {self.normal_classes}')
         self._build(config, workdir, budget, mesh, image_shape, 'training')
-        self.rng = jax.random.key(config.seed)
-        self.state_sharding = sharding.replicated(mesh)
         self.outlier_set = load_auxiliary_outliers(self.method, config, image_shape)
+
+    @functools.cached_property
+    def state_sharding(self):
+        return sharding.replicated(self.mesh)
+
+    @functools.cached_property
+    def rng(self):
+        return jax.random.key(self.config.seed)
 
     def init_fn(self):
         return make_init_fn(self.method, self.tx, self.image_shape)
@@ -111,11 +98,6 @@ class Setup(Run):
                            self.config, self.mesh)
 
 
-def write_config(config, workdir):
-    """config.json and fingerprint.json of `config` in `workdir` (jaxad.fingerprint)."""
-    fingerprint.write_run_record(config, workdir)
-
-
 def finish(setup, state, extra=None, watch=None):
     """Fits the scoring state, saves the final checkpoint, evaluates.
 
@@ -132,7 +114,9 @@ def finish(setup, state, extra=None, watch=None):
     # config.json and the scoring settings now describe the saved scoring state.
     fingerprint.write_run_record(config, setup.workdir)
     fingerprint.write_scoring_settings(config, setup.workdir)
-    threshold = predict.calibrate_after_training(setup, variables, scoring, step)
+    threshold = predict.calibrate_after_training(
+        config, setup.method, setup.workdir, variables, scoring, step,
+        train_images=setup.train_set.images, holdout_indices=setup.holdout_indices)
     if watch is not None:
         if watch.reached():
             raise watch.preempted(step, setup.total_steps, setup.checkpoints.directory,

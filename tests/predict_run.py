@@ -16,7 +16,7 @@ import types
 
 import numpy as np
 
-from jaxad import train
+from jaxad import fingerprint, train
 from tests.helpers import make_npz, tiny_config
 
 HOLDOUT_FRACTION = 0.25  # 4 of the 16 normal training images
@@ -40,7 +40,7 @@ def trained_run(tmp_path_factory):
                 workdir.mkdir()
                 config = tiny_config(npz, **{'threshold.holdout_fraction': HOLDOUT_FRACTION})
                 setup = train.Setup(config, str(workdir))
-                train.write_config(config, str(workdir))
+                fingerprint.write_run_record(config, str(workdir))
                 try:
                     train.finish(setup, setup.initial_state())
                 finally:

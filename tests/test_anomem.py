@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxad import config as jc
-from jaxad import train
+from jaxad import loop, train
 from jaxad.data import sources
 from jaxad.errors import ConfigError
 from jaxad.methods import anomem, get_method
@@ -159,29 +159,29 @@ def test_oe_max_images_is_a_seeded_subset(npz):
     config = anomem_config(npz, **{'oe.source': 'other_classes'})
     train_set = sources.load_split(config.data, 'train')
     normal = np.flatnonzero(train_set.labels == 0)
-    _, everything = train.outlier_source(config, train_set, normal, (0,))
+    _, everything = loop.outlier_source(config, train_set, normal, (0,))
     assert len(everything) == 32  # 0 = all of classes 1 and 2
 
     config.oe.max_images = 3
-    _, idx = train.outlier_source(config, train_set, normal, (0,))
+    _, idx = loop.outlier_source(config, train_set, normal, (0,))
     subset = np.unique(idx)
     assert len(subset) == 3 and set(train_set.labels[subset]) <= {1, 2}
     # Repeated to a whole batch (8), every outlier equally often.
     assert len(idx) >= config.batch_size
     assert set(np.bincount(idx)[subset]) == {len(idx) // 3}
-    np.testing.assert_array_equal(train.outlier_source(config, train_set, normal, (0,))[1], idx)
+    np.testing.assert_array_equal(loop.outlier_source(config, train_set, normal, (0,))[1], idx)
     config.seed = 1
-    others = [np.unique(train.outlier_source(config, train_set, normal, (0,))[1])]
+    others = [np.unique(loop.outlier_source(config, train_set, normal, (0,))[1])]
     for seed in (2, 3, 4):
         config.seed = seed
-        others.append(np.unique(train.outlier_source(config, train_set, normal, (0,))[1]))
+        others.append(np.unique(loop.outlier_source(config, train_set, normal, (0,))[1]))
     assert any(not np.array_equal(o, subset) for o in others)  # the seed picks the subset
     config.oe.max_images = 100  # more than there are: all of them
-    np.testing.assert_array_equal(train.outlier_source(config, train_set, normal, (0,))[1],
+    np.testing.assert_array_equal(loop.outlier_source(config, train_set, normal, (0,))[1],
                                   everything)
     config.oe.max_images = -1
     with pytest.raises(ConfigError, match='oe.max_images'):
-        train.outlier_source(config, train_set, normal, (0,))
+        loop.outlier_source(config, train_set, normal, (0,))
     with pytest.raises(ConfigError, match='oe.max_images'):
         jc.validate_config(config)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxad import train
+from jaxad import loop
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError
 from tests.helpers import make_npz, tiny_config
@@ -102,14 +102,14 @@ def test_outlier_source_choices(npz):
     config = tiny_config(npz)
     train_set = sources.load_split(config.data, 'train')
     normal = np.flatnonzero(train_set.labels == 0)
-    assert train.outlier_source(config, train_set, normal, (0,)) is None
+    assert loop.outlier_source(config, train_set, normal, (0,)) is None
     config.oe.source = 'normal'
-    assert train.outlier_source(config, train_set, normal, (0,))[1] is normal
+    assert loop.outlier_source(config, train_set, normal, (0,))[1] is normal
     config.oe.source = 'other_classes'
-    _, idx = train.outlier_source(config, train_set, normal, (0,))
+    _, idx = loop.outlier_source(config, train_set, normal, (0,))
     assert set(train_set.labels[idx]) == {1, 2}
     with pytest.raises(DataError, match='no images outside'):
-        train.outlier_source(config, train_set, np.arange(len(train_set)), (0, 1, 2))
+        loop.outlier_source(config, train_set, np.arange(len(train_set)), (0, 1, 2))
 
 
 def test_config_file_ood_argument():

@@ -16,7 +16,7 @@ import pytest
 from flax import traverse_util
 
 from jaxad import config as jc
-from jaxad import sharding, train
+from jaxad import loop, sharding
 from jaxad.errors import ConfigError
 from jaxad.methods import get_method
 from jaxad.models import convert
@@ -252,8 +252,8 @@ def test_init_from_loads_the_encoder(torch_mod, resnet18_ref, tmp_path):
     shape, tx, key = (32, 32, 3), optax.sgd(0.1), jax.random.key(0)
     mesh = sharding.make_mesh()  # the trainer's path: jit, replicated over 8 CPU devices
     method = get_method(_csi_config(tmp_path / 'conv'))
-    state = train.init_state(method, tx, key, shape, mesh)
-    scratch_init = train.make_init_fn(get_method(_csi_config('')), tx, shape)
+    state = loop.init_state(method, tx, key, shape, mesh)
+    scratch_init = loop.make_init_fn(get_method(_csi_config('')), tx, shape)
     assert jax.tree_util.tree_structure(state) == \
         jax.tree_util.tree_structure(jax.eval_shape(scratch_init, key))
     for col in ('params', 'batch_stats'):
@@ -278,7 +278,7 @@ def test_init_from_loads_the_encoder(torch_mod, resnet18_ref, tmp_path):
                               ('resnet18', 'cifar', "stem='imagenet'")]:
         bad = get_method(_csi_config(tmp_path / 'conv', name, stem))
         with pytest.raises(convert.ConversionError, match=match):
-            jax.eval_shape(train.make_init_fn(bad, tx, shape), key)
+            jax.eval_shape(loop.make_init_fn(bad, tx, shape), key)
     with pytest.raises(convert.ConversionError, match='not a converted encoder directory'):
         jax.eval_shape(lambda: get_method(_csi_config(tmp_path)).init_variables(key, shape))
 

@@ -46,6 +46,25 @@ def test_missing_data_path(tmp_path):
     assert_not_trained(tmp_path / 'w')
 
 
+@pytest.mark.parametrize('table', [False, True], ids=['single', 'table'])
+@pytest.mark.parametrize('field, value, match', [
+    ('model.name', 'resnet7', "unknown model 'resnet7'"),
+    ('model.dtype', 'float8', "unknown model dtype 'float8'"),
+    ('optim.name', 'sgdd', "unknown optim.name 'sgdd'"),
+    ('optim.schedule', 'linear', "unknown optim.schedule 'linear'"),
+])
+def test_bad_model_or_optim_setting_fails_before_the_data(tmp_path, table, field, value, match):
+    """A bad model or optimiser setting is reported before any data is read (here: a data
+    path that does not exist would be the other error), for a single run and a table alike
+    (jaxad.config.validate_config)."""
+    config = folder_config(tmp_path / 'does-not-exist', **{field: value})
+    if table:
+        config.table.classes, config.data.normal_classes = '0,1', ()
+    with pytest.raises(ConfigError, match=match):
+        train.train_and_evaluate(config, str(tmp_path / 'w'))
+    assert_not_trained(tmp_path / 'w')
+
+
 def test_empty_normal_class(tmp_path):
     root = tmp_path / 'data'
     write_folder(root)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import recipes
-from jaxad import train
+from jaxad import loop, train
 from jaxad import losses
 from jaxad.methods import mcl
 from tests.helpers import make_npz
@@ -389,8 +389,8 @@ def test_end_to_end_one_class_and_labelled(npz, tmp_path):
     try:
         batch = next(setup.batches(0))
         assert set(np.unique(batch['label'])) == {0, 1}
-        step_fn = train.jit_train_step(
-            train.make_train_step(setup.method, setup.tx, setup.schedule, setup.steps_per_epoch),
+        step_fn = loop.jit_train_step(
+            loop.make_train_step(setup.method, setup.tx, setup.schedule),
             setup.mesh)
         loss_ccm = {}
         for name, labels in (('batch', batch['label']), ('one_class', np.zeros(8, np.int32))):

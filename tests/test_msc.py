@@ -12,7 +12,7 @@ import scipy.ndimage
 from sklearn.neighbors import NearestNeighbors
 
 from configs import recipes
-from jaxad import losses, optim, train
+from jaxad import losses, loop, optim, train
 from jaxad import checkpoint as ckpt_lib
 from jaxad.data import augment
 from jaxad.errors import ConfigError
@@ -250,8 +250,8 @@ def test_end_to_end_centre_fixed_at_step_0_and_frozen_parts_unchanged(npz, tmp_p
     """
     config = msc_config(npz)
     method = get_method(config)
-    init = jax.jit(train.make_init_fn(method, optax.identity(), (8, 8, 3)))(
-        train.init_key(config.seed))
+    init = jax.jit(loop.make_init_fn(method, optax.identity(), (8, 8, 3)))(
+        loop.init_key(config.seed))
     variables = {'params': init.params, 'batch_stats': init.batch_stats}
     train_images = np.load(npz)['train_images'][:16]  # class 0
     phi0 = np.asarray(jax.jit(method.features)(variables, train_images, np.arange(16),
@@ -314,8 +314,8 @@ def test_table_members_get_their_own_centres(npz, tmp_path):
     assert len(results['classes']) == 2
     state = latest_state(str(tmp_path / 'groups' / 'classes_0_1'))
     method = get_method(msc_config(npz))
-    init = jax.jit(train.make_init_fn(method, optax.identity(), (8, 8, 3)))(
-        train.init_key(config.seed))
+    init = jax.jit(loop.make_init_fn(method, optax.identity(), (8, 8, 3)))(
+        loop.init_key(config.seed))
     variables = {'params': init.params, 'batch_stats': init.batch_stats}
     data = np.load(npz)
     for k in (0, 1):

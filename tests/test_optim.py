@@ -313,6 +313,22 @@ def test_warmup_steps_override_epochs():
     assert optim.warmup_steps(optim_cfg(warmup_epochs=3), 10) == 30
 
 
+def test_warmup_length_and_schedule_description():
+    """What the loop logs of a run's schedule comes from optim: the warm-up length of the
+    schedules that have one (None otherwise) and the rates at step 0 and after it."""
+    assert optim.warmup_length(optim_cfg(schedule='csi_warmup_cosine', warmup_epochs=3), 10) == 30
+    assert optim.warmup_length(optim_cfg(schedule='warmup_cosine', warmup_steps=7), 10) == 7
+    assert optim.warmup_length(optim_cfg(schedule='cosine'), 10) is None
+    assert optim.warmup_length(optim_cfg(schedule='constant'), 10) is None
+    cfg = optim_cfg(schedule='csi_warmup_cosine', warmup_epochs=2, lr_rule='none')
+    _, sched = optim.make_optimizer(cfg, 10, 1000)
+    assert optim.describe_schedule(cfg, sched, 10) == \
+        'lr rule none: base lr 0.1 -> 0.1 at step 0, 1 after warm-up'
+    cfg = optim_cfg(schedule='constant', lr_rule='none')
+    _, sched = optim.make_optimizer(cfg, 10, 1000)
+    assert optim.describe_schedule(cfg, sched, 10) == 'lr rule none: base lr 0.1 -> 0.1 at step 0'
+
+
 def test_warmup_cosine_schedule():
     """SimCLR: linear 0 -> peak over the warm-up, then cosine to 0 at the last step."""
     cfg = optim_cfg(schedule='warmup_cosine', lr=0.2, warmup_steps=10, lr_rule='linear',

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from jaxad import optim, train
+from jaxad import loop, optim
 from jaxad.config import csi_base
 from jaxad.methods import get_method
 
@@ -66,13 +66,13 @@ def test_bf16_train_step_keeps_float32_params_and_optimizer_state():
     returns is float32, however much of its work ran in bf16."""
     c, _, bf16 = methods()
     tx, schedule = optim.make_optimizer(c.optim, steps_per_epoch=10, total_steps=100)
-    state = jax.eval_shape(train.make_init_fn(bf16, tx, (16, 16, 3)), jax.random.key(0))
+    state = jax.eval_shape(loop.make_init_fn(bf16, tx, (16, 16, 3)), jax.random.key(0))
     images = jax.ShapeDtypeStruct((4, 16, 16, 3), jnp.uint8)
-    new, metrics = jax.eval_shape(train.make_train_step(bf16, tx, schedule, 1), state,
+    new, metrics = jax.eval_shape(loop.make_train_step(bf16, tx, schedule), state,
                                   {'image': images}, jax.random.key(2))
     leaves = jax.tree_util.tree_leaves((new.params, new.batch_stats, new.opt_state, metrics))
     floats = [x.dtype for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
     assert len(floats) > 50 and set(floats) == {jnp.dtype(jnp.float32)}
-    jaxpr = str(jax.make_jaxpr(train.make_train_step(bf16, tx, schedule, 1))(
+    jaxpr = str(jax.make_jaxpr(loop.make_train_step(bf16, tx, schedule))(
         state, {'image': images}, jax.random.key(2)))
     assert 'bf16' in jaxpr

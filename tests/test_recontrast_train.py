@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 
 from configs import recipes
-from jaxad import train
+from jaxad import loop, train
 from jaxad.data import pixel_sources, synthetic
 from jaxad.errors import ConfigError
 from jaxad.methods import StepBudget, get_method
@@ -121,8 +121,7 @@ def test_train_step_groups_frozen_copy_and_bn(synth_root, tmp_path):
     setup = train.Setup(tiny_config(synth_root), str(tmp_path))
     state = setup.initial_state()
     before = jax.device_get(state)
-    step = jax.jit(train.make_train_step(setup.method, setup.tx, setup.schedule,
-                                         setup.steps_per_epoch))
+    step = jax.jit(loop.make_train_step(setup.method, setup.tx, setup.schedule))
     images = np.stack([setup.train_set.images[i] for i in setup.normal_indices[:8]])
     state, metrics = step(state, {'image': jnp.asarray(images)}, setup.rng)
     after = jax.device_get(state)

@@ -149,7 +149,7 @@ def test_real_cifar10_test_split():
 
 def test_one_reader_and_one_extension_list(tmp_path):
     """jaxad.data.images is the reader of the folder sources, the pixel sources and predict."""
-    from jaxad import predict
+    from jaxad import inputs, predict
     from jaxad.data import images, pixel_sources
 
     assert sources.IMAGE_EXTENSIONS is images.IMAGE_EXTENSIONS is predict.IMAGE_EXTENSIONS
@@ -171,7 +171,7 @@ def test_one_reader_and_one_extension_list(tmp_path):
     np.testing.assert_array_equal(images.read_image(path, 3, 8), want)
     np.testing.assert_array_equal(images.read_image(path.read_bytes(), 3, 8), want)
     np.testing.assert_array_equal(images.read_image(rgba, 3, 8), want)
-    np.testing.assert_array_equal(predict.load_image(str(path), 8, 3), want)
+    np.testing.assert_array_equal(inputs.load_image(str(path), 8, 3), want)
     grey, wh = images.read_image(path, 1, (6, 10), return_size=True)
     assert grey.shape == (6, 10, 1) and wh == (12, 12)
     same = pattern(2)

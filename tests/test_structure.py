@@ -113,6 +113,23 @@ def test_no_import_cycle_in_jaxad():
     assert not cycles, f'import cycles in {PACKAGE}/: {cycles}'
 
 
+# Modules of jaxad/methods/ that are not methods: the registry, the contract and the shared
+# helpers every method may import.
+METHOD_INFRASTRUCTURE = {'jaxad.methods', 'jaxad.methods.base', 'jaxad.methods.common'}
+
+
+def test_no_method_module_imports_another():
+    """A method is one file behind one contract (docs/architecture.md §1.2): a method module
+    imports the contract and the shared helpers (jaxad/methods/common.py), never another
+    method's module, at module level or inside a function."""
+    graph = import_graph()
+    methods = {m for m in graph if m.startswith('jaxad.methods.')} - METHOD_INFRASTRUCTURE
+    assert {'jaxad.methods.csi', 'jaxad.methods.mcl', 'jaxad.methods.oecl'} <= methods
+    bad = {m: sorted(graph[m] & (methods | {'jaxad.methods'})) for m in sorted(methods)}
+    bad = {m: others for m, others in bad.items() if others}
+    assert not bad, f'method modules importing other method modules: {bad}'
+
+
 # ------------------------------------------------------------------ cited documents
 
 REPO = os.path.dirname(ROOT)

@@ -20,8 +20,8 @@ def one_step_on(num_devices, config, workdir, steps=2):
     config.num_devices = num_devices
     setup = train.Setup(config, str(workdir))
     state = setup.initial_state()
-    step_fn = train.jit_train_step(
-        train.make_train_step(setup.method, setup.tx, setup.schedule, setup.steps_per_epoch),
+    step_fn = loop.jit_train_step(
+        loop.make_train_step(setup.method, setup.tx, setup.schedule),
         setup.mesh)
     rng = np.random.default_rng(0)
     losses = []

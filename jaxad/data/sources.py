@@ -31,7 +31,7 @@ from absl import logging
 
 from jaxad import storage
 from jaxad.data import pixel_sources
-from jaxad.data.images import IMAGE_EXTENSIONS, ImageSet  # noqa: F401 (re-exported)
+from jaxad.data.images import IMAGE_EXTENSIONS, ImageSet
 from jaxad.data.images import check_channels, decode_errors, is_image_file, read_image
 from jaxad.errors import ConfigError, DataError
 

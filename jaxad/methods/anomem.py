@@ -25,8 +25,9 @@ Model (`AnoMemNet`)
   network can route around a useless memory. The same forward is used at train and test
   time, so deviations of scale s+1 are computed on features of the retrieved scale s.
 
-Loss (one train-mode forward of 2 SimCLR views per normal image, `oecl.train_views` with no
-rotation: h-flip + CSI's jitter/grey/resized crop; view-major rows, positive (i + N/2) mod N)
+Loss (one train-mode forward of 2 SimCLR views per normal image, OECL's
+`common.train_views` with no rotation: h-flip + CSI's jitter/grey/resized crop; view-major
+rows, positive (i + N/2) mod N)
   L = NT-Xent(proj, anomem.temperature, CSI's eps form)
       + var_weight  * sum_s mean_c max(0, gamma - sqrt(Var_n(M_s[:, c]) + 1e-4))
       + pull_weight * sum_s mean_{b,h,w} D~_s                                  (normal views)
@@ -82,6 +83,7 @@ import ml_collections
 from jaxad import losses
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
+from jaxad.methods.common import augment_kwargs, train_views
 from jaxad.models import resnet
 
 SCALES = ('layer1', 'layer2', 'layer3', 'layer4')
@@ -336,7 +338,6 @@ class AnoMem(Method):
         validate(config)
 
     def __init__(self, config, budget=None):
-        from jaxad.methods.csi import augment_kwargs
         super().__init__(config, budget)
         self.cfg = config.anomem
         self.loss_cfg = config.loss
@@ -373,11 +374,10 @@ class AnoMem(Method):
     def loss(self, params, batch_stats, consts, batch, key):
         """(loss, (metrics, new_batch_stats)); batch: image (+ outlier in few-anomaly mode)."""
         from jaxad.data import augment
-        from jaxad.methods import oecl
         del consts
         view_key, flip_key = jax.random.split(key)
         images = batch['image']
-        views = oecl.train_views(view_key, images, (0,), self.aug)  # [v1; v2]
+        views = train_views(view_key, images, (0,), self.aug)  # [v1; v2]
         out, mutated = self.model.apply({'params': params, 'batch_stats': batch_stats}, views,
                                         train=True, mutable=['batch_stats'])
         cfg = self.cfg

@@ -85,8 +85,6 @@ class Method(abc.ABC):
     uses_consts = False
     # Regexes on param paths ('^frozen_encoder/') the optimiser never updates. [T, Tb]
     frozen_params = ()
-    # Names of the eval.density evaluators attached to the scores (get_method). [E]
-    density_names = ()
 
     # ------------------------------------------------------------------ instance attributes
     # Set by every method's __init__ (they may depend on the config).
@@ -168,26 +166,21 @@ class Method(abc.ABC):
         del class_names
         return None
 
+    # ------------------------------------------------------------------ inside jaxad/methods
+    # Not part of the contract: nothing outside jaxad/methods/ reads it.
     def density_features(self, features):
-        """The (N, D) features the eval.density evaluators see. [M: get_method]"""
+        """The (N, D) features the eval.density evaluators see (`get_method` attaches them
+        through `with_density`; the wrapper is what readers get)."""
         del features
         raise ConfigError(f'{type(self).__name__} does not support eval.density')
 
-    def require_budget(self, what):
-        """The step budget, or TrainingError naming `what` needs it."""
-        if self.budget is None:
-            raise TrainingError(
-                f'{type(self).__name__}: {what} is unknown: this method object was built '
-                'without a step budget (the trainer configures it: '
-                'get_method(config, budget=StepBudget(steps_per_epoch, total_steps)))')
-        return self.budget
 
-
-# Every member a reader may use: the wrapper below delegates exactly these.
+# Every member a reader outside jaxad/methods/ uses (the contract): the wrapper below
+# delegates exactly these.
 MEMBERS = ('config_section', 'scoring_fields', 'needs_step', 'needs_bank', 'uses_consts',
-           'frozen_params', 'density_names', 'model', 'headline_score', 'inputs', 'budget',
+           'frozen_params', 'model', 'headline_score', 'inputs', 'budget',
            'needs_bank_labels', 'needs_outliers', 'init_variables', 'loss', 'features',
-           'fit_scoring', 'score', 'fit_consts', 'paper_one_class', 'density_features')
+           'fit_scoring', 'score', 'fit_consts', 'paper_one_class')
 
 
 def _delegate(name):
@@ -203,6 +196,7 @@ class WithDensity(Method):
     it is checkpointed and restored with the method's own state.
     """
     needs_bank = True  # the evaluators need the bank's features
+    density_names = ()  # the evaluators attached (set by __init__)
 
     def __init__(self, method, names, cfg, feature_fn):  # pylint: disable=super-init-not-called
         """method: the wrapped method; names: evaluator names; cfg: a density.DensityConfig;
@@ -236,7 +230,7 @@ class WithDensity(Method):
 
 
 for _name in MEMBERS:
-    if _name not in ('needs_bank', 'density_names', 'fit_scoring', 'score'):
+    if _name not in ('needs_bank', 'fit_scoring', 'score'):
         setattr(WithDensity, _name, _delegate(_name))
 del _name
 abc.update_abstractmethods(WithDensity)  # the delegating properties implement the contract

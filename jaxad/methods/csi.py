@@ -32,14 +32,7 @@ from jaxad import losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
-
-
-def augment_kwargs(aug_cfg, crop_scale):
-    """Keyword arguments of `augment.simclr_augment` from `config.augment`."""
-    return dict(crop_scale=tuple(crop_scale), crop_ratio=tuple(aug_cfg.crop_ratio),
-                brightness=aug_cfg.brightness, contrast=aug_cfg.contrast,
-                saturation=aug_cfg.saturation, hue=aug_cfg.hue,
-                jitter_p=aug_cfg.jitter_p, gray_p=aug_cfg.gray_p)
+from jaxad.methods.common import CIFAR10_CLASSES, augment_kwargs
 
 
 def positive_index(batch_size, num_shifts):
@@ -162,8 +155,6 @@ def scores(state: ScoringState, z_bar, logits_bar, knn_k=1):
             'knn_cosine': 1.0 - jnp.mean(top, axis=-1)}
 
 
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
-                   'ship', 'truck')
 # One-class AUROC % from the paper (docs/methods.md §2.6): Table 1(a) per class and
 # mean, Table 1(b) CIFAR-100 super-classes (mean only was recovered).
 PAPER_ONE_CLASS = (

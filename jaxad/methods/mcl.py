@@ -67,7 +67,7 @@ from jaxad import losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
-from jaxad.methods.csi import augment_kwargs
+from jaxad.methods.common import augment_kwargs
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 COMBINES = ('wa', 'mean', 'min')

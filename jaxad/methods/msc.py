@@ -35,6 +35,7 @@ from jaxad import density, losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
+from jaxad.methods.common import CIFAR10_CLASSES
 
 CIFAR10_PAPER = dict(
     mean=97.5, source='MSC v1 abstract (arXiv 2106.03844v1, ResNet-152 ImageNet weights, '
@@ -148,7 +149,6 @@ class MSC(Method):
         self.blocks = (config.eval.density_test_block, config.eval.density_bank_block)
 
     def paper_one_class(self, class_names):
-        from jaxad.methods.csi import CIFAR10_CLASSES
         if tuple(class_names) == CIFAR10_CLASSES:
             return {'per_class': {}, **CIFAR10_PAPER}
         return None

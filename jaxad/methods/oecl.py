@@ -46,6 +46,8 @@ from jaxad import losses
 from jaxad.data import augment
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods.base import Method
+from jaxad.methods.common import (CIFAR10_CLASSES, augment_kwargs, augment_view,
+                                  require_budget, train_views)
 
 ID_ROTATIONS = {False: (0,), True: (0, 1)}  # OECL | self-OECL, in units of 90 degrees
 OE_ROTATIONS = {False: (0,), True: (2, 3)}
@@ -56,41 +58,6 @@ PAPER_CIFAR10 = {
                                   '(comparable only with a Tiny80M-like oe source)'),
     True: dict(mean=94.7, source='realOECL README: self-OECL'),
 }
-
-
-def augment_view(key, image, aug_kwargs, flip_p=0.5):
-    """One SimCLR view of a float image: random h-flip, then CSI's jitter/grey/crop.
-
-    torchvision's order (crop, flip, jitter, grey) differs; flip commutes with the
-    colour ops and the crop distribution is mirror-symmetric, so the views agree in
-    distribution.
-    """
-    flip_key, aug_key = jax.random.split(key)
-    return augment.simclr_augment(aug_key, augment.random_hflip(flip_key, image, flip_p),
-                                  **aug_kwargs)
-
-
-def train_views(key, images, rotations, aug_kwargs, flip_p=0.5, grey=False):
-    """uint8 (B, H, W, C) -> float32 (2 * R * B, H, W, C), rows (view, rotation, image).
-
-    Each image's two views are drawn from a key folded with its position in the global
-    batch; a view's rotations share its augmentation (rotated after augmenting). grey:
-    convert the (RGB) images to grey first (oecl.oe_grayscale: colour OE, grey data).
-    """
-    def one_image(image_key, image):
-        x = augment.to_float(image)
-        if grey:
-            x = augment.grayscale(x)
-
-        def one_view(view_key):
-            v = augment_view(view_key, x, aug_kwargs, flip_p)
-            return jnp.stack([augment.rot90(v, int(k)) for k in rotations])
-        return jax.vmap(one_view)(jax.random.split(image_key, 2))  # (2, R, H, W, C)
-
-    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(images.shape[0]))
-    views = jax.vmap(one_image)(keys, images)  # (B, 2, R, H, W, C)
-    views = jnp.moveaxis(views, 0, 2)  # (2, R, B, H, W, C)
-    return views.reshape((-1,) + views.shape[3:])
 
 
 def positive_index(num_rows):
@@ -189,7 +156,6 @@ class OECL(Method):
             raise ConfigError('oecl.oe_grayscale needs data.channels=3 (RGB images)')
 
     def __init__(self, config, budget=None):
-        from jaxad.methods.csi import augment_kwargs
         from jaxad.models.resnet import build_model
         super().__init__(config, budget)
         self.headline_score = 'norm_mean'
@@ -225,7 +191,6 @@ class OECL(Method):
             self.warmup_steps = None
 
     def paper_one_class(self, class_names):
-        from jaxad.methods.csi import CIFAR10_CLASSES
         if tuple(class_names) == CIFAR10_CLASSES:
             return {'per_class': {}, **PAPER_CIFAR10[self.self_supervised]}
         return None
@@ -240,8 +205,8 @@ class OECL(Method):
 
     def alpha(self, step):
         if self.warmup_steps is None:
-            self.require_budget('the warm-up length in steps (oecl.warmup_epochs x steps per '
-                                'epoch; or set oecl.warmup_steps > 0)')
+            require_budget(self, 'the warm-up length in steps (oecl.warmup_epochs x steps '
+                                 'per epoch; or set oecl.warmup_steps > 0)')
         return alpha_at(step, self.warmup_steps, self.cfg.alpha)
 
     def loss(self, params, batch_stats, consts, batch, key):

@@ -56,6 +56,7 @@ import numpy as np
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
+from jaxad.methods.common import require_budget
 from jaxad.models.resnet import (ARCHS, BOTTLENECK_STAGE_SIZES, STAGE_SIZES, BasicBlock,
                                  Bottleneck, Deconv2x2, ResNet, block_layers, block_spec)
 
@@ -523,7 +524,7 @@ class ReContrast(Method):
     def loss(self, params, batch_stats, consts, batch, key):
         del consts, key  # no augmentation: Resize -> ToTensor -> normalise
         if self.total_steps is None:
-            self.require_budget("the length of alpha's schedule (the run's total steps)")
+            require_budget(self, "the length of alpha's schedule (the run's total steps)")
         x = augment.to_float(batch['image'])
         (en, de), mutated = self.model.apply({'params': params, 'batch_stats': batch_stats},
                                              x, None, True, mutable=['batch_stats'])

@@ -455,21 +455,23 @@ class CSINet(nn.Module):
         return out
 
 
-def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
-    """CSINet from `config.model` (fields: name, stem, width, proj_dim, proj_hidden, proj_bn,
-    dtype, bn_mode, bn_groups, bn_running_var, input_norm, conv_impl, init; `init_from` is
-    applied by the method's init and overrides `init` there). `proj_dim` overrides
-    model.proj_dim (0: no projection head). A model config without init / bn_running_var
-    predates them: Flax's behaviour, as jaxad had then."""
+STEMS = ('cifar', 'imagenet')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def check_model_config(model_cfg):
+    """ConfigError for a `config.model` field no model can be built with (name, stem, dtype,
+    bn_mode, bn_groups, input_norm, conv_impl, init, bn_running_var). Called by
+    `jaxad.config.validate_config` before any data is read, and by `build_model`."""
     if model_cfg.name not in ARCHS:
         raise ConfigError(f'unknown model {model_cfg.name!r}; choose from {sorted(ARCHS)}')
-    depth, width_per_group = ARCHS[model_cfg.name]
+    if model_cfg.stem not in STEMS:
+        raise ConfigError(f"unknown model.stem {model_cfg.stem!r}; choose 'cifar' or 'imagenet'")
     input_norm = model_cfg.get('input_norm', 'csi')
     if input_norm not in INPUT_NORMS:
         raise ConfigError(f'unknown model.input_norm {input_norm!r}; choose from {sorted(INPUT_NORMS)}')
-    dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-    if model_cfg.dtype not in dtypes:
-        raise ConfigError(f'unknown model dtype {model_cfg.dtype!r}; choose from {sorted(dtypes)}')
+    if model_cfg.dtype not in DTYPES:
+        raise ConfigError(f'unknown model dtype {model_cfg.dtype!r}; choose from {sorted(DTYPES)}')
     if model_cfg.bn_mode not in BN_MODES:
         raise ConfigError(f'unknown model.bn_mode {model_cfg.bn_mode!r}; choose from {BN_MODES}')
     if model_cfg.bn_groups < 1:
@@ -484,6 +486,21 @@ def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
     if bn_running_var not in BN_RUNNING_VARS:
         raise ConfigError(f'unknown model.bn_running_var {bn_running_var!r}; choose from '
                           f'{BN_RUNNING_VARS}')
+
+
+def build_model(model_cfg, num_shifts: int, proj_dim=None) -> nn.Module:
+    """CSINet from `config.model` (fields: name, stem, width, proj_dim, proj_hidden, proj_bn,
+    dtype, bn_mode, bn_groups, bn_running_var, input_norm, conv_impl, init; `init_from` is
+    applied by the method's init and overrides `init` there). `proj_dim` overrides
+    model.proj_dim (0: no projection head). A model config without init / bn_running_var
+    predates them: Flax's behaviour, as jaxad had then."""
+    check_model_config(model_cfg)
+    depth, width_per_group = ARCHS[model_cfg.name]
+    input_norm = model_cfg.get('input_norm', 'csi')
+    conv_impl = model_cfg.get('conv_impl', 'auto')
+    param_init = model_cfg.get('init', MODULE_DEFAULTS['param_init'])
+    bn_running_var = model_cfg.get('bn_running_var', MODULE_DEFAULTS['bn_running_var'])
+    dtypes = DTYPES
     return CSINet(depth=depth, stem=model_cfg.stem, width=model_cfg.width,
                   proj_dim=model_cfg.proj_dim if proj_dim is None else proj_dim,
                   num_shifts=num_shifts, dtype=dtypes[model_cfg.dtype],
