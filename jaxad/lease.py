@@ -138,7 +138,8 @@ class Lease:
     def _renew(self):
         while not self._stop.wait(self.stale_after / 4):
             held = self._read()
-            if held is not None and held.get('run_id') != self.record['run_id']:
+            mine = (self.record['host'], self.record['pid'])
+            if held is not None and (held.get('host'), held.get('pid')) != mine:
                 # Another run took the workdir over while this one stalled: writing on would
                 # mix two runs' files. Stop now, without a word more to the workdir.
                 print(f'jaxad: error: the lease of {self.workdir} was taken over by host '
@@ -167,7 +168,7 @@ class Lease:
         self.record = None
 
     def __enter__(self):
-        return self.acquire()
+        return self if self.record is not None else self.acquire()
 
     def __exit__(self, *exc):
         self.release()
@@ -175,11 +176,29 @@ class Lease:
 
 def holds_workdir(run):
     """`run(config, workdir)` with the workdir checked (`storage.check_url`: a URL's bucket,
-    server and credentials, one line in bounded time) and leased while it runs."""
+    server and credentials, one line in bounded time) and leased while it runs. In a
+    multi-process run process 0 takes the lease and tells the others whether it got it, so
+    that a refused run stops on every process (instead of the others waiting for process 0
+    in their first collective)."""
     @functools.wraps(run)
     def leased(config, workdir):
         workdir = storage.normalize(workdir)
         storage.check_url(workdir)
-        with Lease(workdir):
+        lease = Lease(workdir)
+        refused = None
+        try:
+            lease.acquire()
+        except WorkdirBusy as e:
+            refused = e
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+            held = bool(multihost_utils.broadcast_one_to_all(np.int32(refused is None)))
+            if not held and refused is None:
+                refused = WorkdirBusy(f'workdir {workdir} is in use by another run (process 0 '
+                                      'of this run was refused its lease; see its output)')
+        if refused is not None:
+            raise refused
+        with lease:
             return run(config, workdir)
     return leased
