@@ -1,8 +1,8 @@
 """Signal-to-exit time of a preempted run; prints one JSON line per trial.
 
-python benchmarks/preemption.py                                  # quickstart, SIGTERM at step 35 of 60
+python benchmarks/preemption.py                   # quickstart, SIGTERM at step 35 of 60
 python benchmarks/preemption.py --signal=INT --trials=3
-python benchmarks/preemption.py --processes=2                    # two CPU processes on loopback
+python benchmarks/preemption.py --processes=2     # two CPU processes on loopback
 
 Runs the real command line, `python -m jaxad.main --config=CONFIG --workdir=W
 --config.checkpoint.every_steps=1000 --config.log_every=L` (--processes=2: two processes,

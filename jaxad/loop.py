@@ -23,7 +23,7 @@ import optax
 from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
-from jaxad import distributed, fingerprint, optim, sharding, stacking, storage
+from jaxad import distributed, fingerprint, optim, preemption, sharding, stacking, storage
 from jaxad import evaluate as eval_lib
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
@@ -295,6 +295,7 @@ class Run(abc.ABC):
         self.checkpoints = ckpt_lib.Checkpoints(
             storage.join(directory, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)
+        preemption.keep_orbax_off(self.checkpoints.manager)  # the sync point is the loop's
 
     @property
     def steps_per_epoch(self):

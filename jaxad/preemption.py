@@ -35,10 +35,15 @@ forwarded to the process itself as a SIGTERM so that it too becomes a preemption
 The `n` passed is a process-wide count of `Watch.reached` calls, not the training step:
 every process makes the same calls in the same order (one per step, one after a final
 save, one before each table group), and the count never repeats when a table's next group
-starts again from step 1. JAX's handler is there from `jax.distributed.initialize` to the
-exit, so with several processes SIGTERM never ends a process at once: a notice before the
-first step is acted on at the first step, and one after a process's last call (during the
-final evaluation) is never acted on: the run finishes normally.
+starts again from step 1. Orbax's CheckpointManager calls the same sync point with the
+step being saved (for its own logs and metrics, at the start of a save and again from its
+finalize thread), which would move the counter the protocol publishes (backwards, to a step
+jaxad's count has passed, so the notice would never be acted on); `keep_orbax_off` turns
+those calls off on the managers the loop saves with. JAX's handler is there from
+`jax.distributed.initialize` to the exit, so with several processes SIGTERM never ends a
+process at once: a notice before the first step is acted on at the first step, and one after
+a process's last call (during the final evaluation) is never acted on: the run finishes
+normally.
 """
 import itertools
 import os
@@ -54,6 +59,19 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 # Process-wide ids for `reached_preemption_sync_point` (see the module docstring).
 _sync_ids = itertools.count(1)
+
+
+def _distributed():
+    """Whether jax.distributed runs (its preemption sync point and SIGTERM handler exist)."""
+    return jax.distributed.is_initialized()
+
+
+def keep_orbax_off(manager):
+    """Stops the Orbax CheckpointManager `manager` from calling JAX's preemption sync point
+    (see the module docstring). Orbax 0.12 calls `manager.reached_preemption(step)` in
+    `should_save` (not used: jaxad saves with force=True) and to log and time a preemption
+    save; the answer is then always False, which changes nothing but those logs."""
+    manager.reached_preemption = lambda step: False
 
 
 def exit_code(signal_name):
@@ -76,7 +94,7 @@ class Watch:
     """
 
     def __init__(self):
-        self.multi = jax.distributed.is_initialized()
+        self.multi = _distributed()
         self.signal_name = None  # the first signal this process received
         self.repeats = 0  # signals received after the first (ignored until the save is done)
         self.stopping = False  # a stop was agreed: sticky
@@ -165,14 +183,13 @@ class Watch:
             return 'SIGINT'
         return f'SIGTERM to a process of this {jax.process_count()}-process run'
 
-    def preempted(self, step, total_steps, directory, *, saved_step=None, final=False,
-                  group=None, groups_done=None):
-        """The `Preempted` to raise after the checkpoint of `step` was committed.
+    def preempted(self, step, total_steps, directory, *, final=False, group=None,
+                  groups_done=None):
+        """The `Preempted` to raise once the checkpoint of `step` in `directory` is committed.
 
         final: the step is the run's last and its checkpoint the final one (with the
         scoring state), so the rerun only evaluates. group / groups_done: a table's group
-        name and 'i of n' groups finished before it. saved_step=None: `step`'s own
-        checkpoint; otherwise (a table stopped before a group started) the newest one.
+        name and 'i of n' groups finished before it.
         """
         if self.repeats:
             logging.warning('%d more signal(s) arrived while the checkpoint was being saved; '
@@ -180,9 +197,8 @@ class Watch:
         signal_name = 'SIGINT' if self.signal_name == 'SIGINT' else 'SIGTERM'
         where = f' of group {group} ({groups_done} groups finished)' if group else ''
         what = 'the final checkpoint' if final else 'checkpoint'
-        saved = step if saved_step is None else saved_step
         message = (f'preempted ({self.reason}) at step {step} of {total_steps}{where}; saved '
-                   f'{what} step {saved} in {directory}')
+                   f'{what} step {step} in {directory}')
         if final:
             message += ' (training done, not yet evaluated)'
         message += '. Rerun the same command to resume.'
