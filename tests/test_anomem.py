@@ -276,6 +276,16 @@ def test_one_class_table_with_anomaly_maps(npz, tmp_path):
     assert np.isfinite(results['mean']['image_AUROC'])
 
 
+def few_anomaly_config(tmp_path):
+    """test_few_anomaly_end_to_end's config, its data written under `tmp_path` (also what
+    benchmarks/e2e_floors.py measures)."""
+    npz = make_rotated_npz(tmp_path / 'rotated.npz', tint=None)
+    return anomem_config(npz, **{'anomem.few_anomalies': True, 'anomem.hinge_weight': 1.0,
+                                 'oe.source': 'other_classes', 'oe.max_images': 16,
+                                 'total_steps': 400, 'optim.epochs': 100, 'log_every': 100,
+                                 'num_devices': 1})
+
+
 def test_few_anomaly_end_to_end(tmp_path):
     """Few-anomaly AnoMem, 400 steps on make_rotated_npz without tint (normal: a bar along
     the top edge; anomalies and the 16 labelled outliers: the images turned 90 and 180
@@ -294,11 +304,7 @@ def test_few_anomaly_end_to_end(tmp_path):
     (trained 200 steps, seeds 0-4: 0.891 0.820 0.555 0.719 0.508; untrained, seeds 0-5:
     0.484 0.109 0.672 0.617 0.773 0.516; RESULTS.md: 56 % on Fashion-MNIST class 0).
     """
-    npz = make_rotated_npz(tmp_path / 'rotated.npz', tint=None)
-    config = anomem_config(npz, **{'anomem.few_anomalies': True, 'anomem.hinge_weight': 1.0,
-                                   'oe.source': 'other_classes', 'oe.max_images': 16,
-                                   'total_steps': 400, 'optim.epochs': 100, 'log_every': 100,
-                                   'num_devices': 1})
+    config = few_anomaly_config(tmp_path)
     assert config.seed == 0
     train.train_and_evaluate(config, str(tmp_path))
     saved = json.loads((tmp_path / 'results.json').read_text())

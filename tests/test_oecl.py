@@ -289,6 +289,19 @@ E2E = {'oecl': dict(rotations=(0, -1, -2), seed=2, floor=0.85),
        'self_oecl': dict(rotations=(0, 2, 2), seed=2, floor=0.9)}
 
 
+def e2e_config(method, tmp_path):
+    """The end-to-end test's config for `method` at its seed, its data written under
+    `tmp_path` (also what benchmarks/e2e_floors.py measures)."""
+    e2e = E2E[method]
+    npz = make_rotated_npz(tmp_path / 'rotated.npz', rotations=e2e['rotations'])
+    config = tiny_config(method, **{
+        'data.source': 'numpy', 'data.numpy_path': str(npz), 'data.image_size': 8,
+        'total_steps': 60, 'log_every': 30, 'oecl.warmup_steps': 30,
+        'augment.crop_scale': (0.5, 1.0), 'num_devices': 1})
+    config.seed = e2e['seed']
+    return config
+
+
 @pytest.mark.parametrize('method', ['oecl', 'self_oecl'])
 def test_train_and_evaluate_end_to_end(method, tmp_path):
     """60 steps (alpha = 0 for 30) on make_rotated_npz at 8 px, crops of scale >= 0.5 (at
@@ -314,12 +327,7 @@ def test_train_and_evaluate_end_to_end(method, tmp_path):
     The previous set-up (digits, 2 steps) gave 0.27-0.53 trained and 0.27-0.41 untrained.
     """
     e2e = E2E[method]
-    npz = make_rotated_npz(tmp_path / 'rotated.npz', rotations=e2e['rotations'])
-    config = tiny_config(method, **{
-        'data.source': 'numpy', 'data.numpy_path': str(npz), 'data.image_size': 8,
-        'total_steps': 60, 'log_every': 30, 'oecl.warmup_steps': 30,
-        'augment.crop_scale': (0.5, 1.0), 'num_devices': 1})
-    config.seed = e2e['seed']
+    config = e2e_config(method, tmp_path)
     results = train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['headline_score'] == 'norm_mean'
     for name in ('norm_mean', 'mean_sq_norm', 'clean_sq_norm'):

@@ -216,6 +216,22 @@ def test_config_errors(synth_root):
     assert c.optim.group_lr == (('^encoder/', 1e-5),) and c.optim.lr == 2e-3
 
 
+def e2e_config(tmp_path):
+    """The end-to-end test's config, its synthetic set written under `tmp_path` (also what
+    benchmarks/e2e_floors.py measures)."""
+    root = tmp_path / 'data'
+    synthetic.write_mvtec(root, 'weave', size=32, num_train=32, num_good_test=16,
+                          num_per_defect=12, defects=('hole', 'scratch'))
+    # log_every 25: a host sync every 25 steps. Kept from the 8-device set-up, where 100 steps
+    # in flight on a loaded 2-core machine stalled XLA's collective rendezvous.
+    c = tiny_config(root, **{'data.image_size': 32, 'model.width': 8, 'model.bn_mode': 'frozen',
+                             'batch_size': 16, 'total_steps': 300, 'log_every': 25,
+                             'checkpoint.every_steps': 1000, 'eval.batch_size': 16,
+                             'num_devices': 1})
+    c.seed = 0
+    return c
+
+
 def test_end_to_end_on_the_synthetic_set_localises_defects(tmp_path):
     """A tiny ReContrast (random init: no ImageNet weights here) trained 300 steps on the
     synthetic MVTec-style textures localises holes and scratches on 40 test images (16 good,
@@ -235,16 +251,8 @@ def test_end_to_end_on_the_synthetic_set_localises_defects(tmp_path):
     The test runs seed 0. With 20 test images (8 good, 6 per defect) and seed 111 another
     machine gave image_AUROC 0.844 against the former > 0.9. Texture-and-colour stains are
     left out: how well random features flag them varies with the seed (RESULTS.md)."""
-    root = tmp_path / 'data'
-    synthetic.write_mvtec(root, 'weave', size=32, num_train=32, num_good_test=16,
-                          num_per_defect=12, defects=('hole', 'scratch'))
-    # log_every 25: a host sync every 25 steps. Kept from the 8-device set-up, where 100 steps
-    # in flight on a loaded 2-core machine stalled XLA's collective rendezvous.
-    c = tiny_config(root, **{'data.image_size': 32, 'model.width': 8, 'model.bn_mode': 'frozen',
-                             'batch_size': 16, 'total_steps': 300, 'log_every': 25,
-                             'checkpoint.every_steps': 1000, 'eval.batch_size': 16,
-                             'num_devices': 1})
-    c.seed = 0
+    c = e2e_config(tmp_path)
+    assert c.seed == 0
     results = train.train_and_evaluate(c, str(tmp_path / 'run'))
     assert results['pixel_AUROC'] >= 0.85, results
     assert results['image_AUROC'] >= 0.85, results

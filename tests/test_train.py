@@ -87,6 +87,16 @@ def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
     assert r_full['image_AUROC'] == r_resumed['image_AUROC']
 
 
+def e2e_config(tmp_path):
+    """The end-to-end test's config, its data written under `tmp_path` (also what
+    benchmarks/e2e_floors.py measures)."""
+    npz = make_rotated_npz(tmp_path / 'rotated.npz')
+    # The shared density evaluators ride along: fitted, checkpointed, restored, scored.
+    return tiny_config(npz, **{'eval.density': ('knn', 'gde', 'kde', 'mahalanobis'),
+                               'total_steps': 40, 'log_every': 20,
+                               'checkpoint.every_steps': 20})
+
+
 def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(tmp_path):
     """CSI trained 40 steps on make_rotated_npz (normal: a bar along the top edge; anomalies:
     the same images turned 90 and 180 degrees) must reach csi image_AUROC >= 0.85.
@@ -100,12 +110,8 @@ def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(tmp_path):
     density scores at ~1.0 either way, so no floor could tell a trained model from an
     untrained one there. The test runs seed 0.
     """
-    npz = make_rotated_npz(tmp_path / 'rotated.npz')
     workdir = tmp_path / 'run'
-    # The shared density evaluators ride along: fitted, checkpointed, restored, scored.
-    config = tiny_config(npz, **{'eval.density': ('knn', 'gde', 'kde', 'mahalanobis'),
-                                 'total_steps': 40, 'log_every': 20,
-                                 'checkpoint.every_steps': 20})
+    config = e2e_config(tmp_path)
     assert config.seed == 0
     results = train.train_and_evaluate(config, str(workdir))
     saved = json.loads((workdir / 'results.json').read_text())
