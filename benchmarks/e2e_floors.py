@@ -313,6 +313,11 @@ def table(name, rows):
                 failing = sorted(set(vals) - set(passing))
                 verdict.append(f'every {mode} value clears it: {"yes" if not failing else "no"}'
                                + (f' (seeds {failing} do not)' if failing else ''))
+        at_test_seed = [f'{mode} {_fmt(by[(spec["test_seed"], mode)]["metrics"][m["name"]])}'
+                        for mode in modes if mode in m['modes']
+                        and 'error' not in by.get((spec['test_seed'], mode), {'error': 1})]
+        if at_test_seed:
+            verdict.append(f'at the test\'s seed {spec["test_seed"]}: ' + ', '.join(at_test_seed))
         note = ('' if spec['separates'] or m['name'] not in ('image_AUROC',) else
                 ' (the docstring: this floor does not separate trained from untrained runs)')
         out.append(f'- {m.get("label", m["name"])} {m["op"]} {m["floor"]}: '
@@ -332,6 +337,8 @@ def main(argv=None):
     p.add_argument('--jobs', type=int, default=1, help='measurements in parallel')
     p.add_argument('--timeout', type=float, default=1800, help='seconds per measurement')
     p.add_argument('--list', action='store_true', help='print the registry and exit')
+    p.add_argument('--tables_from', default='',
+                   help="a file of this script's JSON lines: print their tables and exit")
     p.add_argument('--child', nargs=3, metavar=('NAME', 'SEED', 'MODE'), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -350,6 +357,13 @@ def main(argv=None):
                 separates=spec['separates'],
                 metrics=[dict(name=m['name'], op=m['op'], floor=m['floor'],
                               modes=list(m['modes'])) for m in spec['metrics']])))
+        return
+    if args.tables_from:
+        with open(args.tables_from) as f:
+            rows = [json.loads(x) for x in f if x.startswith('{"test"')]
+        for name in names:
+            if any(r['name'] == name for r in rows):
+                print(table(name, [r for r in rows if r['name'] == name]) + '\n')
         return
     seeds = [int(s) for s in args.seeds.split(',') if s]
     modes = [m for m in args.modes.split(',') if m]
