@@ -74,3 +74,29 @@ def test_input_throughput_on_synthetic_images():
                 'copy_images_per_s'):
         assert run[key] > 0, (key, run)
     assert len(run['loadavg_before']) == 3 and run['device'] == 'cpu'
+
+
+def test_e2e_floors_lists_every_floor_test_it_measures():
+    """benchmarks/e2e_floors.py --list (no jax, no run): every registered test exists, with
+    the builder the script calls, and the floors it checks are the tests' own."""
+    import importlib
+    sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
+    try:
+        e2e = importlib.import_module('e2e_floors')
+    finally:
+        sys.path.pop(0)
+    lines = _run(['benchmarks/e2e_floors.py', '--list'], timeout=60)
+    assert [x['name'] for x in lines] == list(e2e.ORDER)
+    assert sorted(e2e.REGISTRY) == sorted(e2e.ORDER)
+    for line in lines:
+        path, _, test = line['test'].partition('::')
+        source = open(os.path.join(_ROOT, path)).read()
+        assert f'def {test.split("[")[0]}(' in source, line['test']
+        assert line['test_seed'] in line['seeds']
+        assert {'trained', 'untrained'} <= set(line['modes'])
+        for m in line['metrics']:
+            assert m['op'] in ('>=', '>', '<') and m['modes']
+    floors = {x['name']: [m['floor'] for m in x['metrics']] for x in lines}
+    assert floors['csi'] == [0.85] and floors['recontrast'] == [0.85, 0.85, 0.5]
+    assert floors['anomem_few'] == [0.75] and floors['mcl'] == [0.9, 0.8]
+    assert (floors['oecl'], floors['self_oecl'], floors['msc']) == ([0.85], [0.9], [0.9, 1e-3])

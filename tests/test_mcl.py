@@ -358,11 +358,12 @@ def test_end_to_end_one_class_and_labelled(npz, tmp_path):
     No AUROC floor here tells a trained MCL from an untrained one: SEI's per-rotation
     Gaussians on random-init features already separate every small synthetic set tried, and
     the one-class loss collapses within a few steps (RESULTS.md; the loss then sits at the
-    value for identical projections). Measured (8 emulated CPU devices,
-    --xla_backend_optimization_level=0, this config, the recipe's model.init='torchvision'),
-    sei image_AUROC, seeds 0-3: trained 1.000 1.000 1.000 1.000; untrained (0 steps:
-    Setup.train replaced by the identity, the initial state scored), seeds 0-2: 1.000 1.000
-    1.000; lr = 0, seeds 0-3: 1.000 1.000 1.000 0.961. Loss step 1 -> step 2, seeds 0-3:
+    value for identical projections). Measured by `python benchmarks/e2e_floors.py
+    --tests=mcl` (2026-12-07; the suite's XLA flags: 8 emulated CPU devices,
+    --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false; this config,
+    the recipe's model.init='torchvision'), sei image_AUROC, seeds 0-3: trained 1.000 1.000
+    1.000 1.000; untrained (0 steps: Run.train replaced by the identity, the initial state
+    scored) 1.000 1.000 1.000 1.000; lr = 0: 1.000 1.000 1.000 0.961. Loss step 1 -> step 2:
     3.63 -> 2.62, 2.79 -> 2.71, 3.32 -> 2.65, 2.92 -> 2.69 (ratios 0.72 0.97 0.80 0.92); with
     lr = 0 the same batches give ratios 1.003 1.003 0.971 0.922. So the floor catches negated
     or broken scores, and at the seed the test runs (0: 0.72 trained, 1.003 with lr = 0) the

@@ -235,17 +235,19 @@ def test_end_to_end_centre_fixed_at_step_0_and_frozen_parts_unchanged(npz, tmp_p
 
     No AUROC floor here tells a trained MSC from an untrained one. MSC fine-tunes a good
     encoder; from a random init at 8 px its loss stays at ln(15) (chance for 16 views) and
-    its kNN AUROC does not rise. Measured (8 emulated CPU devices,
-    --xla_backend_optimization_level=0, the default model.init='torch'), knn image_AUROC,
-    this config, seeds 0-2: trained 1.000 1.000 1.000, untrained (0 steps: Setup.train
-    replaced by the identity, the initial state scored) 1.000 1.000 1.000; with flax's init
-    the same;
+    its kNN AUROC does not rise. Measured by `python benchmarks/e2e_floors.py --tests=msc`
+    (2026-12-07; the suite's XLA flags: 8 emulated CPU devices,
+    --xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false; the default
+    model.init='torch'), knn image_AUROC, this config, seeds 0-2: trained 1.000 1.000 1.000,
+    untrained (0 steps: Run.train replaced by the identity, the initial state scored) 1.000
+    1.000 1.000; measured earlier with flax's init the same;
     make_rotated_npz(tint=(0.1, 1)), 40-200 steps 0.33-0.55 against 0.55-0.81 untrained;
     there, from a 40-step CSI encoder (model.init_from), 0.72 / 0.35 after 40 steps against
     1.00 / 0.98 with none (RESULTS.md saw the same drop on Fashion-MNIST). So the floor
     catches negated or broken scores, and the update size catches an untrained run:
-    ||dW|| / ||W|| of layer4_0/conv2 after 4 steps, seeds 0-2: 0.177 0.053 0.028 (flax's
-    init: 0.044 0.014 0.012), where weight decay alone (4 x lr 0.05 x 5e-5) gives 1e-5.
+    ||dW|| / ||W|| of layer4_0/conv2 after 4 steps, seeds 0-2 (the same command): 0.177
+    0.053 0.028 (flax's init, earlier: 0.044 0.014 0.012), where weight decay alone
+    (4 x lr 0.05 x 5e-5) gives 1e-5.
     The test runs seed 0.
     """
     config = msc_config(npz)

@@ -87,25 +87,33 @@ def test_resume_equals_uninterrupted(npz, tmp_path, monkeypatch):
     assert r_full['image_AUROC'] == r_resumed['image_AUROC']
 
 
+def e2e_config(tmp_path):
+    """The end-to-end test's config, its data written under `tmp_path` (also what
+    benchmarks/e2e_floors.py measures)."""
+    npz = make_rotated_npz(tmp_path / 'rotated.npz')
+    # The shared density evaluators ride along: fitted, checkpointed, restored, scored.
+    return tiny_config(npz, **{'eval.density': ('knn', 'gde', 'kde', 'mahalanobis'),
+                               'total_steps': 40, 'log_every': 20,
+                               'checkpoint.every_steps': 20})
+
+
 def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(tmp_path):
     """CSI trained 40 steps on make_rotated_npz (normal: a bar along the top edge; anomalies:
     the same images turned 90 and 180 degrees) must reach csi image_AUROC >= 0.85.
 
-    Measured (8 emulated CPU devices, --xla_backend_optimization_level=0, this config, the
-    default model.init='torch'): trained 40 steps, seeds 0-4: 0.992 1.000 0.875 0.992 0.883;
-    untrained (0 steps: Setup.train replaced by the identity, the initial state scored),
-    seeds 0-5: 0.469 0.445 0.289 0.711 0.367 0.523. With flax's init: trained 0.984 1.000
-    0.969 1.000 1.000, untrained 0.695 0.539 0.250 0.234 0.586 0.727. On make_npz
+    Measured by `python benchmarks/e2e_floors.py --tests=csi` (2026-12-07; the suite's XLA
+    flags: 8 emulated CPU devices, --xla_backend_optimization_level=0
+    --xla_cpu_use_fusion_emitters=false; this config, the default model.init='torch'),
+    seeds 0-5: trained 40 steps 0.992 1.000 0.914 1.000 0.883 0.906; untrained (0 steps:
+    Run.train replaced by the identity, the initial state scored) 0.469 0.445 0.289 0.711
+    0.367 0.523. Measured earlier with flax's init: trained 0.984 1.000 0.969 1.000 1.000,
+    untrained 0.695 0.539 0.250 0.234 0.586 0.727. On make_npz
     (classes differ in brightness) 4 steps gave 0.06-0.38 and 0 steps 0.16-0.76, with the
     density scores at ~1.0 either way, so no floor could tell a trained model from an
     untrained one there. The test runs seed 0.
     """
-    npz = make_rotated_npz(tmp_path / 'rotated.npz')
     workdir = tmp_path / 'run'
-    # The shared density evaluators ride along: fitted, checkpointed, restored, scored.
-    config = tiny_config(npz, **{'eval.density': ('knn', 'gde', 'kde', 'mahalanobis'),
-                                 'total_steps': 40, 'log_every': 20,
-                                 'checkpoint.every_steps': 20})
+    config = e2e_config(tmp_path)
     assert config.seed == 0
     results = train.train_and_evaluate(config, str(workdir))
     saved = json.loads((workdir / 'results.json').read_text())
