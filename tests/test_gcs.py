@@ -29,8 +29,12 @@ CONFIG = '''
 from tests.helpers import tiny_config
 
 
-def get_config(npz):
-    return tiny_config(npz, total_steps={steps}, log_every=1, tensorboard=True)
+def get_config(arg):
+    npz, _, mode = arg.partition('|')
+    c = tiny_config(npz, total_steps={steps}, log_every=1, tensorboard=True)
+    if mode == 'table':  # classes 0 and 1: one stack of two detectors
+        c.table.classes, c.table.stack_size, c.data.normal_classes = '0,1', 2, ()
+    return c
 '''
 
 
@@ -291,3 +295,23 @@ def test_sigterm_on_gcs_saves_the_step_in_flight_and_the_rerun_equals_the_local_
     assert f'resuming from {url}/checkpoints step {step}' in log.read_text()
     reference = json.loads((local_run / 'results.json').read_text())
     assert_same_results(json.loads(cli.read(f'{url}/results.json')), reference)
+
+
+def test_a_one_class_table_on_gcs_equals_the_local_table(cli, gcs):
+    """A table (two detectors as one stack) in a gs:// workdir reading its data from gs://:
+    the same per-class results as the table in a local folder; results.md, the group's
+    checkpoints and metrics are objects in the bucket."""
+    local = cli.base / 'local_table'
+    cli.run(f'--workdir={local}', log=cli.base / 'local_table.log', npz=f'{cli.npz}|table')
+    url = f'gs://{BUCKET}/table'
+    cli.run(f'--workdir={url}', log=cli.base / 'gcs_table.log',
+            npz=f'gs://{BUCKET}/data/tiny.npz|table')
+    remote = json.loads(cli.read(f'{url}/results.json'))
+    reference = json.loads((local / 'results.json').read_text())
+    assert [c['image_AUROC'] for c in remote['classes']] == \
+        [c['image_AUROC'] for c in reference['classes']]
+    assert remote['mean'] == reference['mean']
+    objects = gcs.objects(BUCKET, 'table/')
+    assert 'table/results.md' in objects
+    assert any(o.startswith('table/groups/') and o.endswith('metrics.jsonl') for o in objects)
+    assert any(o.startswith('table/groups/') and '/checkpoints/' in o for o in objects)
