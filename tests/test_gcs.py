@@ -315,3 +315,58 @@ def test_a_one_class_table_on_gcs_equals_the_local_table(cli, gcs):
     assert 'table/results.md' in objects
     assert any(o.startswith('table/groups/') and o.endswith('metrics.jsonl') for o in objects)
     assert any(o.startswith('table/groups/') and '/checkpoints/' in o for o in objects)
+
+
+def test_two_processes_on_gcs_sigterm_to_one_both_save_the_same_step(cli, gcs):
+    """Two CPU processes (jax.distributed on loopback, one device each) training into one
+    gs:// workdir; SIGTERM to process 1 only: both stop after the same step, both exit 143,
+    that step is committed in the bucket (every process wrote its shards there); the
+    two-process rerun resumes from it on both and finishes."""
+    import re
+    import signal
+    import socket
+    url = f'gs://{BUCKET}/two_processes'
+
+    def start(name, sleep):
+        with socket.socket() as s:
+            s.bind(('127.0.0.1', 0))
+            address = f'127.0.0.1:{s.getsockname()[1]}'
+        return [(cli.start(f'--workdir={url}', f'--coordinator_address={address}',
+                           '--num_processes=2', f'--process_id={pid}',
+                           log=cli.base / f'{name}_p{pid}.log', JAXAD_TEST_STEP_SLEEP=sleep),
+                 cli.base / f'{name}_p{pid}.log') for pid in (0, 1)]
+
+    def wait_all(procs, timeout):
+        try:
+            return [p.wait(timeout=timeout) for p, _ in procs]
+        finally:
+            for p, _ in procs:
+                if p.poll() is None:
+                    p.kill()
+
+    procs = start('first', '1.5')
+    try:
+        _wait_for_object(gcs, 'two_processes/checkpoints/2/commit_success.txt', *procs[0],
+                         timeout=420)
+    except BaseException:
+        wait_all(procs, 1)
+        raise
+    procs[1][0].send_signal(signal.SIGTERM)
+    codes = wait_all(procs, 300)
+    reports = '\n'.join(f'--- {log.name}\n{log.read_text()[-3000:]}' for _, log in procs)
+    assert codes == [143, 143], reports
+    stopped = [re.findall(r'jaxad: preempted \(SIGTERM to a process of this 2-process run\) '
+                          r'at step (\d+) of', log.read_text()) for _, log in procs]
+    assert all(len(s) == 1 for s in stopped) and stopped[0] == stopped[1], reports
+    step = int(stopped[0][0])
+    assert f'two_processes/checkpoints/{step}/commit_success.txt' in \
+        gcs.objects(BUCKET, f'two_processes/checkpoints/{step}/')
+    assert 'two_processes/results.json' not in gcs.objects(BUCKET, 'two_processes/')
+
+    procs = start('rerun', '0')
+    codes = wait_all(procs, 420)
+    reports = '\n'.join(f'--- {log.name}\n{log.read_text()[-3000:]}' for _, log in procs)
+    assert codes == [0, 0], reports
+    for _, log in procs:
+        assert f'resuming from {url}/checkpoints step {step}' in log.read_text(), reports
+    assert json.loads(cli.read(f'{url}/results.json'))['step'] == STEPS
