@@ -316,7 +316,7 @@ def train_table(config, workdir):
                 group.groups_done = f'{i} of {len(setup.groups)}'
                 if watch.reached():
                     raise watch.preempted_between_groups(
-                        group.name, group.groups_done, os.path.join(workdir, 'groups'))
+                        group.name, group.groups_done, storage.join(workdir, 'groups'))
                 state, start = group.resume()
                 classes_done = f'{len(results)}/{len(setup.members)}'
                 finished = start >= group.total_steps and group.checkpoints.has_scoring(start)

@@ -208,3 +208,26 @@ def test_mock_data_cifar100_split_and_label_key(tfds):
     np.testing.assert_array_equal(fine.labels, 99 - np.arange(6))
     assert (coarse.name, fine.name) == ('tfds:cifar100 [train]', 'tfds:cifar100 [test]')
     np.testing.assert_array_equal(fine.images[5], _image('test', 5))
+
+
+def test_a_prepared_dataset_in_a_gcs_data_dir_is_read_from_a_local_copy(
+        data_dir, tmp_path, monkeypatch):
+    """data.tfds_data_dir=gs://...: the prepared data set is copied from a real GCS server
+    (fake-gcs-server on loopback) to the local cache and read as the local one is."""
+    import fsspec
+    from tests.gcs import FakeGcs
+    server = FakeGcs()
+    try:
+        for k, v in server.env.items():
+            monkeypatch.setenv(k, v)
+        monkeypatch.setenv('JAXAD_CACHE_DIR', str(tmp_path / 'cache'))
+        bucket = server.make_bucket('tfds-data')
+        fs, _ = fsspec.core.url_to_fs(bucket)
+        fs.put(str(data_dir), 'tfds-data/tensorflow_datasets', recursive=True)
+        local = sources.load_split(data_cfg(tfds_data_dir=str(data_dir)), 'test')
+        remote = sources.load_split(
+            data_cfg(tfds_data_dir=f'{bucket}/tensorflow_datasets'), 'test')
+        np.testing.assert_array_equal(_all_images(remote), _all_images(local))
+        np.testing.assert_array_equal(remote.labels, local.labels)
+    finally:
+        server.stop()

@@ -302,6 +302,22 @@ class _RecordImages:
         return np.asarray(self._source[int(i)][self._image_key], np.uint8)
 
 
+def _local_tfds_dir(name, data_dir):
+    """A TFDS data dir that is a URL (gs://...): its folder of data set `name`, prepared
+    there, copied once to the local cache (`storage.local_input`; ArrayRecord files are read
+    by a C++ reader that opens local files), and a local data dir that holds it."""
+    if not data_dir or not storage.is_url(data_dir):
+        return data_dir
+    builder = name.split(':')[0].split('/')[0]
+    copy = storage.local_input(storage.join(data_dir, builder), 'data.tfds_data_dir')
+    local_dir = os.path.join(os.path.dirname(copy), 'tfds')
+    os.makedirs(local_dir, exist_ok=True)
+    link = os.path.join(local_dir, builder)
+    if not os.path.islink(link):
+        os.symlink(copy, link)
+    return local_dir
+
+
 def load_tfds(name, split, data_dir=None, label_key='label', image_key='image',
               download=False, alternative=''):
     """A TFDS data set, read lazily through its ArrayRecord data source.
@@ -314,6 +330,7 @@ def load_tfds(name, split, data_dir=None, label_key='label', image_key='image',
     (e.g. "pass path=/path/to/cifar10-jpg.tar.gz"), added to the error message.
     """
     instead = f'; or {alternative}' if alternative else ''
+    data_dir = _local_tfds_dir(name, data_dir)
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
