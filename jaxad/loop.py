@@ -4,10 +4,12 @@ A `Run` is one training program with its own checkpoint directory: a single dete
 (`jaxad.train.Setup`, in WORKDIR) or a stack of K detectors whose state carries a leading
 model axis (`jaxad.table.Group`, in WORKDIR/groups/<classes>). A subclass says how its
 state is initialised and sharded, how its step is jitted (`jit_train_step` or
-`jit_stacked_step`, both here) and where its batches come from;
-`Run` builds the method (for the run's `StepBudget`), optimizer and checkpoints, restores
-(abstract state from `jax.eval_shape`: no initial state is built to restore into),
-trains, logs and saves the same way for both.
+`jit_stacked_step`, both here), where its batches come from and how per-detector pieces
+(features, constants, scoring states, results) map onto its layout; `Run` builds the
+method (for the run's `StepBudget`), optimizer and checkpoints, restores (abstract state
+from `jax.eval_shape`: no initial state is built to restore into), fits the method
+constants, trains, logs, saves, and fits, restores or refits the scoring state the same
+way for both (`jaxad.train` drives a list of them).
 
 Also here: TrainState, the pure step (`make_train_step`) and its jitted forms, the init
 function, input checks, log/save cadence and the outlier-exposure stream.
@@ -112,6 +114,11 @@ def init_state(method, tx, key, image_shape, mesh):
     """Initial TrainState of one detector, created directly replicated on the mesh."""
     return jax.jit(make_init_fn(method, tx, image_shape),
                    out_shardings=sharding.replicated(mesh))(key)
+
+
+def variables_of(state):
+    """The model variables of a TrainState (one detector's, or a stack's)."""
+    return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
 def init_key(seed):
@@ -240,8 +247,12 @@ class Run(abc.ABC):
     """One training program with its own checkpoints; the loop that drives it.
 
     Subclasses call `_build` once their data is known and define the hooks declared
-    abstract below (init_fn, init_keys, state_sharding, rng, jit_step, batches, fit_consts);
-    `member_names` is None for one detector, else the stack's member names.
+    abstract below: how the state is made and placed (init_fn, init_keys, state_sharding,
+    rng), how the step is jitted and fed (jit_step, batches), and the per-layout pieces
+    (member_features, stack, unstack, pack_scoring, evaluate). Everything else is written
+    once here: restore, the method constants, the loop, the scoring state (fitted, restored
+    or refitted) and the final save. `member_names` is None for one detector, else the
+    stack's member names.
     """
     member_names = None
 
@@ -276,17 +287,50 @@ class Run(abc.ABC):
         """Iterator of global batches from `start_step`."""
 
     @abc.abstractmethod
-    def fit_consts(self, state):
-        """`state` with the method's constants fitted from its initial model (`uses_consts`;
-        unchanged otherwise)."""
+    def member_features(self, state, label):
+        """Each detector's features of its own normal training images (a list, in stack
+        order), for its method constants and its scoring bank."""
+
+    @abc.abstractmethod
+    def stack(self, trees):
+        """Per-detector trees (a list) in this run's layout: the one tree, or stacked on a
+        leading model axis."""
+
+    @abc.abstractmethod
+    def unstack(self, tree):
+        """A tree in this run's layout as per-detector trees (a list)."""
+
+    @abc.abstractmethod
+    def pack_scoring(self, scorings):
+        """Per-detector scoring states (a list) as the checkpoint saves them."""
+
+    @abc.abstractmethod
+    def evaluate(self, state, scoring, step, extra):
+        """Scores the test split; writes and returns each detector's results (a list)."""
+
+    def after_final_save(self, state, scoring, step):
+        """Called once the final checkpoint is committed; returns fields for the results."""
+        return {}
+
+    def saved_results(self, step):
+        """Results already written for finished checkpoint `step` with this config (reused
+        instead of evaluating again), or None."""
+        return None
+
+    def preempted_fields(self):
+        """What a preemption message says of this run beyond its step (tables: the group)."""
+        return {}
 
     # ------------------------------------------------------------------ building
 
-    def _build(self, config, directory, budget, mesh, image_shape, name, method=None):
-        """The run's method (`method`, or one built for `budget`), optimizer and checkpoint
-        directory."""
-        self.config, self.directory, self.budget = config, directory, budget
-        self.mesh, self.image_shape, self.name = mesh, image_shape, name
+    def _build(self, config, directory, data, detectors, mesh, name, method=None):
+        """The run's method (`method`, or one built for the detectors' step budget), optimizer
+        and checkpoint directory. `data`: the run's `jaxad.detectors.RunData`; `detectors`:
+        those this run trains (one, or a stack with equal budgets)."""
+        self.config, self.directory, self.data = config, directory, data
+        self.detectors, self.budget = list(detectors), detectors[0].budget
+        self.mesh, self.image_shape, self.name = mesh, data.image_shape, name
+        budget = self.budget
         sharding.check_batch_divides(config.batch_size, mesh)
         self.method = method if method is not None else get_method(config, budget)
         self.tx, self.schedule = optim.make_optimizer(
@@ -337,6 +381,79 @@ class Run(abc.ABC):
         if state is None:
             return self.fit_consts(self.initial_state()), 0
         return state, step
+
+    # ------------------------------------------------------------------ constants, scoring
+
+    def fit_consts(self, state):
+        """`state` with each detector's method constants computed from its *initial* model
+        on its normal training images (MSC: the centre of the pretrained features, §3.1);
+        unchanged for methods without constants. Once, before step 1, never on resume."""
+        if not self.method.uses_consts:
+            return state
+        logging.info('%s: computing the method constants from the initial model', self.name)
+        fit = jax.jit(self.method.fit_consts)
+        consts = [jax.device_get(fit(f))
+                  for f in self.member_features(state, 'initial features')]
+        return state.replace(consts=jax.device_put(self.stack(consts), self.state_sharding))
+
+    def fit_scoring(self, state):
+        """Each detector's scoring state (feature bank, weights) from its normal training
+        images, packed as the checkpoint saves it."""
+        method, seed = self.method, self.config.seed
+        if not eval_lib.needs_bank_pass(method):
+            one = self.unstack(variables_of(state))[0]  # shapes only
+            return self.pack_scoring([
+                eval_lib.bankless_scoring(method, one, self.image_shape, len(d.indices),
+                                          eval_lib.eval_bank_key(seed))
+                for d in self.detectors])
+        labels = np.asarray(self.data.train_set.labels)
+        feats = self.member_features(state, 'train bank')
+        return self.pack_scoring([
+            eval_lib.scoring_from_features(
+                method, eval_lib.with_bank_labels(method, f, labels[d.indices]))
+            for f, d in zip(feats, self.detectors)])
+
+    def finished_scoring(self, state, step, workdir):
+        """(scoring state, results fields) of restored checkpoint `step`: the saved scoring
+        state; or, when this config's scoring fields differ from those it was fitted with,
+        one refitted now (the results name the changes; the checkpoint keeps the saved one);
+        or, when the step has none, one fitted now. A damaged saved one: the step is set
+        aside, the scoring state refitted from `state` and the step saved again."""
+        if not self.checkpoints.has_scoring(step):
+            logging.info('%s: checkpoint step %d has no scoring state; computing it',
+                         self.name, step)
+            return self.fit_scoring(state), {}
+        changes = fingerprint.scoring_changes(self.config, self.directory, workdir)
+        if changes:
+            logging.warning('%s: scoring settings differ from those of the saved scoring state '
+                            '(%s): refitting it on the training images; the checkpoint keeps '
+                            'the saved one', self.name, '; '.join(changes))
+            return self.fit_scoring(state), dict(scoring_state='refitted',
+                                                 scoring_changes=changes)
+        return self.checkpoints.restore_or_refit_scoring(
+            step, state, lambda: self.fit_scoring(state)), {}
+
+    def finish(self, state, watch=None, extra=None):
+        """Fits the scoring state, saves it with the final checkpoint, evaluates; returns each
+        detector's results.
+
+        watch: the run's `jaxad.preemption.Watch`, active until the final checkpoint (and a
+        single run's threshold) is written; a signal by then raises `Preempted` there (the
+        rerun evaluates the saved run), and the evaluation itself is not watched.
+        """
+        scoring = self.fit_scoring(state)
+        step = int(self.unstack(state.step)[0])  # a stack's members share the step
+        self.checkpoints.save(step, state, scoring=scoring)
+        self.checkpoints.wait()
+        # The scoring settings now describe the saved scoring state.
+        fingerprint.write_scoring_settings(self.config, self.directory)
+        extra = dict(extra or {}, **self.after_final_save(state, scoring, step))
+        if watch is not None:
+            if watch.reached():
+                raise watch.preempted(step, self.total_steps, self.checkpoints.directory,
+                                      final=True, **self.preempted_fields())
+            watch.disarm()  # evaluation: the signals act as without jaxad again
+        return self.evaluate(state, scoring, step, extra)
 
     # ------------------------------------------------------------------ the loop
 
@@ -414,10 +531,6 @@ class Run(abc.ABC):
                 else:
                     pending = (step, metrics, is_log)
         return state
-
-    def preempted_fields(self):
-        """What a preemption message says of this run beyond its step (tables: the group)."""
-        return {}
 
     def _read_metrics(self, step, metrics, is_log, writer, geometry, models, progress,
                       progress_offset, progress_fields):

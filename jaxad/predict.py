@@ -175,7 +175,8 @@ def calibrate(workdir, normal_spec, anomalies_spec=None, config=None):
 
 def calibrate_after_training(config, method, workdir, variables, scoring, step, *,
                              train_images, holdout_indices):
-    """`train.finish`: saves the threshold of a finished run when the config asks for one.
+    """Saves the threshold of a single run just finished, when the config asks for one
+    (called by `jaxad.train.Setup.after_final_save`).
 
     threshold.value set: rule fixed. threshold.holdout_fraction > 0: rule
     normal_quantile over the held-out normal training images (`train_images` at

@@ -14,7 +14,7 @@ pred_score >= threshold`. Rules, each named in every output that uses it:
 
 The held-out normal images come either from training (`threshold.holdout_fraction
 > 0`: a seeded split of the normal training images kept out of training and out
-of the scoring bank, calibrated on in `train.finish`) or from the user
+of the scoring bank, calibrated on in `loop.Run.finish`) or from the user
 (`--mode=calibrate --input=NORMAL [--anomalies=ANOMALOUS]`, checkpoint alone).
 The result is `workdir/threshold.json` (process 0 writes it).
 """

@@ -1,11 +1,17 @@
-"""Single runs: `train_and_evaluate(config, workdir)` (the public entry; a config with
-`table.classes` is handed to `jaxad.table`) and `evaluate_checkpoint`.
+"""Training and evaluation runs: `train_and_evaluate(config, workdir)` (the public entry) and
+`evaluate_checkpoint` (`--mode=eval`), one driver for single runs and one-class tables.
 
-Order of work: validate the config, load and check the data (every input
-error surfaces here, before any compile), build mesh/model/optimizer, resume
-from the latest checkpoint if there is one, train (`jaxad.loop.Run.train`, the loop
-tables use too), then fit the scoring state on the normal training images, save it with
-the final checkpoint and evaluate on the test split.
+A run is a list of `jaxad.loop.Run`s: a single run is one (`Setup`, below: one detector in
+WORKDIR), a table one per stack of detectors (`jaxad.table`). Which one is decided once,
+in `_open`; after that the driver treats both alike.
+
+Order of work: refuse a workdir another training config made, validate the config, load
+and check the data (`jaxad.detectors`: every input error surfaces here, before any
+compile), build mesh/model/optimizer; then for each `Run`: resume from its latest
+checkpoint if there is one, train (`Run.train`), fit the scoring state on the normal
+training images, save it with the final checkpoint and evaluate on the test split. A run
+finished before is only evaluated (its saved scoring state, refitted when the scoring
+settings changed).
 """
 import functools
 import time
@@ -13,63 +19,42 @@ import time
 import jax
 from absl import logging
 
+from jaxad import detectors, fingerprint, loop, predict, preemption, sharding, storage, table
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint, predict, preemption, sharding, table, thresholds
 from jaxad.config import validate_config
-from jaxad.data import sources
 from jaxad.errors import TrainingError
 from jaxad.lease import holds_workdir
-from jaxad.methods import StepBudget
-from jaxad.loop import (Run, check_image_shape, init_key, jit_train_step,
-                        load_auxiliary_outliers, make_init_fn, start_record, train_batches)
 from jaxad.writers import Progress
 
 
-def init_consts(method, state, train_set, indices, config, mesh):
-    """`state` with the method's constants computed from its *initial* model on the normal
-    training images (MSC: the centre of the pretrained features, §3.1); unchanged for
-    methods without constants. Called once, before step 1, never on resume."""
-    if not method.uses_consts:
-        return state
-    logging.info('computing the method constants from the initial model on %d images',
-                 len(indices))
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    feats = eval_lib.extract_features(method, variables, train_set, indices,
-                                      batch_size=config.eval.batch_size, mesh=mesh,
-                                      key=eval_lib.eval_bank_key(config.seed),
-                                      label='initial features')
-    consts = jax.device_put(jax.jit(method.fit_consts)(feats), sharding.replicated(mesh))
-    return state.replace(consts=consts)
-
-
-class Setup(Run):
-    """A single detector's run (checkpoints, metrics.jsonl and results in WORKDIR): its data,
-    and everything `loop.Run` needs of it."""
+class Setup(loop.Run):
+    """A single detector's run (checkpoints, metrics.jsonl and results in WORKDIR): a run
+    of one `Run`, and that `Run`."""
 
     def __init__(self, config, workdir):
         validate_config(config)
         self.workdir = workdir
-        data = config.data
-        self.train_set = sources.load_split(data, 'train')
-        self.test_set = sources.with_ood(sources.load_split(data, 'test'), config.eval.ood)
-        self.normal_classes = [int(c) for c in data.normal_classes]
-        num_classes = len(self.train_set.class_names)
-        self.normal_indices = sources.one_class_indices(
-            self.train_set.labels, self.normal_classes, num_classes, self.train_set.name)
+        data = detectors.load(config)
+        detector, = data.detectors
+        self.train_set, self.test_set, self.outlier_set = (data.train_set, data.test_set,
+                                                           data.outlier_set)
+        self.normal_classes = list(detector.normal_classes)
+        self.normal_indices = detector.indices
         # threshold.holdout_fraction > 0: kept out of training and the scoring bank,
-        # calibrates the decision threshold in `finish` (jaxad.thresholds).
-        self.normal_indices, self.holdout_indices = thresholds.holdout_split(
-            self.normal_indices, thresholds.holdout_fraction(config), config.seed)
-        sources.one_class_indices(self.test_set.labels, self.normal_classes, num_classes,
-                                  self.test_set.name)
-        sources.check_has_anomalies(self.test_set, self.normal_classes)
-        image_shape = check_image_shape(self.train_set, data)
-        check_image_shape(self.test_set, data)
+        # calibrates the decision threshold after training (jaxad.thresholds).
+        self.holdout_indices = detector.holdout_indices
         mesh = sharding.make_mesh(config.num_devices)
-        budget = StepBudget.of(config, len(self.normal_indices),
-                               f'class(es) {self.normal_classes}')
-        self._build(config, workdir, budget, mesh, image_shape, 'training')
-        self.outlier_set = load_auxiliary_outliers(self.method, config, image_shape)
+        self._build(config, workdir, data, [detector], mesh, 'training')
+        self.runs = [self]
+
+    def close(self):
+        self.checkpoints.close()
+
+    def write(self, results, extra=None):  # pylint: disable=unused-argument
+        """The run's results (results.json was written by `evaluate`)."""
+        return results[0]
+
+    # ------------------------------------------------------------------ loop.Run hooks
 
     @functools.cached_property
     def state_sharding(self):
@@ -80,132 +65,130 @@ class Setup(Run):
         return jax.random.key(self.config.seed)
 
     def init_fn(self):
-        return make_init_fn(self.method, self.tx, self.image_shape)
+        return loop.make_init_fn(self.method, self.tx, self.image_shape)
 
     def init_keys(self):
-        return init_key(self.config.seed)
+        return loop.init_key(self.config.seed)
 
     def jit_step(self, train_step):
-        return jit_train_step(train_step, self.mesh)
+        return loop.jit_train_step(train_step, self.mesh)
 
     def batches(self, start_step):
-        host = train_batches(self.method, self.config, self.train_set, self.normal_indices,
-                             self.normal_classes, self.outlier_set, start_step)
+        host = loop.train_batches(self.method, self.config, self.train_set, self.normal_indices,
+                                  self.normal_classes, self.outlier_set, start_step)
         return (sharding.to_global(b, self.mesh) for b in host)
 
-    def fit_consts(self, state):
-        return init_consts(self.method, state, self.train_set, self.normal_indices,
-                           self.config, self.mesh)
+    def member_features(self, state, label):
+        return [eval_lib.extract_features(
+            self.method, loop.variables_of(state), self.train_set, self.normal_indices,
+            batch_size=self.config.eval.batch_size, mesh=self.mesh,
+            key=eval_lib.eval_bank_key(self.config.seed), label=label)]
+
+    def stack(self, trees):
+        return trees[0]
+
+    def unstack(self, tree):
+        return [tree]
+
+    def pack_scoring(self, scorings):
+        return scorings[0]
+
+    def after_final_save(self, state, scoring, step):
+        # config.json describes the saved run; the threshold is calibrated (if asked for).
+        fingerprint.write_run_record(self.config, self.workdir)
+        threshold = predict.calibrate_after_training(
+            self.config, self.method, self.workdir, loop.variables_of(state), scoring, step,
+            train_images=self.train_set.images, holdout_indices=self.holdout_indices)
+        return {'threshold': threshold} if threshold else {}
+
+    def evaluate(self, state, scoring, step, extra):
+        return [eval_lib.evaluate(self.method, loop.variables_of(state), scoring, self.test_set,
+                                  self.normal_classes, config=self.config, mesh=self.mesh,
+                                  workdir=self.workdir, extra=dict(step=step, **extra))]
 
 
-def finish(setup, state, extra=None, watch=None):
-    """Fits the scoring state, saves the final checkpoint, evaluates.
-
-    watch: the run's `jaxad.preemption.Watch`, active until the final checkpoint and the
-    threshold are written; a signal by then raises `Preempted` there (the rerun evaluates
-    the saved run), and the evaluation itself is not watched.
-    """
-    config = setup.config
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    scoring = _fit_scoring(setup, state)
-    step = int(state.step)
-    setup.checkpoints.save(step, state, scoring=scoring)
-    setup.checkpoints.wait()
-    # config.json and the scoring settings now describe the saved scoring state.
-    fingerprint.write_run_record(config, setup.workdir)
-    fingerprint.write_scoring_settings(config, setup.workdir)
-    threshold = predict.calibrate_after_training(
-        config, setup.method, setup.workdir, variables, scoring, step,
-        train_images=setup.train_set.images, holdout_indices=setup.holdout_indices)
-    if watch is not None:
-        if watch.reached():
-            raise watch.preempted(step, setup.total_steps, setup.checkpoints.directory,
-                                  final=True)
-        watch.disarm()  # evaluation: the signals act as without jaxad again
-    extra = dict(extra or {}, **({'threshold': threshold} if threshold else {}))
-    return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
-                             setup.normal_classes, config=config, mesh=setup.mesh,
-                             workdir=setup.workdir, extra=dict(step=step, **extra))
+def _open(config, workdir):
+    """The run's `Run`s and how its results are written: a table's (`table.classes` set) or
+    a single run's. The one place that tells the two apart."""
+    if config.table.classes:
+        return table.TableSetup(config, workdir)
+    return Setup(config, workdir)
 
 
 @holds_workdir
 def train_and_evaluate(config, workdir):
-    """Trains (or resumes) the configured detector and evaluates it.
+    """Trains (or resumes) the configured detector(s) and evaluates them.
 
     A workdir whose checkpoints another training config made is refused first
-    (`jaxad.fingerprint`). Rerunning a finished run trains nothing and rescores from its
-    checkpoint (refitting the scoring state when the scoring settings changed). Returns
-    the results dict also written to `workdir/results.json`. With `table.classes` set
-    this trains the one-class table (`jaxad.table`).
+    (`jaxad.fingerprint`). A `Run` finished before trains nothing and is rescored from its
+    checkpoint (refitting the scoring state when the scoring settings changed; a table
+    reuses a finished group's results). Returns the results also written to
+    `workdir/results.json` (a single run's, or the table's with `table.classes` set).
     """
-    if config.table.classes:
-        return table.train_table(config, workdir)
     fingerprint.check_workdir(config, workdir)  # before any data is read or compiled
     t0 = time.time()
-    start_record(config, workdir)
-    setup = Setup(config, workdir)
+    loop.start_record(config, workdir)
+    job = _open(config, workdir)
+    runs = job.runs
     try:
-        state, start = setup.resume()
-        if start >= setup.total_steps and setup.checkpoints.has_scoring(start):
-            logging.info('run already finished at step %d; evaluating only', start)
-            return _evaluate_finished(setup, state, start)
-        # SIGTERM / SIGINT from here to the final checkpoint: stop at a step, with its
-        # checkpoint (jaxad.preemption); `finish` ends the watch before evaluating.
+        # Steps already in checkpoints count as done for the ETA.
+        progress = Progress(sum(r.total_steps for r in runs),
+                            label='table' if len(runs) > 1 or runs[0].member_names else 'train',
+                            first=sum(min(r.checkpoints.latest_step() or 0, r.total_steps)
+                                      for r in runs))
+        results, done_steps = [], 0
+        num_detectors = sum(len(r.detectors) for r in runs)
+        # SIGTERM / SIGINT (jaxad.preemption): a run in training stops at a step with its
+        # checkpoint, and no further run starts; evaluations are not watched (disarmed).
         with preemption.Watch() as watch:
-            state = setup.train(state, start, Progress(setup.total_steps, first=start),
-                                watch=watch)
-            return finish(setup, state, extra=dict(train_seconds=round(time.time() - t0, 2)),
-                          watch=watch)
+            for i, run in enumerate(runs):
+                if i and watch.reached():
+                    raise watch.preempted_between_groups(
+                        run.name, f'{i} of {len(runs)}', storage.join(workdir, 'groups'))
+                t_run = time.time()
+                state, start = run.resume()
+                if start >= run.total_steps and run.checkpoints.has_scoring(start):
+                    run_results = run.saved_results(start)
+                    if run_results is not None:
+                        logging.info('%s finished at step %d; reusing its results',
+                                     run.name, start)
+                    else:
+                        logging.info('%s already finished at step %d; evaluating only',
+                                     run.name, start)
+                        scoring, extra = run.finished_scoring(state, start, workdir)
+                        run_results = run.evaluate(state, scoring, start, extra)
+                else:
+                    fields = (dict(classes=f'{len(results)}/{num_detectors}', group=run.name)
+                              if run.member_names else {})
+                    state = run.train(state, start, progress, done_steps, watch=watch,
+                                      **fields)
+                    run_results = run.finish(
+                        state, watch, extra=dict(train_seconds=round(time.time() - t_run, 2)))
+                results.extend(run_results)
+                done_steps += run.total_steps
+                if run.member_names:
+                    progress.update(done_steps, classes=f'{len(results)}/{num_detectors}')
+        return job.write(results, extra=dict(wall_seconds=round(time.time() - t0, 2)))
     finally:
-        setup.checkpoints.close()
+        job.close()
 
 
 @holds_workdir
 def evaluate_checkpoint(config, workdir):
-    """`--mode=eval`: scores the test split from the latest checkpoint, no training."""
-    if config.table.classes:
-        return table.evaluate_table(config, workdir)
+    """`--mode=eval`: scores the test split from the latest checkpoints, no training (a
+    table is rebuilt from its groups' checkpoints alone)."""
     fingerprint.check_workdir(config, workdir)
-    setup = Setup(config, workdir)
+    job = _open(config, workdir)
     try:
-        state, step = setup.restore_latest()
-        if state is None:
-            raise TrainingError(f'no checkpoint in {setup.checkpoints.directory}; '
-                                'train first (--mode=train)')
-        return _evaluate_finished(setup, state, step)
+        results = []
+        for run in job.runs:
+            state, step = run.restore_latest()
+            if state is None:
+                which = f' for group {run.name}' if run.member_names else ''
+                raise TrainingError(f'no checkpoint{which} in {run.checkpoints.directory}; '
+                                    'train first (--mode=train)')
+            scoring, extra = run.finished_scoring(state, step, workdir)
+            results.extend(run.evaluate(state, scoring, step, extra))
+        return job.write(results)
     finally:
-        setup.checkpoints.close()
-
-
-def _fit_scoring(setup, state):
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return eval_lib.fit_scoring(setup.method, variables, setup.train_set, setup.normal_indices,
-                                config=setup.config, mesh=setup.mesh)
-
-
-def _evaluate_finished(setup, state, step):
-    """Evaluates a restored state: with its saved scoring state, or, when this config's
-    scoring fields differ from those it was fitted with, a scoring state refitted now
-    (results.json names the changes; the saved one is kept)."""
-    changes = []
-    if setup.checkpoints.has_scoring(step):
-        changes = fingerprint.scoring_changes(setup.config, setup.workdir, setup.workdir)
-    extra = dict(step=step)
-    if changes:
-        logging.warning('scoring settings differ from those of the saved scoring state (%s): '
-                        'refitting it on the training images; the checkpoint keeps the saved '
-                        'one', '; '.join(changes))
-        scoring = _fit_scoring(setup, state)
-        extra.update(scoring_state='refitted', scoring_changes=changes)
-    elif setup.checkpoints.has_scoring(step):
-        # Damaged: the step is set aside, its scoring state refitted from `state` (exactly
-        # what `finish` fitted) and the step saved again.
-        scoring = setup.checkpoints.restore_or_refit_scoring(
-            step, state, lambda: _fit_scoring(setup, state))
-    else:
-        logging.info('checkpoint step %d has no scoring state; computing it', step)
-        scoring = _fit_scoring(setup, state)
-    variables = {'params': state.params, 'batch_stats': state.batch_stats}
-    return eval_lib.evaluate(setup.method, variables, scoring, setup.test_set,
-                             setup.normal_classes, config=setup.config, mesh=setup.mesh,
-                             workdir=setup.workdir, extra=extra)
+        job.close()

@@ -5,7 +5,7 @@ temp folder and a file lock, so the second worker reuses the first one's run.
 Tests must treat the run as read-only (copy it before writing a threshold).
 
 To stay within the suite's time budget the run takes no optimizer step: it goes
-through `train.Setup` (holdout split) and `train.finish` (scoring bank, final
+through `train.Setup` (holdout split) and `Setup.finish` (scoring bank, final
 checkpoint, holdout calibration, evaluation) from the initial state, so its
 checkpoint is step 0. Training itself is covered by test_train.py; what predict,
 calibrate and export read is exactly what a trained run leaves.
@@ -42,7 +42,7 @@ def trained_run(tmp_path_factory):
                 setup = train.Setup(config, str(workdir))
                 fingerprint.write_run_record(config, str(workdir))
                 try:
-                    train.finish(setup, setup.initial_state())
+                    setup.finish(setup.initial_state())
                 finally:
                     setup.checkpoints.close()
                 (root / 'done').write_text('ok')

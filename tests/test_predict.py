@@ -49,7 +49,7 @@ def test_holdout_is_out_of_the_bank_and_calibrates_the_quantile(run):
     record = json.loads((run.workdir / 'threshold.json').read_text())
     assert record['rule'] == 'normal_quantile' and record['score'] == 'csi'
     assert (record['num_normal'], record['quantile'], record['step']) == (4, 0.95, 0)
-    # Rescored from the restored checkpoint (independently of train.finish).
+    # Rescored from the restored checkpoint (independently of Run.finish).
     scores = scoring.score_array(run.model, run.data['train_images'][hold_idx])['csi']
     np.testing.assert_allclose(record['value'], np.quantile(scores, 0.95), rtol=1e-5, atol=1e-6)
     results = json.loads((run.workdir / 'results.json').read_text())

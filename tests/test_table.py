@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxad import config as jc
-from jaxad import table, train, writers
+from jaxad import detectors, table, train, writers
 from jaxad.errors import ConfigError
 from tests.helpers import compile_log, make_npz, tiny_config
 
@@ -197,13 +197,13 @@ def test_parse_arg_joins_comma_lists_and_sets_table():
 
 def test_parse_members_and_groups():
     names = [str(i) for i in range(4)]
-    assert table.parse_members('all', names) == [(0,), (1,), (2,), (3,)]
-    assert table.parse_members('2,0+1', names) == [(2,), (0, 1)]
+    assert detectors.parse_members('all', names) == [(0,), (1,), (2,), (3,)]
+    assert detectors.parse_members('2,0+1', names) == [(2,), (0, 1)]
     with pytest.raises(ConfigError, match='not one of the 4 classes'):
-        table.parse_members('0,4', names)
+        detectors.parse_members('0,4', names)
     with pytest.raises(ConfigError, match='twice'):
-        table.parse_members('1,1', names)
-    members = [table.Member((c,), str(c), np.arange(3), spe, spe * 2)
+        detectors.parse_members('1,1', names)
+    members = [detectors.Detector((c,), str(c), np.arange(3), spe, spe * 2)
                for c, spe in enumerate([2, 2, 3, 2])]
     groups = table.make_groups(members, stack_size=2)
     assert [[m.name for m in g] for g in groups] == [['0', '1'], ['3'], ['2']]

@@ -172,7 +172,7 @@ def test_restore_builds_no_initial_state(npz, tmp_path, monkeypatch):
 
     def not_on_restore(*args, **kwargs):
         raise AssertionError('initial state or constants built although a checkpoint exists')
-    monkeypatch.setattr(train, 'init_consts', not_on_restore)
+    monkeypatch.setattr(loop.Run, 'fit_consts', not_on_restore)
     monkeypatch.setattr(loop.Run, 'initial_state', not_on_restore)
     resumed = train.train_and_evaluate(config(), str(workdir))  # resumes from step 2
     assert resumed['step'] == 4
