@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import CHILD_XLA_FLAGS
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,3 +102,22 @@ def test_e2e_floors_lists_every_floor_test_it_measures():
     assert floors['csi'] == [0.85] and floors['recontrast'] == [0.85, 0.85, 0.5]
     assert floors['anomem_few'] == [0.75] and floors['mcl'] == [0.9, 0.8]
     assert (floors['oecl'], floors['self_oecl'], floors['msc']) == ([0.85], [0.9], [0.9, 1e-3])
+
+
+def test_compare_commits_window_rate(tmp_path):
+    """benchmarks/compare_commits.py's figure: images over the window's log intervals (each
+    line's steps_per_sec covers the steps since the previous line), by hand: steps 20-30 at
+    2 steps/s (5 s) and 30-40 at 1 step/s (10 s) are 20 steps x 4 images in 15 s."""
+    sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
+    try:
+        import compare_commits
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('\n'.join(json.dumps({'step': s, 'steps_per_sec': r})
+                              for s, r in [(10, 9.0), (20, 5.0), (30, 2.0), (40, 1.0)]))
+    assert compare_commits.window_rate(path, 20, 40, batch_size=4) == 80 / 15
+    with pytest.raises(ValueError, match='not a logged step'):
+        compare_commits.window_rate(path, 25, 40, batch_size=4)
+    with pytest.raises(ValueError, match='last logged step 40'):
+        compare_commits.window_rate(path, 20, 50, batch_size=4)
