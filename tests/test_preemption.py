@@ -43,8 +43,10 @@ from tests.helpers import tiny_config
 
 def get_config(arg=''):
     options = set((arg or '').split('+'))
+    # no plots: they are not under test here and cost a matplotlib import per run
     c = tiny_config({npz!r}, total_steps={steps}, log_every=1,
-                    **{{'checkpoint.every_steps': 100, 'checkpoint.use_async': 'async' in options}})
+                    **{{'checkpoint.every_steps': 100, 'checkpoint.use_async': 'async' in options,
+                        'eval.plots': False}})
     if 'table' in options:  # classes 0, 1, 2 as three groups of one
         c.table.classes, c.table.stack_size, c.data.normal_classes = '0,1,2', 1, ()
     return c
@@ -75,8 +77,9 @@ if hold:  # 'MARKER:RELEASE': the first step's commit waits before its rename un
     async def finalize(self, *args, **kwargs):
         is_step = os.path.basename(str(self._final_path)).isdigit()  # not an item's
         if is_step and not os.path.exists(marker):
-            with open(marker, 'w') as f:
+            with open(marker + '.part', 'w') as f:  # renamed: never seen empty
                 f.write(str(self.get()))
+            os.replace(marker + '.part', marker)
             deadline = time.time() + 300
             while not os.path.exists(release) and time.time() < deadline:
                 time.sleep(0.02)
