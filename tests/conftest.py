@@ -35,3 +35,89 @@ _run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
 jax.config.update("jax_compilation_cache_dir",
                   os.path.join(tempfile.gettempdir(), f"jaxad-test-xla-cache-{_run_id}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+# ------------------------------------------------------------------------ scheduling
+# pytest.ini runs xdist with --dist loadgroup --no-loadscope-reorder: tests marked with one
+# xdist_group run on one worker, every other test is scheduled on its own, in the order of
+# the list that the hook below makes.
+
+import pytest  # noqa: E402
+
+# Module-scoped fixtures that cost a run (or several) to make. A module-scoped fixture is
+# made once per xdist worker that runs one of its tests, so the tests that use one of these
+# are kept on one worker (one xdist group per fixture): it is made once per pytest run.
+SHARED_FIXTURES = {
+    'test_accelerator_report.py': 'smoke',
+    'test_checkpoint_recovery.py': 'reference',
+    'test_gcs.py': 'local_run',
+    'test_init.py': 'torch_params',
+    'test_kill.py': 'reference',
+    'test_preemption.py': 'reference',
+    'test_table.py': 'separate_runs',
+    'test_workdir_guard.py': 'finished',
+}
+
+# The slowest tests (node-id prefixes), slowest first, from `--durations` on a 2-core CPU:
+# they start first, so the run ends on short tests instead of one worker finishing a long
+# test while the other idles. An xdist group starts where its first test stands. The order
+# only affects how long the run takes, never what a test checks.
+SLOWEST_FIRST = (
+    'test_table.py::test_stacked_table_equals_separate_runs',
+    'test_preemption.py::test_table_stops_in_its_group_and_resumes_there',
+    'test_recontrast_train.py::test_end_to_end_on_the_synthetic_set_localises_defects',
+    'test_multihost.py::test_two_processes_match_one_process_two_devices',
+    'test_preemption.py::test_two_processes_sigterm_to_one_both_save_the_same_step',
+    'test_gcs.py::test_run_on_gcs_equals_local_then_eval_predict_calibrate_export',
+    'test_kill.py::test_kill_9_between_checkpoints_then_rerun_equals_uninterrupted',
+    'test_table.py::test_interrupted_table_equals_uninterrupted_and_eval_mode',
+    'test_accelerator_report.py::test_every_section_ran',
+    'test_gcs.py::test_two_processes_on_gcs_sigterm_to_one_both_save_the_same_step',
+    'test_preemption.py::test_sigterm_checkpoints_the_step_in_flight',
+    'test_notebooks.py::test_scaling_study_runs_on_cpu',
+    'test_gcs.py::test_kill_9_on_gcs_resumes_exactly',
+    'test_gcs.py::test_a_one_class_table_on_gcs_equals_the_local_table',
+    'test_lowering.py::test_every_method_lowers[recontrast]',
+    'test_conformance.py::test_registered_method_conforms[recontrast]',
+    'test_conformance.py::test_registered_method_conforms[self_oecl]',
+    'test_table.py::test_digits_all_writes_ten_row_table',
+    'test_notebooks.py::test_quickstart_with_a_gcs_workdir',
+    'test_checkpoint_recovery.py::test_table_group_survives_damaged_state_and_scoring',
+    'test_precision.py::test_bf16_loss_within_tolerance_of_float32',
+    'test_notebooks.py::test_quickstart_runs_on_cpu',
+    'test_gcs.py::test_sigterm_on_gcs_saves_the_step_in_flight',
+    'test_msc.py::test_starts_from_another_run_and_resumes_with_the_same_centre',
+    'test_preemption.py::test_benchmark_script_reports_the_stop',
+    'test_msc.py::test_table_members_get_their_own_centres',
+    'test_train.py::test_resume_equals_uninterrupted',
+    'test_oecl.py::test_train_and_evaluate_end_to_end',
+    'test_mcl.py::test_end_to_end_one_class_and_labelled',
+    'test_lowering.py::test_every_method_lowers[csi]',
+    'test_train.py::test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint',
+    'test_weak_scaling.py::test_sweep_over_one_and_two_emulated_devices',
+    'test_anomem.py::test_one_class_table_with_anomaly_maps',
+    'test_anomem.py::test_few_anomaly_end_to_end',
+    'test_workdir_guard.py::test_table_groups_are_bound_to_their_config',
+    'test_train.py::test_restore_builds_no_initial_state',
+    'test_preemption.py::test_table_notice_between_groups_starts_no_further_group',
+    'test_conformance.py::test_registered_method_conforms[csi]',
+    'test_conformance.py::test_registered_method_conforms[oecl]',
+    'test_benchmark_scripts.py::test_step_analysis_stack_memory',
+    'test_lowering.py',
+    'test_conformance.py',
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = os.path.basename(str(item.path))
+        fixture = SHARED_FIXTURES.get(module)
+        if fixture and fixture in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group(f'{module}::{fixture}'))
+
+    def rank(item):
+        nodeid = item.nodeid.split('tests/', 1)[-1]
+        return next((i for i, prefix in enumerate(SLOWEST_FIRST) if nodeid.startswith(prefix)),
+                    len(SLOWEST_FIRST))
+    items.sort(key=rank)  # stable: the rest keep their order

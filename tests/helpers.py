@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import re
+import tempfile
 
 import numpy as np
 import pytest
@@ -14,6 +15,17 @@ from jaxad import config as jc
 # (unoptimised backend, and the faster kernel codegen where this jaxlib has the flag).
 CHILD_XLA_FLAGS = ('--xla_backend_optimization_level=0 '
                    + os.environ.get('JAXAD_TEST_FAST_COMPILE', '')).strip()
+
+# One persistent compilation cache for the whole pytest run: the xdist workers (conftest.py)
+# and every test subprocess. The tests' CLI runs compile the same tiny programs again and
+# again (the cache key holds the XLA flags and devices, so differently set-up processes
+# never share an entry); a run-wide cache compiles each once per run, not once per module.
+XLA_CACHE_DIR = os.path.join(
+    tempfile.gettempdir(),
+    f"jaxad-test-xla-cache-{os.environ.get('PYTEST_XDIST_TESTRUNUID', str(os.getpid()))}")
+# Environment variables that point a test subprocess at that cache.
+CHILD_CACHE_ENV = {'JAX_COMPILATION_CACHE_DIR': XLA_CACHE_DIR,
+                   'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
 
 
 def make_npz(path, n_per_class=16, num_classes=3, size=8, seed=0):

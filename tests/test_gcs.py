@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.gcs import FakeGcs, client_env
-from tests.helpers import CHILD_XLA_FLAGS, make_npz
+from tests.helpers import CHILD_CACHE_ENV, CHILD_XLA_FLAGS, make_npz
 from tests.test_kill import WRAPPER, assert_same_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,8 +53,7 @@ class Cli:
                                     'TENSORSTORE_', 'GOOGLE_'))}
         env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS,
                    PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
-                   JAX_COMPILATION_CACHE_DIR=str(base / 'xla-cache'),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                   **CHILD_CACHE_ENV,  # the run-wide cache: compiled once per pytest run
                    JAXAD_CACHE_DIR=str(base / 'input-cache'), **server.env)
         self.env = env
 

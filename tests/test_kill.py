@@ -20,7 +20,7 @@ import time
 import pytest
 
 from jaxad import checkpoint as ckpt_lib
-from tests.helpers import CHILD_XLA_FLAGS, make_npz
+from tests.helpers import CHILD_CACHE_ENV, CHILD_XLA_FLAGS, make_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -30,8 +30,9 @@ from tests.helpers import tiny_config
 
 
 def get_config(arg=None):
+    # no plots: they are not under test here and cost a matplotlib import per run
     return tiny_config({npz!r}, total_steps={steps}, log_every=1,
-                       **{{'checkpoint.use_async': arg == 'async'}})
+                       **{{'checkpoint.use_async': arg == 'async', 'eval.plots': False}})
 '''
 
 WRAPPER = r'''
@@ -58,8 +59,9 @@ if hold:  # 'STEP:MARKER': the async commit of STEP stops before its final renam
 
     async def finalize(self, *args, **kwargs):
         if os.path.basename(str(self._final_path)) == hold_step:
-            with open(marker, 'w') as f:
+            with open(marker + '.part', 'w') as f:  # renamed: never seen empty
                 f.write(str(self.get()))
+            os.replace(marker + '.part', marker)
             time.sleep(3600)  # until killed
         return await real_finalize(self, *args, **kwargs)
     atomicity.AtomicRenameTemporaryPath.finalize = finalize
@@ -81,9 +83,9 @@ def cli(tmp_path_factory):
            if not k.startswith(('JAXAD_', 'XLA_', 'JAX_', 'PYTEST_'))}
     env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS,
                PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
-               # the runs of this module compile the same programs: compile once
-               JAX_COMPILATION_CACHE_DIR=str(base / 'xla-cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+               # the runs of this module (and of test_preemption, test_gcs) compile the
+               # same programs: compile once per pytest run
+               **CHILD_CACHE_ENV)
 
     def start(workdir, log, arg='sync', **hooks):
         log_file = open(log, 'w')

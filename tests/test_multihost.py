@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import orbax.checkpoint as ocp
 
+from tests.helpers import XLA_CACHE_DIR
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = ['--config=configs/quickstart.py:epochs=2', '--config.total_steps=4',
           '--config.log_every=1', '--config.checkpoint.every_steps=2',
@@ -42,7 +44,7 @@ def child_env(num_devices, cache_dir):
     env.update(
         JAX_PLATFORMS='cpu',
         XLA_FLAGS=f'{xla} --xla_force_host_platform_device_count={num_devices}'.strip(),
-        # One cache for every run of this test: the resumed run compiles nothing.
+        # One cache for every run (the pytest run's): the resumed run compiles nothing.
         # (Not JAX_SHARE_BINARY_BETWEEN_HOSTS: on CPU each process's cache key
         # differs, so process 1 would wait forever for process 0's binary.)
         JAX_COMPILATION_CACHE_DIR=str(cache_dir),
@@ -137,7 +139,7 @@ def load_state(path):
 
 
 def test_two_processes_match_one_process_two_devices(tmp_path):
-    logs, cache = tmp_path / 'logs', tmp_path / 'xla_cache'
+    logs, cache = tmp_path / 'logs', XLA_CACHE_DIR  # the run-wide compilation cache
     logs.mkdir()
     single_dir, multi_dir = tmp_path / 'single', tmp_path / 'multi'
 

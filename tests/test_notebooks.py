@@ -15,23 +15,27 @@ for _needed in ('ipykernel', 'matplotlib', 'nbclient'):
     importlib.import_module(_needed)
 import nbformat  # noqa: E402
 
+from tests.helpers import XLA_CACHE_DIR  # noqa: E402
+
 
 def _kernel_env(monkeypatch, cache_dir):
     """The kernel inherits this process's environment: make it a plain 1-device CPU.
 
     conftest.py asks XLA for 8 emulated CPU devices; the notebook should see what
     a user without an accelerator sees (the tiny batches would divide over 8 too).
-    A compilation cache (fresh per test) lets the 2nd and 3rd runs reuse the init,
-    scoring and eval programs, whose shapes do not depend on the batch (~25 s each).
+    A compilation cache (the pytest run's, tests/helpers.XLA_CACHE_DIR) lets the 2nd and 3rd
+    runs reuse the init, scoring and eval programs, whose shapes do not depend on the batch
+    (~25 s each), and the notebooks reuse what other tests' subprocesses compiled.
     """
     monkeypatch.setenv('JAX_COMPILATION_CACHE_DIR', str(cache_dir))
     monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
     flags = os.environ.get('XLA_FLAGS', '').split()
     # Unoptimised XLA backend: these tests check that the notebooks run, not how fast, and
     # compiling the tiny ResNets is most of their time (89 s -> 30 s for the quickstart).
-    monkeypatch.setenv('XLA_FLAGS', ' '.join(
-        [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')]
-        + ['--xla_backend_optimization_level=0']))
+    # (each flag once: the cache key holds the sorted flags, duplicates included)
+    flags = [f for f in flags if not f.startswith('--xla_force_host_platform_device_count')
+             and f != '--xla_backend_optimization_level=0']
+    monkeypatch.setenv('XLA_FLAGS', ' '.join(flags + ['--xla_backend_optimization_level=0']))
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
     monkeypatch.setenv('MPLBACKEND', 'agg')
 
@@ -69,7 +73,7 @@ def _outputs_text(cell):
 
 
 def test_scaling_study_runs_on_cpu(tmp_path, monkeypatch):
-    _kernel_env(monkeypatch, tmp_path / 'xla_cache')
+    _kernel_env(monkeypatch, XLA_CACHE_DIR)
     work = tmp_path / 'work'
     work.mkdir()
     nb = execute_notebook(os.path.join(REPO, 'colabs', 'scaling_study.ipynb'), work, tmp_path)
@@ -131,7 +135,7 @@ def test_notebooks_are_stored_clean():
 
 
 def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
-    _kernel_env(monkeypatch, tmp_path / 'xla_cache')
+    _kernel_env(monkeypatch, XLA_CACHE_DIR)
     work = tmp_path / 'work'
     work.mkdir()
     path = _with_parameters(os.path.join(REPO, 'colabs', 'quickstart.ipynb'), QUICKSTART_TINY,
@@ -171,7 +175,7 @@ def test_quickstart_with_a_gcs_workdir(tmp_path, monkeypatch):
     disconnect loses at most the last checkpoint), against a real GCS server on loopback:
     the run, its plots, predictions and export all live in the bucket."""
     from tests.gcs import FakeGcs
-    _kernel_env(monkeypatch, tmp_path / 'xla_cache')
+    _kernel_env(monkeypatch, XLA_CACHE_DIR)
     server = FakeGcs()
     try:
         bucket = server.make_bucket('colab-runs')

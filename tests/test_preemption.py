@@ -31,7 +31,8 @@ import pytest
 
 from jaxad import preemption, train
 from jaxad.errors import Preempted
-from tests.helpers import CHILD_XLA_FLAGS, make_npz, tiny_config
+from tests.helpers import (CHILD_CACHE_ENV, CHILD_XLA_FLAGS, XLA_CACHE_DIR, make_npz,
+                           tiny_config)
 from tests.test_kill import STEPS, assert_same_results, committed_steps, run_to_end, wait_for
 from tests.test_multihost import child_env, free_port
 
@@ -42,8 +43,10 @@ from tests.helpers import tiny_config
 
 def get_config(arg=''):
     options = set((arg or '').split('+'))
+    # no plots: they are not under test here and cost a matplotlib import per run
     c = tiny_config({npz!r}, total_steps={steps}, log_every=1,
-                    **{{'checkpoint.every_steps': 100, 'checkpoint.use_async': 'async' in options}})
+                    **{{'checkpoint.every_steps': 100, 'checkpoint.use_async': 'async' in options,
+                        'eval.plots': False}})
     if 'table' in options:  # classes 0, 1, 2 as three groups of one
         c.table.classes, c.table.stack_size, c.data.normal_classes = '0,1,2', 1, ()
     return c
@@ -74,8 +77,9 @@ if hold:  # 'MARKER:RELEASE': the first step's commit waits before its rename un
     async def finalize(self, *args, **kwargs):
         is_step = os.path.basename(str(self._final_path)).isdigit()  # not an item's
         if is_step and not os.path.exists(marker):
-            with open(marker, 'w') as f:
+            with open(marker + '.part', 'w') as f:  # renamed: never seen empty
                 f.write(str(self.get()))
+            os.replace(marker + '.part', marker)
             deadline = time.time() + 300
             while not os.path.exists(release) and time.time() < deadline:
                 time.sleep(0.02)
@@ -105,9 +109,9 @@ def cli(base):
            if not k.startswith(('JAXAD_', 'XLA_', 'JAX_', 'PYTEST_'))}
     env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=CHILD_XLA_FLAGS,
                PYTHONPATH=os.pathsep.join(p for p in (REPO, env.get('PYTHONPATH')) if p),
-               # the runs of this module compile the same programs: compile once
-               JAX_COMPILATION_CACHE_DIR=str(base / 'xla-cache'),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+               # the runs of this module (and of test_kill, test_gcs) compile the same
+               # programs: compile once per pytest run
+               **CHILD_CACHE_ENV)
 
     def start(workdir, log, arg='sync', **hooks):
         with open(log, 'w') as log_file:
@@ -266,7 +270,7 @@ def test_two_processes_sigterm_to_one_both_save_the_same_step(base, tmp_path):
             '--config.eval.num_samples=1', '--config.eval.batch_size=64',
             '--config.model.name=resnet10', '--config.data.image_size=8']
     workdir = tmp_path / 'run'
-    env = dict(child_env(1, base / 'xla-cache-2p'), JAXAD_TEST_STEP_SLEEP='0.5')
+    env = dict(child_env(1, XLA_CACHE_DIR), JAXAD_TEST_STEP_SLEEP='0.5')
 
     def start(name, **extra):
         address = f'localhost:{free_port()}'
@@ -474,7 +478,7 @@ def test_watch_records_signals_without_acting_on_them():
 def test_benchmark_script_reports_the_stop(tmp_path):
     """benchmarks/preemption.py at tiny sizes: one JSON line with the step it stopped at
     (the committed one) and the signal-to-exit time."""
-    env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS='cpu',
+    env = dict(os.environ, XLA_FLAGS=CHILD_XLA_FLAGS, JAX_PLATFORMS='cpu', **CHILD_CACHE_ENV,
                PYTHONPATH=os.pathsep.join(p for p in (REPO, os.environ.get('PYTHONPATH')) if p))
     proc = subprocess.run(
         [sys.executable, 'benchmarks/preemption.py', '--config=configs/quickstart.py:epochs=3',
