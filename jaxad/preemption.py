@@ -34,8 +34,8 @@ processes this module installs no SIGTERM handler; SIGINT, which JAX does not wa
 forwarded to the process itself as a SIGTERM so that it too becomes a preemption notice.
 The `n` passed is a process-wide count of `Watch.reached` calls, not the training step:
 every process makes the same calls in the same order (one per step, one after a final
-save, one before each table group), and the count never repeats when a table's next group
-starts again from step 1. Orbax's CheckpointManager calls the same sync point with the
+save, one before each table group after the first), and the count never repeats when a
+table's next group starts again from step 1. Orbax's CheckpointManager calls the same sync point with the
 step being saved (for its own logs and metrics, at the start of a save and again from its
 finalize thread), which would move the counter the protocol publishes (backwards, to a step
 jaxad's count has passed, so the notice would never be acted on); `keep_orbax_off` turns

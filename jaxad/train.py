@@ -149,12 +149,12 @@ def train_and_evaluate(config, workdir):
                 state, start = run.resume()
                 if start >= run.total_steps and run.checkpoints.has_scoring(start):
                     run_results = run.saved_results(start)
+                    what = f'group {run.name}' if run.member_names else 'run'
                     if run_results is not None:
-                        logging.info('%s finished at step %d; reusing its results',
-                                     run.name, start)
+                        logging.info('%s finished at step %d; reusing its results', what, start)
                     else:
-                        logging.info('%s already finished at step %d; evaluating only',
-                                     run.name, start)
+                        logging.info('%s already finished at step %d; evaluating only', what,
+                                     start)
                         scoring, extra = run.finished_scoring(state, start, workdir)
                         run_results = run.evaluate(state, scoring, start, extra)
                 else:
