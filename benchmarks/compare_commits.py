@@ -15,6 +15,7 @@ compilation and the first steps are left out. Runs alternate, so both commits se
 same drift of a shared machine; the output is one JSON object with every run, each
 commit's median and the B/A ratio of each pair. The config file is read from each
 commit's own tree (so a config that changed is compared as each commit had it).
+With --set_a / --set_b (and the same commit as --a and --b) it times one setting instead.
 """
 import argparse
 import json
@@ -59,9 +60,10 @@ def window_rate(metrics_path, measure_from, steps, batch_size):
     return images / seconds
 
 
-def run_once(tree, args, workdir, log_path):
-    """Trains in `workdir` with `tree`'s jaxad; returns images/s over the window."""
-    overrides = [f'--config.{kv}' for kv in args.set] + [
+def run_once(tree, args, workdir, log_path, extra=()):
+    """Trains in `workdir` with `tree`'s jaxad (and the `extra` overrides); returns images/s
+    over the window."""
+    overrides = [f'--config.{kv}' for kv in list(args.set) + list(extra)] + [
         f'--config.total_steps={args.steps}', f'--config.log_every={args.log_every}',
         f'--config.checkpoint.every_steps={10 * args.steps}']
     env = dict(os.environ, PYTHONPATH=tree, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
@@ -98,6 +100,10 @@ def main(argv=None):
                         help='config file (relative to each commit\'s tree) and argument')
     parser.add_argument('--set', action='append', default=None,
                         help='--config.KEY=VALUE override, repeatable (batch_size= required)')
+    parser.add_argument('--set_a', action='append', default=[],
+                        help='an override for the runs of --a only (to time one setting: '
+                             'the same commit as --a and --b with --set_a/--set_b)')
+    parser.add_argument('--set_b', action='append', default=[], help='the same for --b')
     parser.add_argument('--steps', type=int, default=80)
     parser.add_argument('--measure_from', type=int, default=40)
     parser.add_argument('--log_every', type=int, default=10)
@@ -109,21 +115,25 @@ def main(argv=None):
     root = tempfile.mkdtemp(prefix='jaxad-compare-')
     trees = {}
     try:
-        for label in ('a', 'b'):
-            trees[label] = worktree(getattr(args, label), root)
+        trees['a'] = worktree(args.a, root)
+        same = trees['a'][1] == subprocess.run(['git', '-C', REPO, 'rev-parse', args.b],
+                                               check=True, capture_output=True,
+                                               text=True).stdout.strip()
+        trees['b'] = trees['a'] if same else worktree(args.b, root)
         runs = {'a': [], 'b': []}
         for pair in range(args.pairs):
             for label in ('a', 'b'):
                 tree, _ = trees[label]
                 workdir = os.path.join(root, f'run_{label}{pair}')
-                rate = run_once(tree, args, workdir, workdir + '.log')
+                rate = run_once(tree, args, workdir, workdir + '.log',
+                                getattr(args, f'set_{label}'))
                 runs[label].append(rate)
                 print(f'pair {pair} {label} {getattr(args, label)}: {rate:.2f} images/s',
                       file=sys.stderr, flush=True)
         result = {
-            'a': {'commit': trees['a'][1], 'images_per_sec': runs['a'],
+            'a': {'commit': trees['a'][1], 'set': args.set_a, 'images_per_sec': runs['a'],
                   'median': statistics.median(runs['a'])},
-            'b': {'commit': trees['b'][1], 'images_per_sec': runs['b'],
+            'b': {'commit': trees['b'][1], 'set': args.set_b, 'images_per_sec': runs['b'],
                   'median': statistics.median(runs['b'])},
             'ratio_b_over_a': [b / a for a, b in zip(runs['a'], runs['b'])],
             'config': args.config, 'set': args.set, 'steps': args.steps,
@@ -132,7 +142,7 @@ def main(argv=None):
         result['median_ratio_b_over_a'] = statistics.median(result['ratio_b_over_a'])
         print(json.dumps(result, indent=2))
     finally:
-        for tree, _ in trees.values():
+        for tree, _ in set(trees.values()):
             subprocess.run(['git', '-C', REPO, 'worktree', 'remove', '--force', tree],
                            capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
