@@ -121,3 +121,20 @@ def test_compare_commits_window_rate(tmp_path):
         compare_commits.window_rate(path, 25, 40, batch_size=4)
     with pytest.raises(ValueError, match='last logged step 40'):
         compare_commits.window_rate(path, 20, 50, batch_size=4)
+
+
+def test_step_ab_applies_each_side_its_setting():
+    """Two BatchNorm variants of one tiny step: the sides differ in their XLA FLOP count
+    (the unbiased layer takes the two-pass variance, flax's biased one a one-pass variance),
+    which shows each side's setting reached the model it timed."""
+    lines = _run(['benchmarks/step_ab.py', '--config=configs/quickstart.py',
+                  '--config.model.name=resnet10', '--config.model.width=4',
+                  '--config.data.image_size=8', '--batch_size=4', '--rounds=2',
+                  '--steps_per_round=1', '--a=model.bn_running_var=unbiased',
+                  '--b=model.bn_running_var=biased'])
+    assert len(lines) == 1
+    out = lines[0]
+    assert out['a']['settings'] == ['model.bn_running_var=unbiased']
+    assert out['b']['settings'] == ['model.bn_running_var=biased']
+    assert out['a']['flops_per_step'] > out['b']['flops_per_step'] > 0
+    assert len(out['b_over_a_step_time']) == 2 and out['median_b_over_a'] > 0

@@ -304,9 +304,10 @@ def test_sharded_batch_statistics_are_global():
     np.testing.assert_allclose(mutated['batch_stats']['bn']['var'], want_var, rtol=rtol, atol=0)
 
 
-def test_unbiased_needs_two_values_per_channel():
-    x = np.ones((2, 3), np.float32)
-    module = BN(groups=2)
+@pytest.mark.parametrize('rows,groups', [(2, 2), (1, 1)])  # grouped and whole-batch layers
+def test_unbiased_needs_two_values_per_channel(rows, groups):
+    x = np.ones((rows, 3), np.float32)
+    module = BN(groups=groups)
     variables = module.init(jax.random.key(0), x, train=False)
     with pytest.raises(ConfigError, match='one value per channel'):
         module.apply(variables, x, train=True, mutable=['batch_stats'])

@@ -178,9 +178,40 @@ class GroupedBatchNorm(nn.Module):
         return (y * scale + bias).astype(self.dtype)
 
 
+class UnbiasedRunningVarBatchNorm(nn.BatchNorm):
+    """flax's nn.BatchNorm (its variables and normalisation, with the two-pass batch
+    variance) whose running variance moves towards the unbiased batch variance, n/(n-1) x
+    the biased one (n = values per channel), as torch's BatchNorm keeps it.
+
+    flax updates var <- m var + (1 - m) v; torch's update is m var + (1 - m) v n/(n-1),
+    which is flax's result plus (flax's result - m var) / (n - 1). Correcting the update
+    after the fact keeps flax's training arithmetic (the scale folded into one per-channel
+    multiplier, no regrouping reshape): GroupedBatchNorm with one group made the CSI step
+    about 10% slower on the CPU (issue 29, item 5; BENCHMARKS.md).
+    """
+    use_fast_variance: bool = False  # mean((x - mean)^2), as GroupedBatchNorm and torch
+
+    @nn.compact
+    def __call__(self, x, use_running_average=None):
+        n = x.size // x.shape[-1]
+        updates = not (self.is_initializing() or nn.merge_param(
+            'use_running_average', self.use_running_average, use_running_average))
+        if updates and n < 2:  # torch refuses too ("more than 1 value per channel")
+            raise ConfigError(f'BatchNorm {self.name}: one value per channel in a training '
+                              'batch; the unbiased running variance needs at least 2')
+        old = self.get_variable('batch_stats', 'var') if updates else None
+        y = super().__call__(x, use_running_average)
+        if updates:
+            new = self.get_variable('batch_stats', 'var')
+            self.put_variable('batch_stats', 'var',
+                              new + (new - self.momentum * old) / (n - 1))
+        return y
+
+
 def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name, running_var='biased'):
     """The BatchNorm layer for `bn_mode` / `bn_groups` / `running_var` (module docstring):
-    flax's nn.BatchNorm unless the statistics are grouped or kept unbiased."""
+    flax's nn.BatchNorm, GroupedBatchNorm when the statistics are grouped, flax's with
+    torch's running-variance update when kept unbiased."""
     if running_var not in BN_RUNNING_VARS:
         raise ConfigError(f'unknown model.bn_running_var {running_var!r}; choose from '
                           f'{BN_RUNNING_VARS}')
@@ -188,9 +219,12 @@ def batch_norm(train, momentum, dtype, bn_mode, bn_groups, name, running_var='bi
     unbiased = running_var == 'unbiased'
     # Without an update the running variance's kind does not matter: eval and 'frozen'
     # keep nn.BatchNorm (same variables either way).
-    if bn_groups > 1 or (unbiased and not use_running_average):
+    if bn_groups > 1:
         layer = GroupedBatchNorm(bn_groups, momentum, 1e-5, dtype, unbiased, name=name)
         return lambda x: layer(x, use_running_average)
+    if unbiased and not use_running_average:
+        return UnbiasedRunningVarBatchNorm(use_running_average=False, momentum=momentum,
+                                           epsilon=1e-5, dtype=dtype, name=name)
     return nn.BatchNorm(use_running_average=use_running_average, momentum=momentum,
                         epsilon=1e-5, dtype=dtype, name=name)
 
