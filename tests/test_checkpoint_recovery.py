@@ -321,3 +321,38 @@ def test_table_group_survives_damaged_state_and_scoring(npz, tmp_path):
     workdir, group = damaged_copy('scoring', 'scoring')
     same(train.evaluate_checkpoint(table_config(), str(workdir)))
     assert os.listdir(group + '_damaged') == ['4'] and sorted(os.listdir(group)) == ['2', '4']
+
+
+def test_small_replicated_arrays_are_saved_whole_and_read_back(tmp_path):
+    """Arrays replicated over the emulated devices whose per-replica slice would be under
+    MIN_REPLICA_SLICE_BYTES are written whole by one replica: the save compiles no slice
+    program (Orbax's replica-parallel save cuts one per replica and array shape; with its
+    default this save compiled 8 per array), and every array reads back exactly."""
+    import jax
+    import numpy as np
+    devices = jax.devices()
+    assert len(devices) == 8, 'tests/conftest.py emulates 8 CPU devices'
+    mesh = jax.sharding.Mesh(np.array(devices), ('data',))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Distinct shapes, each divisible by 8 (so Orbax could cut it), none cut before.
+    state = {f'w{i}': jax.device_put(np.arange(8 * (i + 3), dtype=np.float32) / 7, replicated)
+             for i in range(4)}
+    compiled = []
+
+    class Compiles(logging.Handler):
+        def emit(self, record):
+            compiled.append(record.getMessage())
+
+    handler = Compiles()
+    logging.getLogger('jax').addHandler(handler)
+    checkpoints = ckpt_lib.Checkpoints(str(tmp_path / 'ckpt'), use_async=False)
+    try:
+        with jax.log_compiles(True):
+            checkpoints.save(1, state)
+        restored = checkpoints.restore(1, 'state', like=state)
+    finally:
+        logging.getLogger('jax').removeHandler(handler)
+        checkpoints.close()
+    assert not [m for m in compiled if 'slice' in m], compiled
+    for name, value in state.items():
+        np.testing.assert_array_equal(np.asarray(restored[name]), np.asarray(value))
