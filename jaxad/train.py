@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir):
     try:
         # Steps already in checkpoints count as done for the ETA.
         progress = Progress(sum(r.total_steps for r in runs),
-                            label='table' if len(runs) > 1 or runs[0].member_names else 'train',
+                            label='table' if runs[0].member_names else 'train',
                             first=sum(min(r.checkpoints.latest_step() or 0, r.total_steps)
                                       for r in runs))
         results, done_steps = [], 0
