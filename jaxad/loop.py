@@ -15,6 +15,7 @@ Also here: TrainState, the pure step (`make_train_step`) and its jitted forms, t
 function, input checks, log/save cadence and the outlier-exposure stream.
 """
 import abc
+import functools
 import time
 
 import flax
@@ -351,13 +352,19 @@ class Run(abc.ABC):
 
     # ------------------------------------------------------------------ state
 
+    @functools.cached_property
+    def _jitted_init(self):
+        # One jitted init per run: its shapes (abstract_state) and the initial state share
+        # one trace of the model's init instead of tracing it twice.
+        return jax.jit(self.init_fn(), out_shardings=self.state_sharding)
+
     def initial_state(self):
         """The state before step 1 (constants still zero), created with its shardings."""
-        return jax.jit(self.init_fn(), out_shardings=self.state_sharding)(self.init_keys())
+        return self._jitted_init(self.init_keys())
 
     def abstract_state(self):
-        """Shapes, dtypes and shardings of the state (`jax.eval_shape`: nothing computed)."""
-        shapes = jax.eval_shape(self.init_fn(), self.init_keys())
+        """Shapes, dtypes and shardings of the state (`eval_shape`: nothing computed)."""
+        shapes = self._jitted_init.eval_shape(self.init_keys())
         return jax.tree_util.tree_map(
             lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.state_sharding),
             shapes)
