@@ -11,20 +11,20 @@ both see the same drift of a shared machine. Prints one JSON object: each side's
 seconds per step and XLA FLOP count, and B/A per round with its median. Finer-grained than
 compare_commits.py (no data pipeline, no logging), for a cost inside the step.
 """
-import ast
 import json
+import os
 import statistics
+import sys
 import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxad import loop, optim, sharding
-from jaxad.methods import get_method
-
 import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from launch import sweep  # noqa: E402  (the checkout's typed --config.k=v overrides)
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/csi_fmnist.py', 'Config file.')
 _A = flags.DEFINE_multi_string('a', [], 'Setting of side A, key=value (repeatable).')
@@ -34,37 +34,10 @@ _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds (each side once per r
 _PER_ROUND = flags.DEFINE_integer('steps_per_round', 10, 'Steps per side and round.')
 
 
-def apply_settings(config, settings):
-    """`config` with each 'dotted.key=value' set (value a Python literal, else a string)."""
-    for setting in settings:
-        key, _, text = setting.partition('=')
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        *parents, leaf = key.split('.')
-        target = config
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return config
-
-
-def build(config, batch_size):
-    """(compiled step, state, batch, rng, FLOPs) of the config's train step."""
-    config.batch_size = batch_size
-    mesh = sharding.make_mesh(config.num_devices)
-    method = get_method(config)
-    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000,
-                                        global_batch=batch_size)
-    shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    state = loop.init_state(method, tx, jax.random.key(0), shape, mesh)
-    step_fn = loop.jit_train_step(loop.make_train_step(method, tx, schedule), mesh)
-    images = np.random.default_rng(0).integers(0, 256, (batch_size,) + shape, dtype=np.uint8)
-    batch = sharding.to_global({'image': images}, mesh)
-    rng = jax.random.key(1)
-    compiled = step_fn.lower(state, batch, rng).compile()
-    return compiled, state, batch, rng, timing.compiled_flops(compiled)
+def with_settings(config, settings):
+    """A copy of `config` with each 'dotted.key=value' typed as `--config.key=value` types
+    it; an unknown field is an error (a mistyped key would otherwise time nothing new)."""
+    return sweep.apply_overrides(config, dict(s.split('=', 1) for s in settings))
 
 
 def run_steps(side, n):
@@ -83,9 +56,10 @@ def main(argv):
     del argv
     sides = {}
     for name, settings in (('a', _A.value), ('b', _B.value)):
-        config = apply_settings(_CONFIG.value.copy_and_resolve_references(), settings)
-        compiled, state, batch, rng, flops = build(config, _BATCH.value)
-        sides[name] = dict(compiled=compiled, state=state, batch=batch, rng=rng, flops=flops,
+        built = timing.compiled_train_step(with_settings(_CONFIG.value, settings),
+                                           _BATCH.value)
+        sides[name] = dict(compiled=built.compiled, state=built.state, batch=built.batch,
+                           rng=built.rng, flops=timing.compiled_flops(built.compiled),
                            settings=settings, times=[])
         run_steps(sides[name], 3)  # warm-up
     for r in range(_ROUNDS.value):

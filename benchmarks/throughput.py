@@ -31,15 +31,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxad import loop, optim, sharding
-from jaxad.methods import csi, get_method
+from jaxad.methods import csi
 
 import timing  # benchmarks/timing.py (the script's own directory is on sys.path)
 
@@ -58,22 +55,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def measure(config, batch_size, steps, warmup):
-    config.batch_size = batch_size
-    mesh = sharding.make_mesh(config.num_devices)
-    method = get_method(config)
-    tx, schedule = optim.make_optimizer(config.optim, steps_per_epoch=100, total_steps=10_000,
-                                        global_batch=config.batch_size)
-    shape = (config.data.image_size, config.data.image_size, config.data.channels)
-    state = loop.init_state(method, tx, jax.random.key(0), shape, mesh)
+    built = timing.compiled_train_step(config, batch_size)
+    mesh, method, state, images = built.mesh, built.method, built.state, built.images
+    batch, rng, compiled, compile_s = built.batch, built.rng, built.compiled, built.compile_s
     num_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(state.params))
-    step_fn = loop.jit_train_step(loop.make_train_step(method, tx, schedule), mesh)
-    images = np.random.default_rng(0).integers(0, 256, (batch_size,) + shape, dtype=np.uint8)
-    batch = sharding.to_global({'image': images}, mesh)
-    rng = jax.random.key(1)
-
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch, rng).compile()
-    compile_s = time.perf_counter() - t0
+    shape = images.shape[1:]
     step_s = timing.median_step_seconds(compiled, state, batch, rng, steps, warmup)
     flops = timing.compiled_flops(compiled)
     views = batch_size * 2 * config.csi.num_shifts

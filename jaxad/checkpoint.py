@@ -26,6 +26,7 @@ Damage and failures are never silent:
   raises a TrainingError naming the directory and the step, and the previous
   step stays the latest.
 """
+import functools
 import gc
 import json
 import logging as py_logging
@@ -160,24 +161,19 @@ def item_metadata(path):
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+@functools.cache  # once per process
 def _split_only_large_arrays():
-    """Register Orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES, once per process,
-    where the registered handler is Orbax's own (not one a user registered) and this Orbax
-    has the option; otherwise leave Orbax's default. Restoring is not affected."""
+    """Register Orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES where the registered
+    handler is Orbax's own (not one a user registered) and this Orbax has the option;
+    otherwise leave Orbax's default. Restoring is not affected."""
     handlers = ocp.type_handlers
     try:
-        current = handlers.get_type_handler(jax.Array)
-    except ValueError:
-        return
-    if type(current) is not handlers.ArrayHandler or getattr(
-            current, '_jaxad_min_slice_bytes', None) == MIN_REPLICA_SLICE_BYTES:
-        return
-    try:
+        if type(handlers.get_type_handler(jax.Array)) is not handlers.ArrayHandler:
+            return
         handler = handlers.ArrayHandler(
             min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
-    except TypeError:  # an Orbax without the option
+    except (ValueError, TypeError):  # no handler registered; an Orbax without the option
         return
-    handler._jaxad_min_slice_bytes = MIN_REPLICA_SLICE_BYTES
     handlers.register_type_handler(jax.Array, handler, override=True)
 
 

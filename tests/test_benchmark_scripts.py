@@ -138,3 +138,13 @@ def test_step_ab_applies_each_side_its_setting():
     assert out['b']['settings'] == ['model.bn_running_var=biased']
     assert out['a']['flops_per_step'] > out['b']['flops_per_step'] > 0
     assert len(out['b_over_a_step_time']) == 2 and out['median_b_over_a'] > 0
+
+
+def test_step_ab_refuses_an_unknown_setting():
+    """A mistyped key is an error naming it (as `--config.key=value` is on the command
+    line), not a new field that the timed model never reads."""
+    proc = subprocess.run([sys.executable, 'benchmarks/step_ab.py',
+                           '--config=configs/quickstart.py', '--a=model.bn_runing_var=biased'],
+                          capture_output=True, text=True, cwd=_ROOT, env=_ENV, timeout=300)
+    assert proc.returncode != 0
+    assert "unknown config field 'model.bn_runing_var'" in proc.stderr, proc.stderr[-2000:]
