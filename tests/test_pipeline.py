@@ -1,4 +1,5 @@
-"""Grain pipeline: determinism, exact resume, per-epoch permutations, process slices, eval."""
+"""Grain pipeline: the documented data order, exact resume, per-epoch permutations, process
+slices, eval."""
 import itertools
 
 import numpy as np
@@ -23,6 +24,21 @@ def ids(batch):
 
 def take(it, n):
     return [ids(b) for b in itertools.islice(it, n)]
+
+
+def reference_items(idx, seed, start, stop):
+    """Items [start, stop) of the training stream as pipeline.py's docstring defines it:
+    epoch e is idx[np.random.default_rng([seed, e]).permutation(n)], epochs concatenated."""
+    n = len(idx)
+    first, last = start // n, (stop - 1) // n
+    stream = np.concatenate([np.asarray(idx)[np.random.default_rng([seed, e]).permutation(n)]
+                             for e in range(first, last + 1)])
+    return stream[start - first * n:stop - first * n]
+
+
+def reference_batches(idx, seed, batch, start_step, steps):
+    return [reference_items(idx, seed, s * batch, (s + 1) * batch)
+            for s in range(start_step, start_step + steps)]
 
 
 @pytest.fixture(scope='module')
@@ -56,6 +72,30 @@ def test_each_epoch_is_a_permutation_of_the_normal_class(data):
         np.testing.assert_array_equal(np.sort(epoch), idx)
     assert np.all(s.labels[stream] == 1)
     assert len({tuple(e) for e in epochs}) == 6  # reshuffled every epoch
+    assert all((a != b).any() for a, b in zip(epochs, epochs[1:]))
+
+
+@pytest.mark.parametrize('batch,seed', [(8, 0), (8, 5), (6, 1), (20, 2)])
+def test_stream_is_the_documented_numpy_order(data, batch, seed):
+    s, idx = data  # 20 images: batch 8 and 6 straddle epochs, 20 is one epoch per step
+    got = take(pipeline.train_iterator(s, idx, global_batch_size=batch, seed=seed), 12)
+    np.testing.assert_array_equal(got, reference_batches(idx, seed, batch, 0, 12))
+
+
+def test_far_start_step_is_the_documented_order(data):
+    s, idx = data  # step 10**6 with batch 8: epoch 400 000, no earlier epoch drawn
+    start = 10 ** 6 + 2  # a batch that straddles an epoch boundary
+    got = take(pipeline.train_iterator(s, idx, global_batch_size=8, seed=9,
+                                       start_step=start), 3)
+    np.testing.assert_array_equal(got, reference_batches(idx, 9, 8, start, 3))
+
+
+@pytest.mark.parametrize('read_threads,prefetch', [(0, 0), (1, 1), (2, 4), (2, 0)])
+def test_order_does_not_depend_on_reading(data, read_threads, prefetch):
+    s, idx = data
+    got = take(pipeline.train_iterator(s, idx, global_batch_size=8, seed=4,
+                                       read_threads=read_threads, prefetch=prefetch), 11)
+    np.testing.assert_array_equal(got, reference_batches(idx, 4, 8, 0, 11))
 
 
 @pytest.mark.parametrize('start', [1, 2, 5, 7])
@@ -65,6 +105,7 @@ def test_resume_matches_uninterrupted_run(data, start):
     resumed = take(pipeline.train_iterator(s, idx, global_batch_size=8, seed=1,
                                            start_step=start), 10 - start)
     np.testing.assert_array_equal(resumed, full[start:])
+    np.testing.assert_array_equal(resumed, reference_batches(idx, 1, 8, start, 10 - start))
 
 
 @pytest.mark.parametrize('count', [2, 4])
@@ -78,12 +119,34 @@ def test_process_slices_concatenate_to_global_batch(data, count):
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), full[1:])
 
 
+@pytest.mark.parametrize('batch', [8, 20])
+@pytest.mark.parametrize('count', [2, 4])
+def test_process_batches_are_disjoint_slices_of_the_reference(data, batch, count):
+    s, idx = data
+    steps, start = 10, 3
+    parts = [take(pipeline.train_iterator(s, idx, global_batch_size=batch, seed=6,
+                                          start_step=start, process_index=p,
+                                          process_count=count), steps)
+             for p in range(count)]
+    reference = reference_batches(idx, 6, batch, start, steps)
+    for k, step in enumerate(range(start, start + steps)):
+        local = [parts[p][k] for p in range(count)]
+        assert all(len(b) == batch // count for b in local)
+        np.testing.assert_array_equal(np.concatenate(local), reference[k])
+        # Within one epoch every image appears once, so the processes' batches are
+        # disjoint; a batch straddling an epoch boundary may repeat an image across it.
+        if step * batch // len(idx) == ((step + 1) * batch - 1) // len(idx):
+            assert len(np.unique(np.concatenate(local))) == batch
+
+
 def test_train_iterator_errors(data):
     s, idx = data
     with pytest.raises(ConfigError, match='batch_size=6 does not divide over 4'):
         pipeline.train_iterator(s, idx, global_batch_size=6, seed=0, process_count=4)
     with pytest.raises(ConfigError, match='only 20 normal.*batch of 32.*batch_size <= 20'):
         pipeline.train_iterator(s, idx, global_batch_size=32, seed=0)
+    with pytest.raises(ConfigError, match='seed must be >= 0'):
+        pipeline.train_iterator(s, idx, global_batch_size=8, seed=-1)
 
 
 def test_indexed_source_maps_indices(data):

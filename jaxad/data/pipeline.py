@@ -3,15 +3,29 @@
 Nothing here augments or converts to float: augmentation runs on device
 (`jaxad.data.augment`), so the host only gathers and stacks uint8 images.
 
-Training batches come from a Grain `MapDataset`, which is random access by
-step: batch `s` is a pure function of (seed, s), so resuming at `start_step`
-yields exactly the batches an uninterrupted run would have seen, with no
-iterator state to checkpoint. Each process reads only its own contiguous slice
-of every global batch. Grain shuffles and batches stream *positions* (cheap
-integers); each batch's images are then gathered in one NumPy indexing call,
-not image by image (`IndexedSource.gather`), which keeps per-image Python work
-out of the host's way (benchmarks/input_throughput.py, BENCHMARKS.md).
+The training order, exactly (n = len(indices), B = global batch, P processes):
+
+  perm_e    = np.random.default_rng([seed, e]).permutation(n)   # epoch e = 0, 1, ...
+  stream    = indices[concatenate(perm_0, perm_1, perm_2, ...)]
+  global batch s            = stream[s * B : (s + 1) * B]
+  process p's batch s       = stream[s * B + p * B // P : s * B + (p + 1) * B // P]
+
+Each epoch is one vectorised NumPy permutation seeded by (seed, epoch) alone
+(NumPy's SeedSequence over the pair, PCG64), a fresh one every epoch, and
+batches run across epoch boundaries. Batch `s` is therefore a pure function of
+(seed, s, process_index, process_count): resuming at `start_step` yields
+exactly the batches an uninterrupted run would have seen, with no iterator
+state to checkpoint. The batches are still a Grain `MapDataset` (one element
+per *batch*, random access by step), read by Grain's threads with prefetch;
+each batch's images are gathered in one NumPy indexing call, not image by image
+(`IndexedSource.gather`). Drawing the order per epoch rather than per element
+keeps per-image Python work off the host entirely: Grain's own
+`MapDataset.shuffle` computes each element's position in Python and capped
+the pipeline at ~30k images/s (benchmarks/input_throughput.py, BENCHMARKS.md).
 """
+import functools
+import sys
+
 import grain
 import numpy as np
 
@@ -80,17 +94,55 @@ def _read_options(read_threads, prefetch):
     return grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch)
 
 
+def epoch_permutation(seed, epoch, n):
+    """Epoch `epoch`'s order of positions 0..n-1: the one definition of the data order."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+class BatchPositions:
+    """Random-access, endless sequence: step s -> process p's positions of global batch s.
+
+    Positions index `indices` (0..n-1). Item i of the global stream is position
+    `epoch_permutation(seed, i // n, n)[i % n]`. A local batch has at most n
+    items (B <= n), so it spans at most two epochs; the epochs' permutations are
+    cached, so a batch costs O(B), not the O(n) of drawing a permutation.
+    """
+
+    # Reader threads and prefetch work a few steps ahead; with a small set (n close
+    # to B) those steps can straddle more than two epochs, and a miss costs O(n).
+    CACHED_EPOCHS = 4
+
+    def __init__(self, n, global_batch_size, seed, process_index=0, process_count=1):
+        self._n, self._global = n, global_batch_size
+        self._local = global_batch_size // process_count
+        self._offset = process_index * self._local
+        # Per instance (not a method-level cache, which would pin every instance).
+        self._epoch = functools.lru_cache(self.CACHED_EPOCHS)(
+            lambda epoch: epoch_permutation(seed, epoch, n))
+
+    def __len__(self):
+        return sys.maxsize  # endless; Grain needs a length, and slices it for start_step
+
+    def __getitem__(self, step):
+        epoch, start = divmod(step * self._global + self._offset, self._n)
+        positions = self._epoch(epoch)[start:start + self._local]
+        if len(positions) < self._local:  # the batch runs into the next epoch
+            rest = self._epoch(epoch + 1)[:self._local - len(positions)]
+            positions = np.concatenate([positions, rest])
+        return positions
+
+
 def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
                    process_index=0, process_count=1, read_threads=2, prefetch=4, labels=None):
     """Infinite iterator of `{'image': uint8 (global_batch_size // process_count, H, W, C)}`,
     plus `'label'`: int32 `labels[image index]` when `labels` (one per image) is given.
 
-    The image stream is a seeded permutation of `indices`, reshuffled every
-    epoch, so each epoch shows every normal image exactly once (batches run
-    across epoch boundaries). Global batch `s` is stream items
+    The image stream is `indices` in a fresh seeded permutation every epoch
+    (`epoch_permutation`), so each epoch shows every normal image exactly once
+    (batches run across epoch boundaries). Global batch `s` is stream items
     `[s * B, (s + 1) * B)`; process `p` gets the `p`-th contiguous slice of it.
     """
-    local = _local_batch_size(global_batch_size, process_count, 'batch_size')
+    _local_batch_size(global_batch_size, process_count, 'batch_size')  # or raises
     if len(indices) < global_batch_size:
         raise ConfigError(
             f'{image_set.name}: only {len(indices)} normal training images for a global batch '
@@ -98,15 +150,13 @@ def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
     if seed < 0:
         raise ConfigError(f'seed must be >= 0 for the data order, got {seed}')
     source = IndexedSource(image_set, indices, labels)
-    # The shuffled stream of positions into `indices`; the same permutation (Grain's
-    # index shuffle, seeded by `seed` and the epoch) a stream of the items themselves
-    # would have, so the data order does not depend on how items are read.
-    stream = (grain.MapDataset.range(len(source)).seed(seed).shuffle()
-              .repeat(None, reseed_each_epoch=True))
-    # Local batch k is global batch k // P, slice k % P: take every P-th from p.
-    batches = stream.batch(local, drop_remainder=True)[process_index::process_count]
     keys = ('image',) if labels is None else ('image', 'label')
-    batches = batches[start_step:].map(lambda positions: source.gather(positions, keys))
+    # One Grain element per local batch, indexed by global step: Grain keeps the
+    # reader threads and prefetch, the order is drawn per epoch by BatchPositions.
+    positions = BatchPositions(len(source), global_batch_size, seed, process_index,
+                               process_count)
+    batches = (grain.MapDataset.source(positions)[start_step:]
+               .map(lambda p: source.gather(p, keys)))
     return iter(batches.to_iter_dataset(_read_options(read_threads, prefetch)))
 
 
