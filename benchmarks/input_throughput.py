@@ -9,9 +9,11 @@ JPEG folder source that is where every image is decoded, once, into one uint8 ar
 Then, per (cores, read_threads), a fresh child process pinned to the first `cores` CPUs
 (os.sched_setaffinity before JAX or Grain start any thread) reads the normal class's
 training stream exactly as `jaxad.train.Setup.batches` does: `jaxad.loop.train_batches`
-(Grain: seeded shuffle, per-epoch reshuffle, batch, `read_threads` reader threads,
-`prefetch` batches ahead) and `jaxad.sharding.to_global` onto the device. After `--warmup`
-batches it times `--batches` batches twice:
+(each epoch's order one NumPy permutation seeded by (seed, epoch), a Grain `MapDataset`
+of whole batches indexed by step, each batch gathered in one NumPy indexing call,
+`read_threads` reader threads, `prefetch` batches ahead; `jaxad.data.pipeline`) and
+`jaxad.sharding.to_global` onto the device. After `--warmup` batches it times
+`--batches` batches twice:
 
   pipeline_images_per_s   next() of the host iterator alone (uint8 batches in host memory)
   with_copy_images_per_s  the same followed by the trainer's host-to-device copy
@@ -19,17 +21,18 @@ batches it times `--batches` batches twice:
 
 plus, in the same child: `gather_images_per_s`, one NumPy fancy-index gather of a batch
 (images[idx]: the memory copy the host cannot avoid); `copy_images_per_s`, the device
-copy of a ready batch alone; `positions_only_images_per_s`, Grain's shuffled and batched
-stream positions without any image (the per-image index shuffle, the pipeline's ceiling
-while it keeps Grain's order); and `per_item_reads_images_per_s`, the pipeline as it was
-before batches were gathered in one call (Grain reading and stacking every image as its
-own item; same order; `--batches` / 4 batches); and
-`numpy_permutation_prototype_images_per_s`, a prototype of the fix for that ceiling (each
-epoch's order drawn at once with NumPy, then one gather per batch: another data order,
-so not what jaxad trains with). On the CPU backend the "device" is host memory,
-so the copy is a memcpy; on a GPU it is a PCIe/NVLink transfer (1.5 MiB per 512 CIFAR
-images). Each line records the load average before and after. Never part of the test
-pass/fail (tests/test_benchmark_scripts.py only checks it runs).
+copy of a ready batch alone; `positions_only_images_per_s`, the pipeline's batches of
+stream positions through Grain without any image (`pipeline.BatchPositions`: the cost of
+the order and of Grain's per-batch iterator); `numpy_permutation_prototype_images_per_s`,
+the prototype the pipeline was built from (the same per-epoch NumPy permutations, one
+gather per batch, a plain `MapDataset.range(...).map`); and
+`grain_shuffle_pipeline_images_per_s`, the pipeline before it (Grain's per-element
+`MapDataset.shuffle` of positions, batched, one gather per batch; another order;
+`--batches` / 4 batches), whose Python per-element shuffle capped it near 30k images/s.
+On the CPU backend the "device" is host memory, so the copy is a memcpy; on a GPU it is
+a PCIe/NVLink transfer (1.5 MiB per 512 CIFAR images). Each line records the load
+average before and after. Never part of the test pass/fail
+(tests/test_benchmark_scripts.py only checks it runs).
 """
 import argparse
 import functools
@@ -83,27 +86,27 @@ def child(spec):
                 jax.block_until_ready(sharding.to_global(batch, mesh))
         return n * b / (time.perf_counter() - t0), batch
 
-    def per_item_stream():
-        # jaxad's pipeline before batches were gathered in one call: Grain reads every
-        # image as its own item (IndexedSource.__getitem__) and stacks them; same order.
-        stream = (grain.MapDataset.source(pipeline.IndexedSource(image_set, indices))
-                  .seed(config.seed).shuffle().repeat(None, reseed_each_epoch=True))
-        batches = stream.batch(b, drop_remainder=True).map(lambda x: {'image': x['image']})
-        return iter(batches.to_iter_dataset(grain.ReadOptions(
+    def read(dataset):
+        return iter(dataset.to_iter_dataset(grain.ReadOptions(
             num_threads=spec['read_threads'], prefetch_buffer_size=spec['prefetch'])))
 
-    def positions_stream():
-        # Grain's shuffled, batched stream positions alone (no images): the per-image
-        # index shuffle every order-preserving variant pays.
+    def grain_shuffle_stream():
+        # jaxad's pipeline before per-epoch NumPy permutations: Grain's index shuffle
+        # (one Python call per element) of positions, batched, one gather per batch.
+        source = pipeline.IndexedSource(image_set, indices)
         positions = (grain.MapDataset.range(len(indices)).seed(config.seed).shuffle()
                      .repeat(None, reseed_each_epoch=True).batch(b, drop_remainder=True))
-        return iter(positions.to_iter_dataset(grain.ReadOptions(
-            num_threads=spec['read_threads'], prefetch_buffer_size=spec['prefetch'])))
+        return read(positions.map(source.gather))
+
+    def positions_stream():
+        # The pipeline's batches of positions alone (no images): its order and Grain's
+        # per-batch iterator, the ceiling of everything but the gather and the copy.
+        return read(grain.MapDataset.source(pipeline.BatchPositions(len(indices), b,
+                                                                    config.seed)))
 
     def permutation_stream():
-        # Prototype of the fix, not jaxad's pipeline: each epoch's order drawn at once with
-        # NumPy (cached), each batch's images gathered in one call. A different (equally
-        # seeded and resumable) order from Grain's index shuffle, hence not adopted here.
+        # The prototype the pipeline grew from: each epoch's NumPy permutation (cached),
+        # each batch's images gathered in one call, looked up with a mask per epoch.
         n = len(indices)
         source = pipeline.IndexedSource(image_set, indices)
 
@@ -115,14 +118,12 @@ def child(spec):
             epoch, within = np.divmod(np.arange(step * b, (step + 1) * b), n)
             return source.gather(np.concatenate([order(e)[within[epoch == e]]
                                                  for e in np.unique(epoch)]))
-        batches = grain.MapDataset.range(10 ** 12).map(batch_at)
-        return iter(batches.to_iter_dataset(grain.ReadOptions(
-            num_threads=spec['read_threads'], prefetch_buffer_size=spec['prefetch'])))
+        return read(grain.MapDataset.range(10 ** 12).map(batch_at))
 
     pipeline_rate, batch = rate(host_stream(), spec['batches'], False)
     with_copy_rate, _ = rate(host_stream(), spec['batches'], True)
-    per_item_batches = max(1, spec['batches'] // 4)  # the slow path: fewer batches
-    per_item_rate, _ = rate(per_item_stream(), per_item_batches, False)
+    old_batches = max(1, spec['batches'] // 4)  # the slow path: fewer batches
+    old_rate, _ = rate(grain_shuffle_stream(), old_batches, False)
     positions_rate, _ = rate(positions_stream(), spec['batches'], False)
     permutation_rate, _ = rate(permutation_stream(), spec['batches'], False)
     # Ceilings: the gather alone (NumPy fancy indexing) and the device copy alone.
@@ -146,10 +147,10 @@ def child(spec):
         'with_copy_images_per_s': round(with_copy_rate, 1),
         'gather_images_per_s': round(gather_rate, 1),
         'copy_images_per_s': round(copy_rate, 1),
-        'per_item_reads_images_per_s': round(per_item_rate, 1),
-        'per_item_batches_timed': per_item_batches,
         'positions_only_images_per_s': round(positions_rate, 1),
         'numpy_permutation_prototype_images_per_s': round(permutation_rate, 1),
+        'grain_shuffle_pipeline_images_per_s': round(old_rate, 1),
+        'grain_shuffle_batches_timed': old_batches,
         'ms_per_batch_with_copy': round(1000 * b / with_copy_rate, 3),
         'loadavg_before': [round(x, 2) for x in load_before],
         'loadavg_after': [round(x, 2) for x in os.getloadavg()],
