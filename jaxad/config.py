@@ -151,6 +151,10 @@ def table_config():
     return c
 
 
+# data.on_device (jaxad.loop.input_on_device)
+ON_DEVICE_SETTINGS = ('auto', 'true', 'false')
+
+
 def data_config():
     """The data set, its normal classes and image geometry (`jaxad.data.sources`)."""
     c = ml_collections.ConfigDict()
@@ -180,6 +184,12 @@ def data_config():
     c.mask_dir = ''  # masks matched by stem: x.png -> x.png or x_mask.png
     c.normal_test_dir = ''  # '' = hold out normal_split_ratio of normal_dir for test
     c.normal_split_ratio = 0.2
+    # Where each step's training batch is gathered: 'true' keeps the run's uint8 training
+    # images on the devices (replicated) and the host sends only their positions; 'false'
+    # sends every batch's images from the host; 'auto' keeps them on the devices when they
+    # take at most a quarter of a device's memory (GPU/TPU; on CPU: from the host). The
+    # batches are the same either way (jaxad.loop.DeviceInput).
+    c.on_device = 'auto'
     return c
 
 
@@ -422,6 +432,9 @@ def validate_config(config):
         if config.eval.knn_reduce not in density.KNN_REDUCES:
             raise ConfigError(f'eval.knn_reduce must be one of {density.KNN_REDUCES}')
         positive('eval.kde_temperature', config.eval.kde_temperature)
+    if config.data.get('on_device', 'auto') not in ON_DEVICE_SETTINGS:
+        raise ConfigError(f'data.on_device must be one of {", ".join(ON_DEVICE_SETTINGS)}, '
+                          f'got {config.data.on_device!r}')
     if config.oe.get('max_images', 0) < 0:
         raise ConfigError(f'oe.max_images must be >= 0 (0 = all), got {config.oe.max_images}')
     resnet.check_model_config(config.model)

@@ -39,6 +39,7 @@ NEUTRAL = (
     'loss.nt_xent', 'loss.key_block',  # dense = chunked (tests/test_train.py)
     'threshold.quantile', 'threshold.value',  # threshold.json records its own rule
     'export.',  # which platforms an export is lowered for
+    'data.on_device',  # where a batch is gathered, not which (tests/test_table.py)
     'eval.batch_size', 'eval.plots', 'eval.num_overlays', 'eval.save_maps',
     'eval.density_test_block', 'eval.density_bank_block',
     # how a TFDS data set is had (downloaded on first use or not), not which data it is

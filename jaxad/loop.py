@@ -28,6 +28,7 @@ from absl import logging
 from jaxad import checkpoint as ckpt_lib
 from jaxad import distributed, fingerprint, optim, preemption, sharding, stacking, storage
 from jaxad import evaluate as eval_lib
+from jaxad.config import ON_DEVICE_SETTINGS
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
 from jaxad.methods import get_method
@@ -89,25 +90,47 @@ def make_init_fn(method, tx, image_shape):
     return init
 
 
-def jit_train_step(train_step, mesh):
+def gather_on_device(step):
+    """`step` fed from images already on the devices (`DeviceInput`): the batch brings
+    `positions` (rows, per batch key) and `tables` (the images), and `step` gets
+    `batch[key] = tables[key][positions[key]]`: the batch the host would have sent."""
+    @functools.wraps(step)  # the jitted program keeps the step's name
+    def step_with_gather(state, batch, rng):
+        batch = dict(batch)
+        tables, positions = batch.pop('tables'), batch.pop('positions')
+        batch.update({key: tables[key][rows] for key, rows in positions.items()})
+        return step(state, batch, rng)
+    return step_with_gather
+
+
+def jit_train_step(train_step, mesh, on_device=False):
     """The step of one detector jitted on `mesh` (batch on 'data', state and key replicated,
     state donated), traced with the mesh as ambient context so that explicit collectives
-    (the chunked NT-Xent's `shard_map`) find its axes."""
+    (the chunked NT-Xent's `shard_map`) find its axes. `on_device`: the batch holds positions
+    into on-device images (`gather_on_device`), placed as `Run.batches` placed them
+    (positions and labels on 'data', the images replicated)."""
     repl, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
 
     def step_on_mesh(state, batch, rng):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
             return train_step(state, batch, rng)
+    if on_device:
+        return jax.jit(gather_on_device(step_on_mesh), donate_argnums=(0,),
+                       in_shardings=(repl, None, repl), out_shardings=(repl, repl))
     return jax.jit(step_on_mesh, donate_argnums=(0,),
                    in_shardings=(repl, data, repl), out_shardings=(repl, repl))
 
 
-def jit_stacked_step(train_step, mesh, mode):
+def jit_stacked_step(train_step, mesh, mode, on_device=False):
     """The step of a stack of detectors (`stacking.stacked(train_step, mode)`) jitted: state
-    and keys on 'model', batches on ('model', 'data'), state donated."""
+    and keys on 'model', batches on ('model', 'data'), state donated. `on_device`: as for
+    `jit_train_step`; the gather runs once for the whole (K, B) stack of positions."""
     models = sharding.model_sharding(mesh)
     batch = sharding.stacked_data_sharding(mesh)  # every batch key
-    return jax.jit(stacking.stacked(train_step, mode), donate_argnums=(0,),
+    step = stacking.stacked(train_step, mode)
+    if on_device:
+        step, batch = gather_on_device(step), None  # placed by Run.batches
+    return jax.jit(step, donate_argnums=(0,),
                    in_shardings=(models, batch, models), out_shardings=(models, models))
 
 
@@ -233,15 +256,93 @@ def load_auxiliary_outliers(method, config, image_shape):
     return sources.load_auxiliary(config.oe, 'train', image_shape, 'outlier exposure')
 
 
+# data.on_device='auto' keeps the training images on the devices when they take at most
+# this fraction of the smallest device's memory: the rest is for the model, its
+# activations and XLA's buffers.
+ON_DEVICE_MAX_FRACTION = 0.25
+
+
+def input_on_device(setting, nbytes, devices):
+    """(keep the training images on the devices?, why) for `data.on_device` = `setting` and
+    images of `nbytes` bytes. 'auto' needs every device to report its memory (GPUs and TPUs
+    do; XLA:CPU does not, and there the host and the "device" share one memory anyway)."""
+    if setting not in ON_DEVICE_SETTINGS:
+        raise ConfigError(f'data.on_device must be one of {ON_DEVICE_SETTINGS}, got {setting!r}')
+    if setting != 'auto':
+        return setting == 'true', f'data.on_device={setting}'
+    limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
+    if not all(limits):
+        return False, 'data.on_device=auto: the devices do not report their memory'
+    budget = ON_DEVICE_MAX_FRACTION * min(limits)
+    fits = nbytes <= budget
+    return fits, (f'data.on_device=auto: {nbytes / 2**20:.0f} MiB of images '
+                  f'{"<=" if fits else ">"} {ON_DEVICE_MAX_FRACTION:.0%} of the smallest '
+                  f'device memory ({min(limits) / 2**30:.1f} GiB)')
+
+
+class DeviceInput:
+    """The training images of a run's detectors, placed on its devices once (replicated on
+    the mesh), so each step's batch is gathered there from a few integers the host sends.
+
+    `sources`: per detector, {batch key: (image set, indices)} its stream reads ('image',
+    and 'outlier' for outlier exposure). `tables[key]` holds every detector's
+    `image_set.images[indices]` one after the other; detector d's rows start at
+    `offsets[key][d]`. An outlier stream that reads a detector's own normal images
+    (self-OECL) shares the 'image' table instead of holding a second copy.
+    """
+
+    def __init__(self, sources, mesh):
+        repl = sharding.replicated(mesh)
+        self.tables, self.offsets = {}, {}
+        for key in sources[0]:
+            if key != 'image' and all(_same_source(s[key], s['image']) for s in sources):
+                self.tables[key], self.offsets[key] = self.tables['image'], self.offsets['image']
+                continue
+            parts = [_rows(*s[key]) for s in sources]
+            self.offsets[key] = np.cumsum([0] + [len(p) for p in parts[:-1]])
+            table = np.concatenate(parts)
+            # Every process holds the whole table on the host; each places its devices' copy.
+            self.tables[key] = jax.make_array_from_callback(table.shape, repl,
+                                                            lambda index, t=table: t[index])
+
+    @staticmethod
+    def nbytes(sources):
+        """Bytes the tables of `sources` take (nothing read)."""
+        def rows(key):
+            if key != 'image' and all(_same_source(s[key], s['image']) for s in sources):
+                return 0
+            return sum(len(s[key][1]) for s in sources)
+        shape = np.shape(sources[0]['image'][0].images[0])
+        return int(np.prod(shape)) * sum(rows(key) for key in sources[0])
+
+
+def _same_source(a, b):
+    return a[0] is b[0] and np.array_equal(a[1], b[1])
+
+
+def _rows(image_set, indices):
+    images = image_set.images
+    if isinstance(images, np.ndarray):
+        return np.asarray(images[np.asarray(indices, np.int64)], np.uint8)
+    return np.stack([np.asarray(images[i], np.uint8) for i in indices])  # a lazy sequence
+
+
 def train_batches(method, config, train_set, indices, normal_classes, outlier_set, start_step,
                   **kwargs):
-    """Host batches of one detector from `start_step` (`pipeline.method_train_iterator`)."""
+    """Host batches of one detector from `start_step` (`pipeline.method_train_iterator`);
+    `images=False`: positions instead of images (`DeviceInput`)."""
     return pipeline.method_train_iterator(
         method.inputs, train_set, indices, normal_classes,
         global_batch_size=config.batch_size, seed=config.seed,
         outliers=outlier_source(config, train_set, indices, normal_classes, outlier_set),
         start_step=start_step, process_index=jax.process_index(),
         process_count=jax.process_count(), **kwargs)
+
+
+def _offset_positions(stream, offsets):
+    for batch in stream:
+        yield dict(batch, positions={k: (p + offsets[k]).astype(np.int32)
+                                     for k, p in batch['positions'].items()})
 
 
 class Run(abc.ABC):
@@ -345,6 +446,55 @@ class Run(abc.ABC):
     @property
     def steps_per_epoch(self):
         return self.budget.steps_per_epoch
+
+    # ------------------------------------------------------------------ input
+
+    def stream_sources(self):
+        """Per detector, {batch key: (image set, indices)} its training stream reads."""
+        data, out = self.data, []
+        for d in self.detectors:
+            sources = {'image': (data.train_set, d.indices)}
+            outliers = outlier_source(self.config, data.train_set, d.indices, d.normal_classes,
+                                      data.outlier_set)
+            if 'outlier' in self.method.inputs and outliers is not None:
+                sources['outlier'] = outliers
+            out.append(sources)
+        return out
+
+    @functools.cached_property
+    def device_input(self):
+        """The run's `DeviceInput` when its training images stay on the devices
+        (`data.on_device`), else None (the host sends every batch's images)."""
+        sources = self.stream_sources()
+        on, why = input_on_device(self.config.data.get('on_device', 'auto'),
+                                  DeviceInput.nbytes(sources), self.mesh.devices.flat)
+        logging.info('%s: training images %s (%s)', self.name,
+                     'on the devices, gathered by index in each step' if on
+                     else 'sent from the host every step', why)
+        return DeviceInput(sources, self.mesh) if on else None
+
+    def host_streams(self, start_step, **kwargs):
+        """Each detector's host batches from `start_step`: images, or with `device_input`
+        the positions of its rows in the device tables."""
+        device_input = self.device_input
+        streams = []
+        for d, detector in enumerate(self.detectors):
+            stream = train_batches(self.method, self.config, self.data.train_set,
+                                   detector.indices, detector.normal_classes,
+                                   self.data.outlier_set, start_step,
+                                   images=device_input is None, **kwargs)
+            if device_input is not None:
+                stream = _offset_positions(stream, {k: int(o[d]) for k, o in
+                                                    device_input.offsets.items()})
+            streams.append(stream)
+        return streams
+
+    def with_tables(self, batch):
+        """A global batch as the jitted step takes it: with the device tables when
+        `device_input` is set."""
+        if self.device_input is None:
+            return batch
+        return dict(batch, tables=self.device_input.tables)
 
     @property
     def total_steps(self):

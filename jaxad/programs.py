@@ -82,9 +82,24 @@ def method_and_optimizer(config, budget=DEFAULT_BUDGET):
     return method, tx, schedule
 
 
-def train_step(config, image_shape, *, stack=0, mesh=None, budget=DEFAULT_BUDGET):
+def on_device_batch(batch, table_rows):
+    """`batch` as a run with its training images on the devices feeds it
+    (`loop.DeviceInput`): int32 positions into `table_rows` uint8 images per image key."""
+    images = {k: v for k, v in batch.items() if v.dtype == jnp.uint8}
+    out = {k: v for k, v in batch.items() if k not in images}
+    out['positions'] = {k: jax.ShapeDtypeStruct(v.shape[:1], jnp.int32)
+                        for k, v in images.items()}
+    out['tables'] = {k: jax.ShapeDtypeStruct((table_rows,) + v.shape[1:], jnp.uint8)
+                     for k, v in images.items()}
+    return out
+
+
+def train_step(config, image_shape, *, stack=0, mesh=None, budget=DEFAULT_BUDGET,
+               table_rows=0):
     """The train step at `config.batch_size` images: jitted as `loop.jit_train_step`, or
-    with `stack` = K > 0 as a table's K-model step under vmap (`loop.jit_stacked_step`)."""
+    with `stack` = K > 0 as a table's K-model step under vmap (`loop.jit_stacked_step`).
+    `table_rows` > 0 (one detector): the step gathering its batch from that many training
+    images on the devices (`data.on_device`)."""
 
     method, tx, schedule = method_and_optimizer(config, budget)
     init = loop.make_init_fn(method, tx, image_shape)
@@ -94,6 +109,10 @@ def train_step(config, image_shape, *, stack=0, mesh=None, budget=DEFAULT_BUDGET
     if not stack:
         mesh = mesh or sharding.make_mesh(1)
         state = jax.eval_shape(init, key)
+        if table_rows:
+            return Program('train_step_on_device',
+                           loop.jit_train_step(step, mesh, on_device=True),
+                           (state, on_device_batch(batch, table_rows), abstract_key()))
         return Program('train_step', loop.jit_train_step(step, mesh),
                        (state, batch, abstract_key()))
     mesh = mesh or sharding.make_mesh(1, num_models=stack)

@@ -88,20 +88,17 @@ class Group(loop.Run):
         return jax.vmap(loop.init_key)(np.full(self.k, self.config.seed, np.uint32))
 
     def jit_step(self, train_step):
-        return loop.jit_stacked_step(train_step, self.mesh, self.mode)
+        return loop.jit_stacked_step(train_step, self.mesh, self.mode,
+                                     on_device=self.device_input is not None)
 
     def batches(self, start_step):
         """Member k's batch of its own class from its own stream, stacked on axis 0."""
-        data = self.data
-        streams = [loop.train_batches(self.method, self.config, data.train_set, m.indices,
-                                      m.normal_classes, data.outlier_set, start_step,
-                                      read_threads=1 if self.k > 2 else 2)
-                   for m in self.members]
+        streams = self.host_streams(start_step, read_threads=1 if self.k > 2 else 2)
         where = sharding.stacked_data_sharding(self.mesh)
         while True:
             batches = [next(stream) for stream in streams]
-            yield sharding.to_global({k: np.stack([b[k] for b in batches]) for k in batches[0]},
-                                     self.mesh, where)
+            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+            yield self.with_tables(sharding.to_global(stacked, self.mesh, where))
 
     def member_features(self, state, label):
         """Each member's features of its own normal training images, one stacked pass."""

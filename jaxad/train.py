@@ -71,12 +71,12 @@ class Setup(loop.Run):
         return loop.init_key(self.config.seed)
 
     def jit_step(self, train_step):
-        return loop.jit_train_step(train_step, self.mesh)
+        return loop.jit_train_step(train_step, self.mesh,
+                                   on_device=self.device_input is not None)
 
     def batches(self, start_step):
-        host = loop.train_batches(self.method, self.config, self.train_set, self.normal_indices,
-                                  self.normal_classes, self.outlier_set, start_step)
-        return (sharding.to_global(b, self.mesh) for b in host)
+        host, = self.host_streams(start_step)
+        return (self.with_tables(sharding.to_global(b, self.mesh)) for b in host)
 
     def member_features(self, state, label):
         return [eval_lib.extract_features(

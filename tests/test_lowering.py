@@ -17,7 +17,6 @@ allow-list (`ACCELERATOR_TARGETS`), and no host callback may be in the text.
 """
 import re
 
-import jax
 import pytest
 
 from configs import csi_cifar
@@ -104,6 +103,20 @@ def test_conv_impl_auto_follows_the_lowering_platform():
         auto = op_counts(lowered)
         assert auto == op_counts(step['xla'].lower((platform,))), platform
         assert auto['dot_general'] == xla_cpu['dot_general'], platform
+
+
+def test_step_with_training_images_on_the_device_lowers():
+    """data.on_device: the step gathers its batch from device-resident images (a table of
+    5000 CIFAR-size images, one class's training set) for cuda and tpu; the batch the host
+    sends is int32 positions, and the gather is in the program."""
+    c = _tiny_csi('auto')
+    c.batch_size = 8
+    program = programs.train_step(c, (32, 32, 3), table_rows=5000)
+    for platform in ACCELERATORS:
+        text = program.lower((platform,)).as_text()
+        assert_runs_on(text, platform, f'tiny csi step on device, {platform}')
+        assert 'tensor<5000x32x32x3xui8>' in text and 'tensor<8xi32>' in text, platform
+        assert re.search(r'stablehlo\.(dynamic_)?gather', text), platform
 
 
 def test_paper_csi_step_lowers():

@@ -1,6 +1,8 @@
 """The one-class table: stacked training == separate runs, resume, the CLI table."""
 import json
+import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -44,12 +46,15 @@ def params_at(checkpoint_dir, state_like):
 
 @pytest.fixture(scope='module')
 def separate_runs(npz, tmp_path_factory):
-    """Single-class runs of classes 0, 1, 2 on one device: params, losses, results."""
+    """Single-class runs of classes 0, 1, 2 on one device: params, losses, results. Class 1's
+    run keeps its training images on the device (data.on_device), the others send them from
+    the host: the tables below equal both."""
     out = {}
     for c in range(3):
         workdir = tmp_path_factory.mktemp(f'single{c}')
         config = tiny_config(npz, log_every=1, num_devices=1)
         config.data.normal_classes = (c,)
+        config.data.on_device = 'true' if c == 1 else 'false'
         results = train.train_and_evaluate(config, str(workdir))
         setup = train.Setup(config, str(workdir))
         state, step = setup.restore_latest()
@@ -84,14 +89,22 @@ def assert_member_equals_single(config, workdir, group, position, single):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize('num_devices,stack_size,mode', [(1, 0, 'unroll'), (8, 2, 'vmap')])
+@pytest.mark.parametrize('num_devices,stack_size,mode,on_device',
+                         [(1, 0, 'unroll', 'false'), (8, 2, 'vmap', 'true')])
 def test_stacked_table_equals_separate_runs(npz, separate_runs, tmp_path, num_devices,
-                                            stack_size, mode):
-    """K=3 unrolled on 1 device; vmapped stacks of 2 + 1 on 8 devices (mesh 2x4 and 1x8)."""
+                                            stack_size, mode, on_device, caplog):
+    """K=3 unrolled on 1 device, batches from the host; vmapped stacks of 2 + 1 on 8 devices
+    (mesh 2x4 and 1x8), each group's training images on the devices (data.on_device)."""
     config = table_config(npz, num_devices=num_devices)
     config.table.stack_size = stack_size
     config.table.stack_mode = mode
-    result = train.train_and_evaluate(config, str(tmp_path))
+    config.data.on_device = on_device
+    with caplog.at_level(logging.INFO):
+        result = train.train_and_evaluate(config, str(tmp_path))
+    # each group says how it was fed
+    fed = re.findall(r'training images (on the devices|sent from the host)', caplog.text)
+    want = 'on the devices' if on_device == 'true' else 'sent from the host'
+    assert fed == [want] * (1 if stack_size == 0 else 2), caplog.text[-2000:]
     groups = ['classes_0_1_2'] if stack_size == 0 else ['classes_0_1', 'classes_2']
     assert sorted(os.listdir(tmp_path / 'groups')) == groups
     for c in range(3):

@@ -77,6 +77,8 @@ class IndexedSource:
             batch['label'] = self._labels[index]
         if 'index' in keys:
             batch['index'] = index
+        if 'position' in keys:  # rows of `image_set[indices]` (an on-device copy of it)
+            batch['position'] = np.asarray(positions, np.int32)
         return batch
 
     def __repr__(self):
@@ -133,9 +135,12 @@ class BatchPositions:
 
 
 def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
-                   process_index=0, process_count=1, read_threads=2, prefetch=4, labels=None):
+                   process_index=0, process_count=1, read_threads=2, prefetch=4, labels=None,
+                   images=True):
     """Infinite iterator of `{'image': uint8 (global_batch_size // process_count, H, W, C)}`,
     plus `'label'`: int32 `labels[image index]` when `labels` (one per image) is given.
+    `images=False`: `'position'` (int32 rows of `image_set.images[indices]`) instead of
+    `'image'`, for a run that keeps those images on its devices (`jaxad.loop.DeviceInput`).
 
     The image stream is `indices` in a fresh seeded permutation every epoch
     (`epoch_permutation`), so each epoch shows every normal image exactly once
@@ -150,7 +155,7 @@ def train_iterator(image_set, indices, *, global_batch_size, seed, start_step=0,
     if seed < 0:
         raise ConfigError(f'seed must be >= 0 for the data order, got {seed}')
     source = IndexedSource(image_set, indices, labels)
-    keys = ('image',) if labels is None else ('image', 'label')
+    keys = (('image',) if images else ('position',)) + (() if labels is None else ('label',))
     # One Grain element per local batch, indexed by global step: Grain keeps the
     # reader threads and prefetch, the order is drawn per epoch by BatchPositions.
     positions = BatchPositions(len(source), global_batch_size, seed, process_index,
@@ -179,18 +184,33 @@ def method_train_iterator(inputs, image_set, indices, normal_classes, *, outlier
     (`class_positions`). 'outlier': a batch of images from `outliers` =
     (image_set, indices), read by its own, independently shuffled stream and zipped
     with the normal one (OECL; self-OECL passes the normal images again).
+
+    `images=False` (in kwargs): no image is read; the batch holds `{'positions': {'image':
+    rows of image_set.images[indices], 'outlier': rows of the outlier set's}}` instead (plus
+    'label'), the same order as the images would have.
     """
     labels = class_positions(image_set.labels, normal_classes) if 'label' in inputs else None
     main = train_iterator(image_set, indices, global_batch_size=global_batch_size, seed=seed,
                           labels=labels, **kwargs)
     if 'outlier' not in inputs:
-        return main
+        return main if kwargs.get('images', True) else _as_positions(main)
     if outliers is None:
         raise ConfigError('this method trains with outlier exposure: set oe.source')
     oe_set, oe_indices = outliers
     oe = train_iterator(oe_set, oe_indices, global_batch_size=global_batch_size,
                         seed=seed + OUTLIER_SEED_OFFSET, **kwargs)
+    if not kwargs.get('images', True):
+        return _as_positions(main, oe)
     return (dict(b, outlier=o['image']) for b, o in zip(main, oe))
+
+
+def _as_positions(main, oe=None):
+    """Position batches as `{'positions': {'image', 'outlier'}, 'label'}`."""
+    for b in main:
+        positions = {'image': b.pop('position')}
+        if oe is not None:
+            positions['outlier'] = next(oe)['position']
+        yield dict(b, positions=positions)
 
 
 def num_eval_batches(n, batch_size):
