@@ -21,7 +21,13 @@ of whole batches indexed by step, each batch gathered in one NumPy indexing call
 
 plus, in the same child: `gather_images_per_s`, one NumPy fancy-index gather of a batch
 (images[idx]: the memory copy the host cannot avoid); `copy_images_per_s`, the device
-copy of a ready batch alone; `positions_only_images_per_s`, the pipeline's batches of
+copy of a ready batch alone; `on_device_images_per_s`, `data.on_device`: the class's
+images placed on the device once (`loop.DeviceInput`), then per batch the host's
+positions (the same stream with `images=False`) copied and the batch gathered by a jitted
+gather, block_until_ready at the end; with `--stack=K`, a table group of K members (classes
+0..K-1, as `jaxad.table.Group.batches` feeds it: K streams stacked on a model axis):
+`stack_host_with_copy_images_per_s` and `stack_on_device_images_per_s`, images of all K
+members per second; `positions_only_images_per_s`, the pipeline's batches of
 stream positions through Grain without any image (`pipeline.BatchPositions`: the cost of
 the order and of Grain's per-batch iterator); `numpy_permutation_prototype_images_per_s`,
 the prototype the pipeline was built from (the same per-epoch NumPy permutations, one
@@ -120,6 +126,62 @@ def child(spec):
                                                  for e in np.unique(epoch)]))
         return read(grain.MapDataset.range(10 ** 12).map(batch_at))
 
+    def on_device_rate(streams, where, n):
+        # data.on_device: the images placed once (loop.DeviceInput), then per step the
+        # host's positions copied and the batch gathered by the jitted gather on the device.
+        sources = [{'image': (image_set, idx)} for idx in streams]
+        device = loop.DeviceInput(sources, step_mesh)
+        its = []
+        for d, idx in enumerate(streams):
+            it = loop.train_batches(method, config, image_set, idx, normal, None, 0,
+                                    read_threads=threads_each, prefetch=spec['prefetch'],
+                                    images=False)
+            its.append(loop.offset_positions(it, {'image': int(device.offsets['image'][d])}))
+        gather = jax.jit(lambda table, rows: table[rows])
+        def one():
+            batches = [next(it)['positions']['image'] for it in its]
+            rows = batches[0] if where is None else np.stack(batches)
+            return gather(device.tables['image'], sharding.to_global(rows, step_mesh, where))
+        for _ in range(spec['warmup']):
+            jax.block_until_ready(one())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = one()
+        jax.block_until_ready(out)
+        return n * b * len(streams) / (time.perf_counter() - t0)
+
+    def stacked_host_rate(streams, n):
+        # A table group of K members as jaxad.table.Group.batches feeds it: K streams, each
+        # batch stacked on a model axis, copied with the (model, data) sharding.
+        its = [loop.train_batches(method, config, image_set, idx, normal, None, 0,
+                                  read_threads=threads_each, prefetch=spec['prefetch'])
+               for idx in streams]
+        where = sharding.stacked_data_sharding(step_mesh)
+        def one():
+            batches = [next(it) for it in its]
+            stacked = jax.tree_util.tree_map(lambda *xs: np.stack(xs), *batches)
+            return sharding.to_global(stacked, step_mesh, where)
+        for _ in range(spec['warmup']):
+            jax.block_until_ready(one())
+        t0 = time.perf_counter()
+        for _ in range(n):
+            jax.block_until_ready(one())
+        return n * b * len(streams) / (time.perf_counter() - t0)
+
+    step_mesh, threads_each = mesh, spec['read_threads']
+    on_device = on_device_rate([indices], None, spec['batches'])
+    stack = {}
+    if spec['stack']:
+        k = spec['stack']
+        members = [np.flatnonzero(labels == c % (int(labels.max()) + 1)) for c in range(k)]
+        step_mesh = sharding.make_mesh(1, num_models=k)
+        threads_each = 1 if k > 2 else spec['read_threads']  # as Group.batches
+        n = max(1, spec['batches'] // k)
+        stack = {'stack': k, 'stack_batches_timed': n,
+                 'stack_host_with_copy_images_per_s': round(stacked_host_rate(members, n), 1),
+                 'stack_on_device_images_per_s': round(on_device_rate(
+                     members, sharding.stacked_data_sharding(step_mesh), n), 1)}
+        step_mesh, threads_each = mesh, spec['read_threads']
     pipeline_rate, batch = rate(host_stream(), spec['batches'], False)
     with_copy_rate, _ = rate(host_stream(), spec['batches'], True)
     old_batches = max(1, spec['batches'] // 4)  # the slow path: fewer batches
@@ -149,6 +211,8 @@ def child(spec):
         'copy_images_per_s': round(copy_rate, 1),
         'positions_only_images_per_s': round(positions_rate, 1),
         'numpy_permutation_prototype_images_per_s': round(permutation_rate, 1),
+        'on_device_images_per_s': round(on_device, 1),
+        **stack,
         'grain_shuffle_pipeline_images_per_s': round(old_rate, 1),
         'grain_shuffle_batches_timed': old_batches,
         'ms_per_batch_with_copy': round(1000 * b / with_copy_rate, 3),
@@ -201,6 +265,9 @@ def main():
     p.add_argument('--cores', default='1,2', help='CPU counts to pin the child to')
     p.add_argument('--read_threads', default='2', help='Grain reader threads (trainer: 2)')
     p.add_argument('--prefetch', type=int, default=4, help='Grain prefetch (trainer: 4)')
+    p.add_argument('--stack', type=int, default=0,
+                   help='also a table group of this many members (classes 0..K-1), host-fed '
+                        'and on device; 0: none')
     p.add_argument('--_child', default='', help=argparse.SUPPRESS)
     a = p.parse_args()
     if a._child:
@@ -225,7 +292,7 @@ def main():
             for threads in (int(t) for t in a.read_threads.split(',')):
                 spec = dict(cpus=available[:cores], read_threads=threads, prefetch=a.prefetch,
                             global_batch=a.global_batch, batches=a.batches, warmup=a.warmup,
-                            normal_class=a.normal_class, npz=npz, name=name,
+                            normal_class=a.normal_class, npz=npz, name=name, stack=a.stack,
                             config=config.to_json())
                 proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--_child',
                                        json.dumps(spec)], capture_output=True, text=True)

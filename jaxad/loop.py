@@ -339,7 +339,9 @@ def train_batches(method, config, train_set, indices, normal_classes, outlier_se
         process_count=jax.process_count(), **kwargs)
 
 
-def _offset_positions(stream, offsets):
+def offset_positions(stream, offsets):
+    """A detector's position batches shifted to its rows of the `DeviceInput` tables
+    (`offsets`: per batch key)."""
     for batch in stream:
         yield dict(batch, positions={k: (p + offsets[k]).astype(np.int32)
                                      for k, p in batch['positions'].items()})
@@ -484,7 +486,7 @@ class Run(abc.ABC):
                                    self.data.outlier_set, start_step,
                                    images=device_input is None, **kwargs)
             if device_input is not None:
-                stream = _offset_positions(stream, {k: int(o[d]) for k, o in
+                stream = offset_positions(stream, {k: int(o[d]) for k, o in
                                                     device_input.offsets.items()})
             streams.append(stream)
         return streams

@@ -65,15 +65,17 @@ def test_step_analysis_stack_memory():
 def test_input_throughput_on_synthetic_images():
     lines = _run(['benchmarks/input_throughput.py', '--source=synthetic', '--num_images=1000',
                   '--image_size=8', '--global_batch=32', '--batches=5', '--warmup=1',
-                  '--cores=1', '--read_threads=1'])
+                  '--cores=1', '--read_threads=1', '--stack=2'])
     load, run = lines
     assert load['kind'] == 'load' and load['images'] == 1000 and load['image_shape'] == [8, 8, 3]
     assert run['kind'] == 'input' and 'error' not in run, run
     assert run['cores'] == 1 and len(run['cpus']) == 1 and run['read_threads'] == 1
     assert run['global_batch'] == 32 and run['normal_images'] == 100  # class 0 of 10
     assert run['batch_keys'] == ['image'] and run['batch_dtype'] == 'uint8'
+    assert run['stack'] == 2
     for key in ('pipeline_images_per_s', 'with_copy_images_per_s', 'gather_images_per_s',
-                'copy_images_per_s'):
+                'copy_images_per_s', 'on_device_images_per_s',
+                'stack_host_with_copy_images_per_s', 'stack_on_device_images_per_s'):
         assert run[key] > 0, (key, run)
     assert len(run['loadavg_before']) == 3 and run['device'] == 'cpu'
 
