@@ -118,12 +118,12 @@ def _msc_update(config, workdir, results):
     import jax
     import numpy as np
     import optax
-    from jaxad import train
+    from jaxad import loop
     from jaxad.methods import get_method
     from tests.test_msc import latest_state
     method = get_method(config)
-    init = jax.jit(train.make_init_fn(method, optax.identity(), (8, 8, 3)))(
-        train.init_key(config.seed))
+    init = jax.jit(loop.make_init_fn(method, optax.identity(), (8, 8, 3)))(
+        loop.init_key(config.seed))
     state = latest_state(workdir)
     k0 = np.asarray(init.params['encoder']['layer4_0']['conv2']['kernel'])
     k1 = np.asarray(state['params']['encoder']['layer4_0']['conv2']['kernel'])
