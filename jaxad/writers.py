@@ -25,6 +25,24 @@ UPLOAD_SECS = 30
 _event_file_ids = itertools.count()
 
 
+def _import_tensorboardx():
+    """tensorboardX, imported without torch when torch is not imported yet: tensorboardX
+    imports all of torch (2-4 s) only to recognise torch tensors among the values it is
+    given, and jaxad gives it protobuf summaries of floats. A `None` entry in sys.modules
+    makes its `import torch` fail as if torch were absent; the entry is removed again, so a
+    later `import torch` anywhere works as usual."""
+    import sys
+    if 'tensorboardX' in sys.modules or 'torch' in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules['torch'] = None
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules['torch']
+    return tensorboardX
+
+
 def _is_writer():
     return jax.process_index() == 0
 
@@ -58,8 +76,7 @@ class MetricWriter:
 
     def _event_writer(self):
         if self._events is None:
-            # Imported here: tensorboardX imports torch when it is installed.
-            import tensorboardX
+            tensorboardX = _import_tensorboardx()
             # pid and a counter: tensorboardX names files by host and second only.
             suffix = f'.{os.getpid()}.{next(_event_file_ids)}'
             logdir = self.logdir
