@@ -270,14 +270,27 @@ def input_on_device(setting, nbytes, devices):
         raise ConfigError(f'data.on_device must be one of {ON_DEVICE_SETTINGS}, got {setting!r}')
     if setting != 'auto':
         return setting == 'true', f'data.on_device={setting}'
-    limits = [(d.memory_stats() or {}).get('bytes_limit') for d in devices]
-    if not all(limits):
+    smallest = _smallest_device_memory(devices)
+    if not smallest:
         return False, 'data.on_device=auto: the devices do not report their memory'
-    budget = ON_DEVICE_MAX_FRACTION * min(limits)
-    fits = nbytes <= budget
+    fits = nbytes <= ON_DEVICE_MAX_FRACTION * smallest
     return fits, (f'data.on_device=auto: {nbytes / 2**20:.0f} MiB of images '
                   f'{"<=" if fits else ">"} {ON_DEVICE_MAX_FRACTION:.0%} of the smallest '
-                  f'device memory ({min(limits) / 2**30:.1f} GiB)')
+                  f'device memory ({smallest / 2**30:.1f} GiB)')
+
+
+def _smallest_device_memory(devices):
+    """Bytes of the smallest memory among `devices`, 0 when one does not report it. A process
+    can only ask its own devices; several processes agree on the smallest of all (one
+    collective), so they all take the same path."""
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    limits = [(d.memory_stats() or {}).get('bytes_limit', 0) for d in local]
+    smallest = min(limits) if limits and all(limits) else 0
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        smallest = int(np.min(multihost_utils.process_allgather(np.array([smallest],
+                                                                         np.int64))))
+    return smallest
 
 
 class DeviceInput:

@@ -70,6 +70,8 @@ def test_an_outlier_stream_of_the_normal_images_shares_their_table():
 class MemoryReporting:
     """A device that reports its memory as a GPU's or TPU's `memory_stats()` does."""
 
+    process_index = 0
+
     def __init__(self, limit):
         self.limit = limit
 

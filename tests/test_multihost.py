@@ -94,9 +94,9 @@ def wait_all(runs, timeout=TIMEOUT_S):
     assert all(r.proc.returncode == 0 for r in runs), '\n'.join(r.report() for r in runs)
 
 
-def start_two_processes(name, workdir, env, log_dir):
+def start_two_processes(name, workdir, env, log_dir, extra=()):
     address = f'localhost:{free_port()}'
-    return [Run(f'{name}_p{pid}', [*CONFIG, f'--workdir={workdir}',
+    return [Run(f'{name}_p{pid}', [*CONFIG, *extra, f'--workdir={workdir}',
                                    f'--coordinator_address={address}', '--num_processes=2',
                                    f'--process_id={pid}'], env, log_dir)
             for pid in (0, 1)]
@@ -167,13 +167,17 @@ def test_two_processes_match_one_process_two_devices(tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
     # Resume: drop the final checkpoint, so a new two-process run restores step 2
-    # (saved by both processes) and retrains steps 3 and 4 to the same numbers.
+    # (saved by both processes) and retrains steps 3 and 4 to the same numbers. It keeps the
+    # training images on the devices (data.on_device, each process placing its devices'
+    # copy) where the runs above sent them from the host: the same batches.
     shutil.rmtree(multi_dir / 'checkpoints' / '4')
     first_results = read_results(multi_dir)
-    resumed = start_two_processes('resumed', multi_dir, child_env(1, cache), logs)
+    resumed = start_two_processes('resumed', multi_dir, child_env(1, cache), logs,
+                                  extra=['--config.data.on_device=true'])
     wait_all(resumed)
     for r in resumed:
         assert re.search(r'resuming from \S+ step 2\b', r.stderr()), r.report()
+        assert 'training images on the devices' in r.stderr(), r.report()
     after = read_metrics(multi_dir)
     assert [r['step'] for r in after] == [1, 2, 3, 4, 3, 4]
     assert_same_metrics(after[4:], want[2:])
