@@ -34,7 +34,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:  # `python benchmarks/...` puts benchmarks/, not the repo, on the path
     sys.path.insert(0, REPO_ROOT)
 
-from jaxad import metrics  # noqa: E402
+from jaxad import baseline, metrics  # noqa: E402
 from jaxad.data import sources  # noqa: E402
 # dataset flag -> (config file, its argument string)
 DATASETS = {
@@ -43,7 +43,7 @@ DATASETS = {
     'cifar10_jpg': ('configs/csi_cifar.py', 'dataset=cifar10_jpg'),  # needs --path
     'cifar10': ('configs/csi_cifar.py', 'dataset=cifar10'),  # TFDS, prepared on first use
 }
-BLOCK_ROWS = 1024
+BLOCK_ROWS = baseline.BLOCK_ROWS
 
 
 def _log(msg):
@@ -75,35 +75,10 @@ def load_data(dataset, path=None):
     return sources.load_split(data_cfg, 'train'), sources.load_split(data_cfg, 'test')
 
 
-def flatten(images):
-    """(N, D) float32 in [0, 1] from uint8 NHWC images (array or sequence of HWC arrays)."""
-    images = images if isinstance(images, np.ndarray) else np.stack(
-        [np.asarray(images[i]) for i in range(len(images))])
-    return images.reshape(len(images), -1).astype(np.float32) / np.float32(255)
-
-
 def knn_scores(bank, queries, k=1, block_rows=BLOCK_ROWS):
-    """Mean Euclidean distance from each query row to its k nearest bank rows, float64 (Q,)."""
-    if not 1 <= k <= len(bank):
-        raise ValueError(f'k={k} must be between 1 and the bank size {len(bank)}')
-    # Centring on the bank mean leaves distances as they are and shrinks the norms, so less
-    # is lost when the float32 a.b is subtracted from them.
-    mean = np.asarray(bank, np.float64).mean(axis=0)
-    bank = (np.asarray(bank, np.float64) - mean).astype(np.float32)
-    mean = mean.astype(np.float32)
-    bank_sq = np.einsum('ij,ij->i', bank, bank, dtype=np.float64)
-    scores = np.empty(len(queries), np.float64)
-    for start in range(0, len(queries), block_rows):
-        block = np.asarray(queries[start:start + block_rows], np.float32) - mean
-        block_sq = np.einsum('ij,ij->i', block, block, dtype=np.float64)
-        sq = block_sq[:, None] + bank_sq[None, :] - 2.0 * (block @ bank.T).astype(np.float64)
-        np.maximum(sq, 0.0, out=sq)
-        if k == 1:
-            nearest = sq.min(axis=1, keepdims=True)
-        else:
-            nearest = np.partition(sq, k - 1, axis=1)[:, :k]
-        scores[start:start + len(block)] = np.sqrt(nearest).mean(axis=1)
-    return scores
+    """Mean Euclidean distance from each query row to its k nearest bank rows, float64 (Q,)
+    (`jaxad.baseline.knn_distances`, which every result's baseline uses)."""
+    return baseline.knn_distances(bank, queries, k, block_rows)
 
 
 def one_class_knn_aurocs(train_images, train_labels, test_images, test_labels, classes, k=1,
@@ -119,7 +94,7 @@ def one_class_knn_aurocs(train_images, train_labels, test_images, test_labels, c
         raise ValueError(f"metric must be 'l2' or 'cosine', got {metric!r}")
     def as_vectors(images):
         if not isinstance(images, np.ndarray) or images.dtype == np.uint8:
-            return flatten(images)
+            return baseline.flatten(images)
         return images.reshape(len(images), -1).astype(np.float32)
 
     train_x, test_x = as_vectors(train_images), as_vectors(test_images)

@@ -305,6 +305,10 @@ def eval_config():
     c.crop_scale = 0.54  # fixed crop scale at test time (--resize_factor 0.54 --resize_fix)
     c.knn_k = 1
     c.plots = True  # roc.png + score_hist.png under workdir/plots (needs matplotlib)
+    # Every result carries the image AUROC of the raw-pixel 1-NN detector on the same split
+    # (jaxad.baseline): a learned detector below it says so. False: skip it (its cost is a
+    # bank x test distance matrix over raw pixels, on the host).
+    c.pixel_baseline = True
     c.num_overlays = 16  # pixel methods: overlay PNGs under workdir/plots/overlays
     c.save_maps = True  # pixel methods: every test map in workdir/anomaly_maps.npz
     # Density evaluators (jaxad.density) on the method's bank features, reported beside its

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from jaxad import distributed, fingerprint, plots, storage
+from jaxad import baseline, distributed, fingerprint, plots, storage
 from jaxad import metrics as metrics_lib
 from jaxad import sharding, stacking
 from jaxad.data import pipeline, sources
@@ -186,6 +186,8 @@ def format_table(results):
                      f"AUPRO@0.3 {m['AUPRO']:.4f}")
         for cls, v in m.get('per_class_pixel_AUROC', {}).items():
             lines.append(f'  pixel_AUROC normal + {cls:<20} {v:.4f}')
+    if 'baseline' in results:
+        lines.append(baseline.verdict(results) + '.')
     lines.append(f"image_AUROC of the normal class vs each anomalous class "
                  f"({results['headline_score']} score):")
     for name, v in results['per_class_image_AUROC'].items():
@@ -207,12 +209,19 @@ def results_for(method, score_dict, test_set, normal_classes, method_name):
     return results
 
 
-def results_with_maps(method, scores, test_set, normal_classes, method_name):
+def results_with_maps(method, scores, test_set, normal_classes, method_name, bank=None):
     """(results, image scores, maps) of one detector's scores: image metrics from the (N,)
     scores and, when the test set has masks, pixel metrics from the (N, h, w) maps (the
-    first map is the headline one)."""
+    first map is the headline one). `bank`: (train set, indices) of the detector's normal
+    training images, for the raw-pixel baseline (`jaxad.baseline`; None: no baseline)."""
     score_dict, maps = split_maps(scores)
     results = results_for(method, score_dict, test_set, normal_classes, method_name)
+    if bank is not None:
+        anomaly = sources.anomaly_labels(np.asarray(test_set.labels), normal_classes)
+        results['baseline'] = {baseline.NAME: baseline.raw_pixel_1nn(
+            bank[0].images, bank[1], test_set.images, anomaly)}
+        (logging.warning if baseline.below(results) else logging.info)(
+            '%s: %s', '+'.join(results['normal_class_names']), baseline.verdict(results))
     if maps and test_set.masks is not None:
         results['pixel'] = {name: pixel_results(m, test_set.masks, test_set.labels,
                                                 test_set.class_names, normal_classes)
@@ -231,9 +240,16 @@ def eval_bank_key(seed):
     return jax.random.fold_in(jax.random.key(seed), 2)
 
 
+def baseline_bank(config, train_set, indices):
+    """`results_with_maps`'s `bank`: the detector's normal training images, or None when
+    `eval.pixel_baseline` is off."""
+    return (train_set, indices) if config.eval.get('pixel_baseline', True) else None
+
+
 def evaluate(method, variables, scoring, test_set, normal_classes, *, config, mesh, workdir,
-             extra=None):
-    """Scores the whole test split; writes results.json and prints a table."""
+             extra=None, bank=None):
+    """Scores the whole test split; writes results.json and prints a table. `bank`: as
+    `results_with_maps` takes it (`baseline_bank`)."""
     t0 = time.time()
     all_idx = np.arange(len(test_set.labels))
     feats = extract_features(method, variables, test_set, all_idx,
@@ -241,7 +257,7 @@ def evaluate(method, variables, scoring, test_set, normal_classes, *, config, me
                              key=eval_test_key(config.seed), label='eval test')
     results, score_dict, maps = results_with_maps(
         method, score_features(method, scoring, feats), test_set, normal_classes,
-        config.method)
+        config.method, bank=bank)
     results.update(eval_seconds=round(time.time() - t0, 2), **(extra or {}))
     results.update(fingerprint.results_record(config))  # the settings behind these numbers
     if jax.process_index() == 0:

@@ -40,7 +40,7 @@ NEUTRAL = (
     'threshold.quantile', 'threshold.value',  # threshold.json records its own rule
     'export.',  # which platforms an export is lowered for
     'data.on_device',  # where a batch is gathered, not which (tests/test_table.py)
-    'eval.batch_size', 'eval.plots', 'eval.num_overlays', 'eval.save_maps',
+    'eval.batch_size', 'eval.plots', 'eval.pixel_baseline', 'eval.num_overlays', 'eval.save_maps',
     'eval.density_test_block', 'eval.density_bank_block',
     # how a TFDS data set is had (downloaded on first use or not), not which data it is
     'data.tfds_download', 'data.tfds_alternative', 'oe.tfds_download', 'oe.tfds_alternative',

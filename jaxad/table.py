@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxad import detectors, fingerprint, loop, sharding, stacking, storage, thresholds
+from jaxad import baseline, detectors, fingerprint, loop, sharding, stacking, storage, thresholds
 from jaxad import evaluate as eval_lib
 from jaxad.config import validate_config
 from jaxad.errors import ConfigError
@@ -131,7 +131,8 @@ class Group(loop.Run):
             r, _, _ = eval_lib.results_with_maps(
                 self.method, eval_lib.score_features(self.method, scoring[f'm{i}'],
                                                      member_feats),
-                test_set, m.normal_classes, config.method)
+                test_set, m.normal_classes, config.method,
+                bank=eval_lib.baseline_bank(config, self.data.train_set, m.indices))
             r.update(name=m.name, step=int(step), group=self.name, **(extra or {}),
                      **fingerprint.results_record(config))
             results.append(r)
@@ -223,6 +224,9 @@ def _mean_row(results):
     mean['scores'] = {s: {k: float(np.mean([r['scores'][s][k] for r in results]))
                           for k in METRICS}
                       for s in results[0]['scores']}
+    if all('baseline' in r for r in results):  # results saved before it: none
+        mean['baseline'] = {baseline.NAME: {'image_AUROC': float(np.mean(
+            [r['baseline'][baseline.NAME]['image_AUROC'] for r in results]))}}
     return mean
 
 
@@ -250,25 +254,37 @@ def write_table(setup, results, extra=None):
 def format_markdown(table, setup=None):
     """The table as Markdown: one row per member, a mean row, paper numbers if known."""
     paper = table['paper_image_AUROC_percent']
+    pixel = 'baseline' in table['mean']
     head = ['normal class', 'image AUROC %', 'image AUPR %', 'FPR@95TPR %']
+    if pixel:
+        head.append('raw-pixel 1-NN AUROC %')
     if paper:
         head.append('paper AUROC %')
     lines = [f"# {table['method'].upper()} one-class table: {table['dataset']}", '',
              '| ' + ' | '.join(head) + ' |', '|' + '---|' + '---:|' * (len(head) - 1)]
 
-    def row(name, values, paper_value):
-        cells = [name] + [f'{100 * v:.2f}' for v in values]
+    def row(name, r, paper_value):
+        cells = [name] + [f'{100 * r[k]:.2f}' for k in METRICS]
+        if pixel:
+            base = r['baseline'][baseline.NAME]['image_AUROC']
+            cells.append(f'{100 * base:.2f}' + (' (above the detector)'
+                                                 if baseline.below(r) else ''))
         if paper:
             cells.append('' if paper_value is None else f'{paper_value:.1f}')
         return '| ' + ' | '.join(cells) + ' |'
 
     for r in table['classes']:
-        lines.append(row(r['name'], [r[k] for k in METRICS],
-                         paper['per_class'].get(r['name']) if paper else None))
-    lines.append(row('**mean**', [table['mean'][k] for k in METRICS],
-                     paper['mean'] if paper else None))
+        lines.append(row(r['name'], r, paper['per_class'].get(r['name']) if paper else None))
+    lines.append(row('**mean**', table['mean'], paper['mean'] if paper else None))
     lines += ['', f"Score: `{table['headline_score']}`; FPR@95TPR with anomaly as the positive "
               'class; each detector tests its normal class against all other test images.']
+    if pixel:
+        weaker = [r['name'] for r in table['classes'] if baseline.below(r)]
+        lines.append(f'Raw-pixel 1-NN: {baseline.DESCRIPTION}, the same split (jaxad.baseline). '
+                     + (f"The detector is below it for {', '.join(weaker)}"
+                        + (' and on the mean.' if baseline.below(table['mean']) else '.')
+                        if weaker or baseline.below(table['mean'])
+                        else 'The detector is above it for every class.'))
     if setup is not None:
         budgets = sorted({(g.total_steps, g.steps_per_epoch) for g in setup.groups})
         steps = ' or '.join(f'{t} steps ({s} per epoch)' for t, s in budgets)

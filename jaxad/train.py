@@ -104,7 +104,9 @@ class Setup(loop.Run):
     def evaluate(self, state, scoring, step, extra):
         return [eval_lib.evaluate(self.method, loop.variables_of(state), scoring, self.test_set,
                                   self.normal_classes, config=self.config, mesh=self.mesh,
-                                  workdir=self.workdir, extra=dict(step=step, **extra))]
+                                  workdir=self.workdir, extra=dict(step=step, **extra),
+                                  bank=eval_lib.baseline_bank(self.config, self.train_set,
+                                                              self.normal_indices))]
 
 
 def _open(config, workdir):

@@ -111,3 +111,36 @@ def test_main_prints_json(capsys):
     mean = np.mean(list(printed['per_class'].values()))
     assert printed['mean_image_AUROC'] == pytest.approx(mean, abs=1e-6)
     assert printed['num_test'] == len(baseline.load_data('digits')[1])
+
+
+def test_every_results_baseline_is_the_definition_and_computed_once():
+    """jaxad.baseline.raw_pixel_1nn (what results.json's baseline.raw_pixel_1nn holds): the
+    image AUROC of each test image's L2 distance to the nearest bank image (raw uint8 values),
+    as scipy and sklearn compute it; a lazy image sequence gives the same; the same bank and
+    test split are scored once per process, another bank again."""
+    from jaxad import baseline as jaxad_baseline
+    rng = np.random.default_rng(7)
+    train = rng.integers(0, 256, (40, 5, 5, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (30, 5, 5, 3), dtype=np.uint8)
+    # normal test images: bank images with strong noise, so the ranking is imperfect
+    test[:10] = np.clip(train[0:20:2].astype(int) + rng.integers(-150, 150, (10, 5, 5, 3)),
+                        0, 255)
+    test[10:15] = np.clip(train[0:10:2].astype(int) + 20, 0, 255)  # anomalies near it too
+    anomaly = np.arange(30) >= 10
+    bank_indices = np.arange(0, 40, 2)
+    want = skm.roc_auc_score(anomaly, distance.cdist(
+        test.reshape(30, -1).astype(float), train[bank_indices].reshape(20, -1).astype(float),
+        'sqeuclidean').min(axis=1))
+    got = jaxad_baseline.raw_pixel_1nn(train, bank_indices, test, anomaly)
+    assert got['image_AUROC'] == pytest.approx(want, abs=1e-12)
+    assert got['bank_images'] == 20 and 0.5 < want < 1.0
+    cached = len(jaxad_baseline._CACHE)
+    lazy = jaxad_baseline.raw_pixel_1nn(list(train), bank_indices, list(test), anomaly)
+    assert lazy == got and len(jaxad_baseline._CACHE) == cached
+    other = jaxad_baseline.raw_pixel_1nn(train, bank_indices + 1, test, anomaly)
+    assert len(jaxad_baseline._CACHE) == cached + 1 and other != got
+    result = {'image_AUROC': want - 0.01, 'baseline': {'raw_pixel_1nn': got}}
+    assert jaxad_baseline.below(result)
+    assert 'is BELOW the raw-pixel 1-NN baseline' in jaxad_baseline.verdict(result)
+    assert not jaxad_baseline.below(dict(result, image_AUROC=want + 0.01))
+    assert not jaxad_baseline.below({'image_AUROC': 0.1})  # a result saved before baselines

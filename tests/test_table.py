@@ -196,6 +196,27 @@ def test_digits_all_writes_ten_row_table(tmp_path):
     np.testing.assert_allclose(saved['mean']['image_AUROC'],
                                np.mean([r['image_AUROC'] for r in saved['classes']]))
     assert all(0 <= r['image_AUROC'] <= 1 for r in saved['classes'])
+    # Every row carries the raw-pixel 1-NN baseline of its split, from its definition
+    # (scipy's distances, sklearn's AUROC), and results.md says where the detector is below.
+    from scipy.spatial.distance import cdist
+    from sklearn.metrics import roc_auc_score
+    from jaxad.data import sources
+    train_set = sources.load_split(config.data, 'train')
+    test_set = sources.load_split(config.data, 'test')
+    # exact distances of the raw uint8 values (integers in float64: digits' many ties kept)
+    test = test_set.images.reshape(len(test_set), -1).astype(float)
+    assert 'raw-pixel 1-NN AUROC %' in md[2]
+    for r, line in zip(saved['classes'], rows):
+        c = int(r['name'])
+        bank = train_set.images[train_set.labels == c].reshape(-1, test.shape[1]).astype(float)
+        want = roc_auc_score(test_set.labels != c, cdist(test, bank, 'sqeuclidean').min(1))
+        base = r['baseline']['raw_pixel_1nn']['image_AUROC']
+        assert base == pytest.approx(want, abs=1e-12), c
+        assert ('(above the detector)' in line) == (r['image_AUROC'] < base), line
+    np.testing.assert_allclose(
+        saved['mean']['baseline']['raw_pixel_1nn']['image_AUROC'],
+        np.mean([r['baseline']['raw_pixel_1nn']['image_AUROC'] for r in saved['classes']]))
+    assert any(line.startswith('Raw-pixel 1-NN: ') for line in md)
 
 
 def test_parse_arg_joins_comma_lists_and_sets_table():

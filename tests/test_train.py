@@ -5,6 +5,8 @@ import os
 import jax
 import numpy as np
 import pytest
+from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
 
 from jaxad import loop, sharding, train
 from tests.helpers import (Preempted, make_npz, make_rotated_npz, preempt_after_step,
@@ -136,6 +138,17 @@ def test_end_to_end_writes_results_and_eval_mode_reuses_checkpoint(tmp_path):
         saved['scores']['knn_cosine']['image_AUROC'], abs=1e-6)
     assert saved['num_test'] == 24 and saved['num_test_anomalies'] == 16
     assert set(saved['per_class_image_AUROC']) == {'1', '2'}
+    # The raw-pixel 1-NN baseline on the same split, from its definition (scipy's distances,
+    # sklearn's AUROC): the class-0 training images are the bank, every test image is scored.
+    data = np.load(config.data.numpy_path)
+    # Distances of the raw uint8 values in float64: exact (integers), ties kept; the same
+    # ranking as the pixels / 255.
+    bank = data['train_images'][data['train_labels'] == 0].reshape(-1, 8 * 8 * 3)
+    test = data['test_images'].reshape(-1, 8 * 8 * 3)
+    want = roc_auc_score(data['test_labels'] != 0,
+                         cdist(test.astype(float), bank.astype(float), 'sqeuclidean').min(1))
+    assert saved['baseline']['raw_pixel_1nn']['image_AUROC'] == pytest.approx(want, abs=1e-12)
+    assert saved['baseline']['raw_pixel_1nn']['bank_images'] == len(bank)
     assert json.loads((workdir / 'config.json').read_text())['csi']['temperature'] == 0.5
     assert (workdir / 'plots' / 'roc.png').exists() and (workdir / 'plots' / 'score_hist.png').exists()
     lines = [json.loads(x) for x in (workdir / 'metrics.jsonl').read_text().splitlines()]
