@@ -49,6 +49,29 @@ def test_matches_brute_force(k, metric):
         np.testing.assert_allclose(got[c], want[c], rtol=0, atol=1e-12)
 
 
+def test_k1_l2_is_every_results_baseline_with_its_ties():
+    """k = 1, l2 on uint8 images is jaxad.baseline.raw_pixel_1nn (results.json's baseline):
+    the exact squared distance of the raw integers, so quantised images at equal distances
+    tie, as scipy's float64 sqeuclidean of the integers and sklearn's AUROC count them."""
+    from jaxad import baseline as jaxad_baseline
+    rng = np.random.default_rng(3)
+    n_train, n_test, classes = 50, 120, 3
+    train_y, test_y = rng.integers(0, classes, n_train), rng.integers(0, classes, n_test)
+    # two grey levels on 3x3x3 pixels: many test images at the same distance
+    train_i = (rng.integers(0, 2, (n_train, 3, 3, 3)) * 255).astype(np.uint8)
+    test_i = (rng.integers(0, 2, (n_test, 3, 3, 3)) * 255).astype(np.uint8)
+    got = baseline.one_class_knn_aurocs(train_i, train_y, test_i, test_y, range(classes))
+    for c in range(classes):
+        d = distance.cdist(test_i.reshape(n_test, -1).astype(float),
+                           train_i[train_y == c].reshape(-1, 27).astype(float), 'sqeuclidean')
+        nearest = d.min(axis=1)
+        assert len(np.unique(nearest)) < n_test // 4  # the ties this test is about
+        want = skm.roc_auc_score((test_y != c).astype(int), nearest)
+        assert got[c] == pytest.approx(want, abs=1e-12)
+        assert got[c] == jaxad_baseline.raw_pixel_1nn(
+            train_i, np.flatnonzero(train_y == c), test_i, (test_y != c))['image_AUROC']
+
+
 EPS32 = float(np.finfo(np.float32).eps)  # 2**-23
 
 
@@ -106,7 +129,8 @@ def test_main_prints_json(capsys):
     result = baseline.main(['--dataset', 'digits', '--classes', '3,8'])
     printed = json.loads(capsys.readouterr().out)
     assert printed == result
-    assert printed['method'] == 'raw_pixel_1nn_l2'
+    assert printed['method'] == 'raw_pixel_1nn_l2' and printed['exact']
+    assert printed['image_shape'] == [16, 16, 3]  # configs/quickstart.py's geometry
     assert set(printed['per_class']) == {'3', '8'}
     mean = np.mean(list(printed['per_class'].values()))
     assert printed['mean_image_AUROC'] == pytest.approx(mean, abs=1e-6)
@@ -144,3 +168,15 @@ def test_every_results_baseline_is_the_definition_and_computed_once():
     assert 'is BELOW the raw-pixel 1-NN baseline' in jaxad_baseline.verdict(result)
     assert not jaxad_baseline.below(dict(result, image_AUROC=want + 0.01))
     assert not jaxad_baseline.below({'image_AUROC': 0.1})  # a result saved before baselines
+
+
+def test_config_and_image_size_flags(capsys):
+    """--config takes a section's own config (FILE[:ARGS]); --image_size overrides its
+    data.image_size, so the bank and test images have the geometry its detectors see."""
+    result = baseline.main(['--config', 'configs/quickstart.py:normal_class=3',
+                            '--image_size', '8', '--classes', '3'])
+    assert json.loads(capsys.readouterr().out) == result
+    assert result['image_shape'] == [8, 8, 3] and result['dataset'] == 'digits'
+    assert result['config'] == 'configs/quickstart.py:normal_class=3'
+    cfg = baseline.data_config('fashion_mnist', config='configs/oecl_fmnist.py:normal_class=0')
+    assert cfg.source == 'fashion_mnist' and cfg.channels == 1  # the config's 3 repeated: x3
