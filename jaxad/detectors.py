@@ -14,7 +14,7 @@ from jaxad import loop, thresholds
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.data import sources
 from jaxad.errors import ConfigError
-from jaxad.methods import StepBudget, get_method
+from jaxad.methods import StepBudget, get_method, method_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,8 @@ def load(config):
         sources.one_class_indices(test_set.labels, classes, len(names), test_set.name)
         sources.check_has_anomalies(test_set, list(classes))
         budget = StepBudget.of(config, len(indices), f'class(es) {list(classes)}')
+        if not method_class(config.method).trains:  # a fixed encoder: no step to take
+            budget = StepBudget(budget.steps_per_epoch, 0)
         detectors.append(Detector(classes, '+'.join(names[c] for c in classes), indices,
                                   budget.steps_per_epoch, budget.total_steps, holdout))
     image_shape = loop.check_image_shape(train_set, data)

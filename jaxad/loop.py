@@ -453,6 +453,8 @@ class Run(abc.ABC):
         self.tx, self.schedule = optim.make_optimizer(
             config.optim, budget.steps_per_epoch, budget.total_steps, config.batch_size,
             freeze=self.method.frozen_params)
+        if not self.method.trains:  # no step: no optimiser state in the state or checkpoints
+            self.tx = optax.identity()
         self.checkpoints = ckpt_lib.Checkpoints(
             storage.join(directory, 'checkpoints'), max_to_keep=config.checkpoint.max_to_keep,
             use_async=config.checkpoint.use_async)

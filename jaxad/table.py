@@ -284,7 +284,7 @@ def format_markdown(table, setup=None):
                      + (f"The detector is below it for {', '.join(weaker)}"
                         + (' and on the mean.' if baseline.below(table['mean']) else '.')
                         if weaker or baseline.below(table['mean'])
-                        else 'The detector is above it for every class.'))
+                        else 'The detector is not below it for any class.'))
     if setup is not None:
         budgets = sorted({(g.total_steps, g.steps_per_epoch) for g in setup.groups})
         steps = ' or '.join(f'{t} steps ({s} per epoch)' for t, s in budgets)

@@ -5,8 +5,8 @@ registered method is picked up by this file without edits to the parametrisation
 data, one process:
 
   1. train: `train.train_and_evaluate(config, workdir)` with total_steps=1: init, one
-     optimizer step, the scoring fit (bank pass or bank-free), the final checkpoint, the
-     evaluation (results.json);
+     optimizer step (none for a method that trains nothing, `Method.trains`), the scoring
+     fit (bank pass or bank-free), the final checkpoint, the evaluation (results.json);
   2. contract: the method object is a `jaxad.methods.base.Method` of the registered class,
      with every member of `base.MEMBERS`, its required members overridden, its config section
      in the config and its scores holding `headline_score`, finite, one per test image;
@@ -100,6 +100,9 @@ TINY_CONFIGS = {
     'anomem': lambda d: on_images(recipes.anomem_base(), d, **{
         'model.proj_dim': 8, 'anomem.num_prototypes': 8}),
     'recontrast': lambda d: on_pixels(recipes.recontrast_base(), d),
+    # a fixed encoder, no step: the ResNet one (random weights), the pixel one is in
+    # tests/test_feature_knn.py
+    'feature_knn': lambda d: on_images(jc.base_config('feature_knn'), d),
 }
 
 
@@ -220,14 +223,15 @@ def run_conformance(name, config, record, tmp_path):
 
     # 2. the contract, on the trained method and on a scoring-only one.
     check_contract(method, name, config)
-    assert method.budget == StepBudget(method.budget.steps_per_epoch, 1)
+    steps = 1 if method.trains else 0  # a method that trains nothing takes no step
+    assert method.budget == StepBudget(method.budget.steps_per_epoch, steps)
     assert get_method(config).budget is None
     eval_image, eval_maps = check_scores(record['scores'], method, n, f'{name} evaluation')
 
     # 3. checkpoint round trip: the restored model is the one that was evaluated.
     model = scoring.load_model(workdir)
     check_contract(model.method, name, model.config)
-    assert model.step == 1 and model.score_name == method.headline_score
+    assert model.step == steps and model.score_name == method.headline_score
     assert_trees_equal(model.variables, record['variables'], f'{name} variables')
     assert_trees_equal(model.scoring, record['scoring'], f'{name} scoring state')
 
@@ -236,7 +240,7 @@ def run_conformance(name, config, record, tmp_path):
     np.savez(images_npz, images=test_images)
     out = predict.predict(workdir, images_npz, output=tmp_path / 'predictions')
     assert out['num_images'] == n and out['num_skipped'] == 0
-    assert out['score_name'] == method.headline_score and out['step'] == 1
+    assert out['score_name'] == method.headline_score and out['step'] == steps
     assert (tmp_path / 'predictions' / 'predictions.csv').is_file()
     live = {k: np.array([r[k] for r in out['images']]) for k in eval_image}
     np.testing.assert_array_equal(live[method.headline_score],

@@ -84,7 +84,7 @@ def ref_loss(u, y, num_classes, mode, partners=None, valid=None):
 # 1. masks
 
 def test_mask_table_and_upsampling():
-    """docs/methods.md §8.2 target 2: labels [0, 10, 0, 3]."""
+    """docs/methods.md §9.2 target 2: labels [0, 10, 0, 3]."""
     y = jnp.array([0, 10, 0, 3])
     m = np.asarray(mcl.image_multipliers(y, 10, T, ALPHA, BETA))
     assert m[0, 1] == pytest.approx(BETA)       # same class, other rotation

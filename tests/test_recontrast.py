@@ -1,4 +1,4 @@
-"""ReContrast building blocks (jaxad.methods.recontrast; docs/methods.md §5, §8.2 target 4).
+"""ReContrast building blocks (jaxad.methods.recontrast; docs/methods.md §5, §9.2 target 4).
 
 torch (CPU) and scipy serve as independent references: F.interpolate(align_corners=True),
 F.conv_transpose2d, F.cosine_similarity, the code's global_cosine_hm with its backward hook,

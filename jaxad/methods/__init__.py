@@ -13,6 +13,7 @@ from jaxad.errors import ConfigError
 from jaxad.methods.anomem import AnoMem
 from jaxad.methods.base import Method, StepBudget, with_density
 from jaxad.methods.csi import CSI
+from jaxad.methods.feature_knn import FeatureKNN
 from jaxad.methods.mcl import MCL
 from jaxad.methods.msc import MSC
 from jaxad.methods.oecl import OECL, SelfOECL
@@ -27,6 +28,7 @@ REGISTRY = {
     'self_oecl': SelfOECL,
     'recontrast': ReContrast,
     'anomem': AnoMem,
+    'feature_knn': FeatureKNN,
 }
 
 METHODS = tuple(REGISTRY)

@@ -85,6 +85,9 @@ class Method(abc.ABC):
     uses_consts = False
     # Regexes on param paths ('^frozen_encoder/') the optimiser never updates. [T, Tb]
     frozen_params = ()
+    # False: nothing is trained (a fixed encoder; `loss` is never called): the run takes no
+    # step and carries no optimiser state; fitting the scoring state is all it does. [T, Tb]
+    trains = True
 
     # ------------------------------------------------------------------ instance attributes
     # Set by every method's __init__ (they may depend on the config).

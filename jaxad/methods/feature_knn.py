@@ -1,0 +1,107 @@
+"""Feature kNN: a fixed encoder, no training; the scoring state is the bank of the normal
+training images' features (docs/methods.md §8).
+
+  f(x)     = the encoder's feature of image x:
+             'pixels': the raw uint8 values, flattened (as floats);
+             'resnet': the pooled feature of a jaxad ResNet (`config.model`, its weights from
+             `model.init_from`: a converted torchvision checkpoint or a jaxad run), BN in
+             eval mode, the image resized to feature_knn.image_size (0: as it is)
+  score(x) = mean over the k nearest bank features b of d(f(x), b),
+             d = ||f(x) - b|| ('l2') or 1 - cos(f(x), b) ('cosine')   (`density.knn_scores`)
+
+kNN on a fixed encoder's features is the one-class baseline that pretrained features make
+strong (DN2, Bergman et al. 2020, arXiv 2002.10445: kNN on ImageNet ResNet features), and
+with the 'pixels' encoder, k = 1 and 'l2' it is the raw-pixel 1-NN baseline every result
+carries (`jaxad.baseline`), computed here in float32 on the device.
+
+The run takes no step (`trains = False`): the trainer builds the initial state, fits the
+bank and evaluates. The shared density evaluators (`eval.density`) read the same features.
+"""
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from jaxad import density
+from jaxad.data import augment
+from jaxad.errors import ConfigError, TrainingError
+from jaxad.methods.base import Method
+
+ENCODERS = ('pixels', 'resnet')
+METRICS = ('l2', 'cosine')
+
+
+class FeatureKNN(Method):
+    """kNN on a fixed encoder's features (no training)."""
+    config_section = 'feature_knn'
+    # The bank and the scores depend on them, the (untrained) model does not.
+    scoring_fields = ('feature_knn.k', 'feature_knn.metric')
+    trains = False
+
+    @classmethod
+    def default_config(cls):
+        c = ml_collections.ConfigDict()
+        c.encoder = 'resnet'  # 'pixels' | 'resnet' (config.model, weights: model.init_from)
+        c.k = 1
+        c.metric = 'l2'  # 'l2' | 'cosine'
+        c.image_size = 0  # side the ResNet sees (224 for ImageNet weights); 0 = data size
+        return c
+
+    @classmethod
+    def validate(cls, config):
+        cfg = config.feature_knn
+        if cfg.encoder not in ENCODERS:
+            raise ConfigError(f'feature_knn.encoder must be one of {", ".join(ENCODERS)}, '
+                              f'got {cfg.encoder!r}')
+        if cfg.metric not in METRICS:
+            raise ConfigError(f'feature_knn.metric must be one of {", ".join(METRICS)}, '
+                              f'got {cfg.metric!r}')
+        if cfg.k < 1:
+            raise ConfigError(f'feature_knn.k must be >= 1, got {cfg.k}')
+        if cfg.image_size < 0:
+            raise ConfigError(f'feature_knn.image_size must be >= 0, got {cfg.image_size}')
+
+    def __init__(self, config, budget=None):
+        from jaxad.models.resnet import build_model
+        super().__init__(config, budget)
+        self.cfg = config.feature_knn
+        self.headline_score = 'knn'
+        # 'pixels' builds the ResNet too, unused: every method has a model; it has no
+        # variables here (init_variables), so nothing of it is traced or saved.
+        self.model = build_model(config.model, num_shifts=0, proj_dim=0)
+        self.init_from = config.model.get('init_from', '')
+        self.size = self.cfg.image_size or config.data.image_size
+        self.blocks = (config.eval.density_test_block, config.eval.density_bank_block)
+
+    def density_features(self, features):
+        return features['feat']
+
+    def init_variables(self, key, image_shape):
+        if self.cfg.encoder == 'pixels':
+            # No weights. One unused scalar, so that a table's stack of pixel encoders has
+            # a model axis (jaxad.stacking reads the number of models from the variables).
+            return {'params': {}, 'batch_stats': {'model_axis': jnp.zeros((), jnp.float32)}}
+        from jaxad.models.convert import init_variables
+        return init_variables(self.model, key, (self.size, self.size, image_shape[-1]),
+                              self.init_from)
+
+    def loss(self, params, batch_stats, consts, batch, key):
+        raise TrainingError('feature_knn trains nothing (its runs take no step)')
+
+    def features(self, variables, images, indices, key):
+        del indices, key
+        if self.cfg.encoder == 'pixels':
+            return {'feat': images.reshape(images.shape[0], -1).astype(jnp.float32)}
+        x = augment.to_float(images)
+        if self.size != images.shape[1]:
+            x = jax.vmap(lambda im: augment.resize(im, self.size))(x)
+        return {'feat': self.model.apply(variables, x, train=False)['features']}
+
+    def fit_scoring(self, train_features):
+        return {'bank': train_features['feat']}
+
+    def score(self, scoring, test_features):
+        bank = scoring['bank']
+        return {'knn': density.knn_scores(
+            test_features['feat'], bank, k=min(self.cfg.k, bank.shape[0]),
+            metric=self.cfg.metric, reduce='mean', test_block=self.blocks[0],
+            bank_block=self.blocks[1])}

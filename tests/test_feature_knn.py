@@ -1,0 +1,122 @@
+"""feature_knn: kNN on a fixed encoder's features, no training (jaxad/methods/feature_knn.py).
+
+The conformance test runs it through train, checkpoint, predict and export
+(tests/test_conformance.py); here: its scores against scipy's distances, the pixel encoder
+against the raw-pixel baseline every result carries, the ResNet encoder's features against
+the model applied directly, and the config's refusals.
+"""
+import json
+
+import jax
+import numpy as np
+import pytest
+from scipy.spatial.distance import cdist
+
+from configs import knn_features
+from jaxad import config as jc
+from jaxad import train
+from jaxad.errors import ConfigError
+from jaxad.methods import get_method
+from tests.helpers import set_fields
+
+
+def knn_config(npz, **overrides):
+    c = jc.base_config('feature_knn')
+    return set_fields(c, **{
+        'data.source': 'numpy', 'data.numpy_path': str(npz), 'data.image_size': 8,
+        'data.normal_classes': (0,), 'model.name': 'resnet10', 'model.width': 4,
+        'batch_size': 8, 'num_devices': 1, 'eval.batch_size': 16, 'eval.plots': False,
+        **overrides})
+
+
+@pytest.mark.parametrize('metric,k', [('l2', 1), ('l2', 3), ('cosine', 2)])
+def test_scores_are_the_mean_distance_to_the_k_nearest_bank_features(metric, k, tmp_path):
+    rng = np.random.default_rng(k)
+    bank = rng.normal(size=(40, 12)).astype(np.float32)
+    test = rng.normal(size=(25, 12)).astype(np.float32)
+    method = get_method(knn_config(tmp_path / 'unused.npz', **{
+        'feature_knn.metric': metric, 'feature_knn.k': k}))
+    got = np.asarray(jax.jit(method.score)(method.fit_scoring({'feat': bank}),
+                                           {'feat': test})['knn'])
+    d = cdist(test.astype(np.float64), bank.astype(np.float64),
+              'euclidean' if metric == 'l2' else 'cosine')
+    want = np.sort(d, axis=1)[:, :k].mean(axis=1)
+    # float32 distances: |a|^2 + |b|^2 - 2ab of 12-dim unit-scale vectors, relative 1e-5
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_the_pixel_encoder_is_the_raw_pixel_baseline_and_takes_no_step(tmp_path):
+    """encoder=pixels, k=1, l2 is the detector every result compares itself with: its image
+    AUROC is the run's own baseline.raw_pixel_1nn, exactly. On sklearn's digits at their
+    own 8x8 (x3 channels) every squared distance of uint8 values is an integer below
+    192 * 255**2 < 2**24, so the float32 computation on the device is exact, as the host's
+    float64 one is, and the many tied distances tie in both. No step, no optimiser state."""
+    config = knn_config('', **{'data.source': 'digits', 'data.normal_classes': (8,),
+                               'feature_knn.encoder': 'pixels', 'eval.num_samples': 1,
+                               'eval.batch_size': 128})
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    base = results['baseline']['raw_pixel_1nn']['image_AUROC']
+    assert 0.5 < base < 1.0  # a split on which the ranking is not trivial
+    assert results['image_AUROC'] == base
+    assert results['step'] == 0
+    metrics = (tmp_path / 'run' / 'metrics.jsonl')
+    assert not metrics.exists() or metrics.read_text() == ''
+    setup = train.Setup(config, str(tmp_path / 'run'))
+    try:
+        state, step = setup.restore_latest()
+    finally:
+        setup.close()
+    assert step == 0 and jax.tree_util.tree_leaves(state.opt_state) == []
+    assert jax.tree_util.tree_leaves(state.params) == []  # no weights
+    saved = json.loads((tmp_path / 'run' / 'results.json').read_text())
+    assert saved['method'] == 'feature_knn' and saved['headline_score'] == 'knn'
+
+
+@pytest.mark.parametrize('mode', ['vmap', 'unroll'])
+def test_a_table_of_pixel_encoders_is_each_class_baseline(mode, tmp_path):
+    """A one-class table of three digits as one stack (the pixel encoder has no weights: the
+    stack still has its model axis): each member's AUROC is its class's baseline, exactly
+    (see the test above), and results.md says the detector is nowhere below it."""
+    config = knn_config('', **{'data.source': 'digits', 'data.normal_classes': (),
+                               'table.classes': '0,1,8', 'table.stack_mode': mode,
+                               'feature_knn.encoder': 'pixels', 'eval.num_samples': 1,
+                               'eval.batch_size': 128})
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert [r['name'] for r in results['classes']] == ['0', '1', '8']
+    for r in results['classes']:
+        assert r['step'] == 0
+        assert r['image_AUROC'] == r['baseline']['raw_pixel_1nn']['image_AUROC'], r['name']
+    assert results['classes'][2]['image_AUROC'] < 1.0
+    assert 'The detector is not below it for any class.' in (tmp_path / 'results.md').read_text()
+
+
+def test_the_resnet_encoder_feature_is_the_models_pooled_feature(tmp_path):
+    """encoder=resnet: the eval-mode pooled feature of the model (random weights here), the
+    images resized to feature_knn.image_size first."""
+    config = knn_config(tmp_path / 'unused.npz', **{'feature_knn.image_size': 16})
+    method = get_method(config)
+    variables = method.init_variables(jax.random.key(0), (8, 8, 3))
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    got = method.features(variables, images, None, None)['feat']
+    x = jax.image.resize(images.astype(np.float32) / 255.0, (4, 16, 16, 3), 'bilinear',
+                         antialias=False)
+    want = method.model.apply(variables, x, train=False)['features']
+    assert got.shape == (4, 4 * 8)  # resnet10 width 4: 32 pooled channels
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_the_config_names_the_weights_to_fetch():
+    with pytest.raises(ConfigError, match=r'encoder=resnet50 needs its ImageNet weights: fetch '
+                                          r'https://download\.pytorch\.org/models/resnet50-'):
+        knn_features.get_config('encoder=resnet50')
+    c = knn_features.get_config('encoder=resnet18,weights=random,normal_class=3')
+    assert (c.method, c.model.name, c.model.init_from, c.feature_knn.encoder) == (
+        'feature_knn', 'resnet18', '', 'resnet')
+    jc.validate_config(c)
+    c = knn_features.get_config('encoder=pixels,normal_class=3')
+    assert c.feature_knn.encoder == 'pixels' and c.data.normal_classes == (3,)
+    for field, value, message in (('feature_knn.encoder', 'vit', 'encoder must be one of'),
+                                  ('feature_knn.metric', 'l1', 'metric must be one of'),
+                                  ('feature_knn.k', 0, 'k must be >= 1')):
+        with pytest.raises(ConfigError, match=message):
+            jc.validate_config(set_fields(knn_features.get_config(), **{field: value}))
