@@ -5,14 +5,17 @@ python -m jaxad.main --config=configs/knn_features.py:encoder=pixels,normal_clas
 python -m jaxad.models.convert --in resnet50-0676ba61.pth --out /data/r50
 python -m jaxad.main --config=configs/knn_features.py:encoder=resnet50,weights=/data/r50,dataset=cifar10,normal_class=0 \
     --workdir=/tmp/knn_r50_c0
+python -m jaxad.main --config=configs/knn_features.py:encoder=dinov2_vits14,weights=dinov2_vits14_pretrain.pth,dataset=cifar10,normal_class=0 \
+    --workdir=/tmp/knn_dinov2_c0
 
 Arguments:
-  encoder      pixels (the raw pixels: the raw-pixel 1-NN baseline) or a jaxad ResNet name
+  encoder      pixels (the raw pixels: the raw-pixel 1-NN baseline), a jaxad ResNet name
                (resnet18, resnet50, ..., wide_resnet50_2; ImageNet stem and normalisation,
-               images resized to image_size)
-  weights      a directory written by `python -m jaxad.models.convert` from torchvision's
-               ImageNet checkpoint, or a jaxad run; `random` runs the pipeline with random
-               weights (tests); required for a ResNet encoder
+               images resized to image_size), or a ViT (dino_vits16, dino_vits8, dino_vitb16,
+               dinov2_vits14, dinov2_vitb14, dinov2_vitl14, dinov2_vits14_reg: the class token)
+  weights      ResNet: a directory written by `python -m jaxad.models.convert` from
+               torchvision's ImageNet checkpoint, or a jaxad run; ViT: the .pth file itself;
+               `random` runs the pipeline with random weights (tests); required
   dataset      digits (default: scikit-learn's, no download), or a CIFAR config's data
                (cifar10 from TFDS; with path=: the CIFAR-10 JPEG archive)
   k, metric    neighbours (1) and distance (l2 | cosine)
@@ -35,6 +38,25 @@ TORCHVISION_WEIGHTS = {
     'wide_resnet50_2': 'https://download.pytorch.org/models/wide_resnet50_2-95faca4d.pth',
 }
 
+# ViT checkpoints (timm / DINO / DINOv2 state-dict layout, read by jaxad.models.vit):
+# name -> (URL, architecture, patch) for random weights of the same shape.
+_DINO, _DINOV2 = 'https://dl.fbaipublicfiles.com/dino/', 'https://dl.fbaipublicfiles.com/dinov2/'
+VIT_WEIGHTS = {
+    'dino_vits16': (_DINO + 'dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth',
+                    'vit_small', 16),
+    'dino_vits8': (_DINO + 'dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth',
+                   'vit_small', 8),
+    'dino_vitb16': (_DINO + 'dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth',
+                    'vit_base', 16),
+    'dinov2_vits14': (_DINOV2 + 'dinov2_vits14/dinov2_vits14_pretrain.pth', 'vit_small', 14),
+    'dinov2_vitb14': (_DINOV2 + 'dinov2_vitb14/dinov2_vitb14_pretrain.pth', 'vit_base', 14),
+    'dinov2_vitl14': (_DINOV2 + 'dinov2_vitl14/dinov2_vitl14_pretrain.pth', 'vit_large', 14),
+    'dinov2_vits14_reg': (_DINOV2 + 'dinov2_vits14/dinov2_vits14_reg4_pretrain.pth',
+                          'vit_small', 14),
+}
+# DINO's and DINOv2's position interpolation maps coordinates by (grid + 0.1) / grid.
+DINO_POS_OFFSET = 0.1
+
 
 def get_config(arg=None):
     arg = jc.parse_arg(arg, encoder='pixels', weights='', dataset='digits', path='',
@@ -54,9 +76,24 @@ def get_config(arg=None):
     if arg.encoder == 'pixels':
         c.feature_knn.encoder = 'pixels'
         return c
+    if arg.encoder in VIT_WEIGHTS:
+        url, arch, patch = VIT_WEIGHTS[arg.encoder]
+        if not arg.weights:
+            raise ConfigError(f'configs/knn_features.py: encoder={arg.encoder} needs its '
+                              f'weights: fetch {url} and pass weights=PATH (the .pth itself; '
+                              'weights=random: random weights, for tests)')
+        c.feature_knn.encoder = 'vit'
+        c.feature_knn.image_size = arg.image_size
+        c.feature_knn.pos_offset = DINO_POS_OFFSET
+        if arg.weights == 'random':
+            c.feature_knn.vit, c.feature_knn.patch = arch, patch
+        else:
+            c.feature_knn.weights = arg.weights
+        c.eval.num_samples = 1
+        return c
     if arg.encoder not in TORCHVISION_WEIGHTS:
         raise ConfigError(f'configs/knn_features.py: unknown encoder {arg.encoder!r}; choose '
-                          f'pixels or one of {", ".join(TORCHVISION_WEIGHTS)}')
+                          f'pixels or one of {", ".join(list(TORCHVISION_WEIGHTS) + list(VIT_WEIGHTS))}')
     if not arg.weights:
         raise ConfigError(
             f'configs/knn_features.py: encoder={arg.encoder} needs its ImageNet weights: fetch '

@@ -105,18 +105,57 @@ def test_the_resnet_encoder_feature_is_the_models_pooled_feature(tmp_path):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_the_vit_encoder_reads_timm_weights_and_scores_their_class_token(tmp_path):
+    """encoder=vit with a timm-layout .pth (tests/test_vit.py's PyTorch reference, random
+    weights): the run scores with the class token of the ImageNet-normalised image, resized
+    to feature_knn.image_size (here 16 px: a 2 x 2 grid of 8 px patches, positions resized
+    from the file's 4 x 4), equal to the PyTorch model's; no step."""
+    from tests.helpers import import_torch
+    from tests.test_vit import ATOL, torch_vit
+    torch = import_torch()
+    ref = torch_vit(128, 2, 8, 4, 0, False, False)
+    weights = tmp_path / 'vit.pth'
+    torch.save(ref.state_dict(), weights)
+    config = knn_config('', **{'data.source': 'digits', 'data.normal_classes': (3,),
+                               'feature_knn.encoder': 'vit', 'feature_knn.weights': str(weights),
+                               'feature_knn.image_size': 16, 'eval.num_samples': 1,
+                               'eval.batch_size': 128})
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['step'] == 0 and 0.0 <= results['image_AUROC'] <= 1.0
+    method = get_method(config)
+    variables = jax.jit(lambda: method.init_variables(jax.random.key(0), (8, 8, 3)))()
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    got = method.features(variables, images, None, None)['feat']
+    x = jax.image.resize(images.astype(np.float32) / 255.0, (3, 16, 16, 3), 'bilinear',
+                         antialias=False)
+    x = (np.asarray(x) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    with torch.no_grad():
+        want, _ = ref(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+
 def test_the_config_names_the_weights_to_fetch():
     with pytest.raises(ConfigError, match=r'encoder=resnet50 needs its ImageNet weights: fetch '
                                           r'https://download\.pytorch\.org/models/resnet50-'):
         knn_features.get_config('encoder=resnet50')
+    with pytest.raises(ConfigError, match=r'encoder=dinov2_vits14 needs its weights: fetch '
+                                          r'https://dl\.fbaipublicfiles\.com/dinov2/'):
+        knn_features.get_config('encoder=dinov2_vits14')
+    c = knn_features.get_config('encoder=dinov2_vits14,weights=random')
+    assert (c.feature_knn.encoder, c.feature_knn.vit, c.feature_knn.patch,
+            c.feature_knn.pos_offset, c.feature_knn.image_size) == ('vit', 'vit_small', 14, 0.1,
+                                                                   224)
+    jc.validate_config(c)
     c = knn_features.get_config('encoder=resnet18,weights=random,normal_class=3')
     assert (c.method, c.model.name, c.model.init_from, c.feature_knn.encoder) == (
         'feature_knn', 'resnet18', '', 'resnet')
     jc.validate_config(c)
     c = knn_features.get_config('encoder=pixels,normal_class=3')
     assert c.feature_knn.encoder == 'pixels' and c.data.normal_classes == (3,)
-    for field, value, message in (('feature_knn.encoder', 'vit', 'encoder must be one of'),
+    for field, value, message in (('feature_knn.encoder', 'swin', 'encoder must be one of'),
+                                  ('feature_knn.vit', 'vit_huge', 'vit must be one of'),
                                   ('feature_knn.metric', 'l1', 'metric must be one of'),
                                   ('feature_knn.k', 0, 'k must be >= 1')):
         with pytest.raises(ConfigError, match=message):
-            jc.validate_config(set_fields(knn_features.get_config(), **{field: value}))
+            jc.validate_config(set_fields(knn_features.get_config(
+                'encoder=dino_vits16,weights=random'), **{field: value}))

@@ -5,7 +5,9 @@ training images' features (docs/methods.md §8).
              'pixels': the raw uint8 values, flattened (as floats);
              'resnet': the pooled feature of a jaxad ResNet (`config.model`, its weights from
              `model.init_from`: a converted torchvision checkpoint or a jaxad run), BN in
-             eval mode, the image resized to feature_knn.image_size (0: as it is)
+             eval mode, the image resized to feature_knn.image_size (0: as it is);
+             'vit': the class token of a ViT (`jaxad.models.vit`: timm, DINO or DINOv2
+             weights from feature_knn.weights), the image resized and ImageNet-normalised
   score(x) = mean over the k nearest bank features b of d(f(x), b),
              d = ||f(x) - b|| ('l2') or 1 - cos(f(x), b) ('cosine')   (`density.knn_scores`)
 
@@ -17,6 +19,9 @@ carries (`jaxad.baseline`), computed here in float32 on the device.
 The run takes no step (`trains = False`): the trainer builds the initial state, fits the
 bank and evaluates. The shared density evaluators (`eval.density`) read the same features.
 """
+import functools
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,9 +30,27 @@ from jaxad import density
 from jaxad.data import augment
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods.base import Method
+from jaxad.models.vit import VIT_ARCHS, ViTSpec, load_vit_weights
 
-ENCODERS = ('pixels', 'resnet')
+ENCODERS = ('pixels', 'resnet', 'vit')
+# ImageNet normalisation of timm's and DINO's ViTs (on [0, 1] pixels)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METRICS = ('l2', 'cosine')
+
+
+@functools.lru_cache(maxsize=4)
+def _vit_weights_cached(path, mtime):
+    del mtime  # part of the key: a rewritten file is read again
+    spec, variables = load_vit_weights(path)
+    return spec, variables['params']
+
+
+def _vit_weights(path):
+    """(ViTSpec, params) of a ViT weight file, read once per process."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f'feature_knn.weights={path}: no such file')
+    return _vit_weights_cached(path, os.path.getmtime(path))
 
 
 class FeatureKNN(Method):
@@ -43,7 +66,13 @@ class FeatureKNN(Method):
         c.encoder = 'resnet'  # 'pixels' | 'resnet' (config.model, weights: model.init_from)
         c.k = 1
         c.metric = 'l2'  # 'l2' | 'cosine'
-        c.image_size = 0  # side the ResNet sees (224 for ImageNet weights); 0 = data size
+        c.image_size = 0  # side the encoder sees (224 for ImageNet weights); 0 = data size
+        # encoder 'vit': a timm / DINO / DINOv2 state dict (.pth, .safetensors, .npz; its
+        # shapes give the architecture), or '' for random weights of feature_knn.vit
+        c.weights = ''
+        c.vit = 'vit_small'  # random weights only: vit_small | vit_base | vit_large
+        c.patch = 16  # random weights only
+        c.pos_offset = 0.0  # DINO / DINOv2: 0.1 (their position-interpolation offset)
         return c
 
     @classmethod
@@ -59,6 +88,9 @@ class FeatureKNN(Method):
             raise ConfigError(f'feature_knn.k must be >= 1, got {cfg.k}')
         if cfg.image_size < 0:
             raise ConfigError(f'feature_knn.image_size must be >= 0, got {cfg.image_size}')
+        if cfg.encoder == 'vit' and not cfg.weights and cfg.vit not in VIT_ARCHS:
+            raise ConfigError(f'feature_knn.vit must be one of {", ".join(VIT_ARCHS)}, '
+                              f'got {cfg.vit!r}')
 
     def __init__(self, config, budget=None):
         from jaxad.models.resnet import build_model
@@ -67,9 +99,18 @@ class FeatureKNN(Method):
         self.headline_score = 'knn'
         # 'pixels' builds the ResNet too, unused: every method has a model; it has no
         # variables here (init_variables), so nothing of it is traced or saved.
-        self.model = build_model(config.model, num_shifts=0, proj_dim=0)
-        self.init_from = config.model.get('init_from', '')
         self.size = self.cfg.image_size or config.data.image_size
+        self.weights = None
+        if self.cfg.encoder == 'vit':
+            if self.cfg.weights:
+                spec, self.weights = _vit_weights(self.cfg.weights)
+            else:
+                dim, depth, _ = VIT_ARCHS[self.cfg.vit]
+                spec = ViTSpec(dim, depth, self.cfg.patch, self.size // self.cfg.patch, 0, False)
+            self.model = spec.module(pos_offset=self.cfg.pos_offset)
+        else:
+            self.model = build_model(config.model, num_shifts=0, proj_dim=0)
+        self.init_from = config.model.get('init_from', '')
         self.blocks = (config.eval.density_test_block, config.eval.density_bank_block)
 
     def density_features(self, features):
@@ -80,6 +121,18 @@ class FeatureKNN(Method):
             # No weights. One unused scalar, so that a table's stack of pixel encoders has
             # a model axis (jaxad.stacking reads the number of models from the variables).
             return {'params': {}, 'batch_stats': {'model_axis': jnp.zeros((), jnp.float32)}}
+        if self.cfg.encoder == 'vit':
+            shape = (1, self.size, self.size, image_shape[-1])
+            if self.weights is None:
+                return {'params': self.model.init(key, jnp.zeros(shape))['params'],
+                        'batch_stats': {}}
+            # Through a host callback, not as constants in the compiled init (a ViT-S is
+            # 88 MB of float32).
+            leaves, tree = jax.tree_util.tree_flatten(self.weights)
+            values = jax.pure_callback(
+                lambda: leaves, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+                vmap_method='broadcast_all')
+            return {'params': jax.tree_util.tree_unflatten(tree, values), 'batch_stats': {}}
         from jaxad.models.convert import init_variables
         return init_variables(self.model, key, (self.size, self.size, image_shape[-1]),
                               self.init_from)
@@ -94,6 +147,11 @@ class FeatureKNN(Method):
         x = augment.to_float(images)
         if self.size != images.shape[1]:
             x = jax.vmap(lambda im: augment.resize(im, self.size))(x)
+        if self.cfg.encoder == 'vit':  # the class token of the ImageNet-normalised image
+            if x.shape[-1] == 1:
+                x = jnp.repeat(x, 3, axis=-1)
+            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+            return {'feat': self.model.apply({'params': variables['params']}, x)['cls']}
         return {'feat': self.model.apply(variables, x, train=False)['features']}
 
     def fit_scoring(self, train_features):
