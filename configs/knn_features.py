@@ -19,6 +19,9 @@ Arguments:
   dataset      digits (default: scikit-learn's, no download), or a CIFAR config's data
                (cifar10 from TFDS; with path=: the CIFAR-10 JPEG archive)
   k, metric    neighbours (1) and distance (l2 | cosine)
+  patch_maps   anomaly maps from each patch feature's distance to the nearest normal patch
+               (ResNet stage 3, ViT patch tokens; image score: the map's maximum)
+  coreset      fraction of the normal patches kept in the memory bank (greedy k-center)
   image_size   side the ResNet sees (224, ImageNet's; 0 = the data's)
   normal_class, seed
 """
@@ -61,7 +64,7 @@ DINO_POS_OFFSET = 0.1
 def get_config(arg=None):
     arg = jc.parse_arg(arg, encoder='pixels', weights='', dataset='digits', path='',
                        tfds_data_dir='', normal_class='0', k=1, metric='l2', image_size=224,
-                       seed=0)
+                       patch_maps=False, coreset=1.0, seed=0)
     if arg.dataset == 'digits' and not arg.path:
         c = quickstart.get_config(f'normal_class={arg.normal_class}')
     else:
@@ -72,6 +75,7 @@ def get_config(arg=None):
             what='configs/knn_features.py')
     c.method = 'feature_knn'
     c.seed = arg.seed
+    c.feature_knn.patch_maps, c.feature_knn.coreset = arg.patch_maps, arg.coreset
     c.feature_knn.k, c.feature_knn.metric = arg.k, arg.metric
     if arg.encoder == 'pixels':
         c.feature_knn.encoder = 'pixels'

@@ -100,9 +100,11 @@ TINY_CONFIGS = {
     'anomem': lambda d: on_images(recipes.anomem_base(), d, **{
         'model.proj_dim': 8, 'anomem.num_prototypes': 8}),
     'recontrast': lambda d: on_pixels(recipes.recontrast_base(), d),
-    # a fixed encoder, no step: the ResNet one (random weights), the pixel one is in
-    # tests/test_feature_knn.py
-    'feature_knn': lambda d: on_images(jc.base_config('feature_knn'), d),
+    # a fixed encoder, no step: the ResNet one (random weights) with patch anomaly maps from
+    # a coreset of half the normal patches; the pixel and ViT encoders: test_feature_knn.py
+    'feature_knn': lambda d: on_pixels(jc.base_config('feature_knn'), d, **{
+        'feature_knn.patch_maps': True, 'feature_knn.resnet_stage': 2,
+        'feature_knn.coreset': 0.5}),
 }
 
 

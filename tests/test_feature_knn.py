@@ -134,6 +134,66 @@ def test_the_vit_encoder_reads_timm_weights_and_scores_their_class_token(tmp_pat
     np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
 
 
+def test_greedy_coreset_is_farthest_point_selection():
+    """From row 0, each next row is the one farthest from all chosen so far (NumPy, float64
+    distances); the chosen rows are distinct."""
+    from jaxad.methods.feature_knn import greedy_coreset
+    x = np.random.default_rng(3).normal(size=(60, 5)).astype(np.float32)
+    got = np.asarray(jax.jit(greedy_coreset, static_argnums=1)(x, 12))
+    d = cdist(x.astype(np.float64), x.astype(np.float64))
+    want, nearest = [0], d[0].copy()
+    for _ in range(11):
+        want.append(int(np.argmax(nearest)))
+        nearest = np.minimum(nearest, d[want[-1]])
+    assert got.tolist() == want and len(set(want)) == 12
+
+
+def test_patch_maps_are_each_patchs_distance_to_the_nearest_normal_patch(tmp_path):
+    """patch_maps: map[n, i, j] = min over the bank's patch features q of ||p_nij - q||
+    (scipy), the image score its maximum; with a coreset the bank is the chosen patches."""
+    config = knn_config(tmp_path / 'unused.npz', **{
+        'feature_knn.patch_maps': True, 'feature_knn.resnet_stage': 2,
+        'feature_knn.coreset': 0.25})
+    method = get_method(config)
+    assert method.headline_score == 'patch_max'
+    rng = np.random.default_rng(0)
+    train_patches = rng.normal(size=(6, 4, 4, 8)).astype(np.float32)
+    test_patches = rng.normal(size=(3, 4, 4, 8)).astype(np.float32)
+    feats = lambda p: {'feat': p.mean(axis=(1, 2)), 'patches': p}  # noqa: E731
+    scoring = jax.jit(method.fit_scoring)(feats(train_patches))
+    bank = train_patches.reshape(-1, 8)
+    from jaxad.methods.feature_knn import greedy_coreset
+    kept = np.asarray(greedy_coreset(bank, 24))  # ceil(0.25 * 96)
+    np.testing.assert_array_equal(scoring['patch_bank'], bank[kept])
+    scores = jax.jit(method.score)(scoring, feats(test_patches))
+    want = cdist(test_patches.reshape(-1, 8), bank[kept]).min(axis=1).reshape(3, 4, 4)
+    np.testing.assert_allclose(scores['map'], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores['patch_max'], want.reshape(3, -1).max(axis=1),
+                               rtol=1e-5, atol=1e-5)
+    # the ResNet's stage-2 output is the patch feature: 8 px images, cifar stem -> 4 x 4
+    variables = method.init_variables(jax.random.key(0), (8, 8, 3))
+    images = rng.integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    out = method.features(variables, images, None, None)
+    assert out['patches'].shape == (2, 4, 4, 8) and out['feat'].shape == (2, 32)
+
+
+def test_patch_maps_give_pixel_metrics_and_overlays_on_a_defect_set(tmp_path):
+    """On the synthetic MVTec-style set (pixel masks): pixel AUROC and AUPRO in the results,
+    overlay PNGs written, as for ReContrast; no step. Random weights: the values are not
+    judged, only that the evaluator gets maps."""
+    from jaxad.data import synthetic
+    synthetic.write_mvtec(tmp_path / 'synth', 'weave', size=16, num_train=8, num_good_test=2,
+                          num_per_defect=1)
+    config = knn_config('', **{
+        'data.source': 'mvtec', 'data.path': str(tmp_path / 'synth'), 'data.category': 'weave',
+        'data.image_size': 16, 'feature_knn.patch_maps': True, 'feature_knn.resnet_stage': 2,
+        'eval.plots': True, 'eval.num_samples': 1, 'eval.batch_size': 8})
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert results['step'] == 0 and results['headline_score'] == 'patch_max'
+    assert 0.0 <= results['pixel_AUROC'] <= 1.0 and 0.0 <= results['AUPRO'] <= 1.0
+    assert list((tmp_path / 'run' / 'plots' / 'overlays').glob('*.png'))
+
+
 def test_the_config_names_the_weights_to_fetch():
     with pytest.raises(ConfigError, match=r'encoder=resnet50 needs its ImageNet weights: fetch '
                                           r'https://download\.pytorch\.org/models/resnet50-'):

@@ -20,6 +20,7 @@ The run takes no step (`trains = False`): the trainer builds the initial state, 
 bank and evaluates. The shared density evaluators (`eval.density`) read the same features.
 """
 import functools
+import math
 import os
 
 import jax
@@ -73,6 +74,14 @@ class FeatureKNN(Method):
         c.vit = 'vit_small'  # random weights only: vit_small | vit_base | vit_large
         c.patch = 16  # random weights only
         c.pos_offset = 0.0  # DINO / DINOv2: 0.1 (their position-interpolation offset)
+        # Anomaly maps: each patch feature's distance to the nearest normal patch feature
+        # (ViT patch tokens; ResNet: the output of stage `resnet_stage`), the image score the
+        # map's maximum (`patch_max`, then the headline), PatchCore-style.
+        c.patch_maps = False
+        c.resnet_stage = 3
+        # Fraction of the normal patch features kept in the memory bank, chosen by greedy
+        # k-center selection (`greedy_coreset`); 1.0 keeps them all.
+        c.coreset = 1.0
         return c
 
     @classmethod
@@ -88,6 +97,13 @@ class FeatureKNN(Method):
             raise ConfigError(f'feature_knn.k must be >= 1, got {cfg.k}')
         if cfg.image_size < 0:
             raise ConfigError(f'feature_knn.image_size must be >= 0, got {cfg.image_size}')
+        if not 0.0 < cfg.coreset <= 1.0:
+            raise ConfigError(f'feature_knn.coreset must be in (0, 1], got {cfg.coreset}')
+        if cfg.patch_maps and cfg.encoder == 'pixels':
+            raise ConfigError('feature_knn.patch_maps needs a spatial encoder (resnet or vit), '
+                              'not pixels')
+        if not 1 <= cfg.resnet_stage <= 4:
+            raise ConfigError(f'feature_knn.resnet_stage must be 1..4, got {cfg.resnet_stage}')
         if cfg.encoder == 'vit' and not cfg.weights and cfg.vit not in VIT_ARCHS:
             raise ConfigError(f'feature_knn.vit must be one of {", ".join(VIT_ARCHS)}, '
                               f'got {cfg.vit!r}')
@@ -96,7 +112,7 @@ class FeatureKNN(Method):
         from jaxad.models.resnet import build_model
         super().__init__(config, budget)
         self.cfg = config.feature_knn
-        self.headline_score = 'knn'
+        self.headline_score = 'patch_max' if self.cfg.patch_maps else 'knn'
         # 'pixels' builds the ResNet too, unused: every method has a model; it has no
         # variables here (init_variables), so nothing of it is traced or saved.
         self.size = self.cfg.image_size or config.data.image_size
@@ -151,15 +167,69 @@ class FeatureKNN(Method):
             if x.shape[-1] == 1:
                 x = jnp.repeat(x, 3, axis=-1)
             x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-            return {'feat': self.model.apply({'params': variables['params']}, x)['cls']}
-        return {'feat': self.model.apply(variables, x, train=False)['features']}
+            out = self.model.apply({'params': variables['params']}, x)
+            feats = {'feat': out['cls']}
+            if self.cfg.patch_maps:
+                feats['patches'] = out['patches']
+            return feats
+        if not self.cfg.patch_maps:
+            return {'feat': self.model.apply(variables, x, train=False)['features']}
+        stages = self._stages().apply(
+            {'params': variables['params']['encoder'],
+             'batch_stats': variables['batch_stats']['encoder']}, x, train=False)
+        return {'feat': stages['pooled'], 'patches': stages[f'layer{self.cfg.resnet_stage}']}
+
+    def _stages(self):
+        """The model's encoder returning its stage outputs (the same variables)."""
+        from jaxad.models.resnet import ResNet
+        fields = ('depth', 'stem', 'width', 'dtype', 'bn_mode', 'bn_groups', 'width_per_group',
+                  'input_norm', 'conv_impl', 'param_init', 'bn_running_var')
+        return ResNet(**{f: getattr(self.model, f) for f in fields}, return_stages=True)
 
     def fit_scoring(self, train_features):
-        return {'bank': train_features['feat']}
+        scoring = {'bank': train_features['feat']}
+        if self.cfg.patch_maps:
+            patches = train_features['patches']
+            patches = patches.reshape(-1, patches.shape[-1])
+            keep = max(1, math.ceil(self.cfg.coreset * patches.shape[0]))
+            if keep < patches.shape[0]:
+                patches = patches[greedy_coreset(patches, keep)]
+            scoring['patch_bank'] = patches
+        return scoring
+
+    def _knn(self, test, bank, k, metric):
+        return density.knn_scores(test, bank, k=min(k, bank.shape[0]), metric=metric,
+                                  reduce='mean', test_block=self.blocks[0],
+                                  bank_block=self.blocks[1])
 
     def score(self, scoring, test_features):
-        bank = scoring['bank']
-        return {'knn': density.knn_scores(
-            test_features['feat'], bank, k=min(self.cfg.k, bank.shape[0]),
-            metric=self.cfg.metric, reduce='mean', test_block=self.blocks[0],
-            bank_block=self.blocks[1])}
+        scores = {'knn': self._knn(test_features['feat'], scoring['bank'], self.cfg.k,
+                                   self.cfg.metric)}
+        if self.cfg.patch_maps:
+            patches = test_features['patches']
+            b, h, w, d = patches.shape
+            amap = self._knn(patches.reshape(-1, d), scoring['patch_bank'], 1, 'l2')
+            amap = amap.reshape(b, h, w)
+            scores.update(patch_max=jnp.max(amap.reshape(b, -1), axis=1), map=amap)
+        return scores
+
+
+def greedy_coreset(x, m):
+    """Row indices of `m` rows of `x` (n, d) chosen by greedy k-center selection, as
+    PatchCore subsamples its memory bank: row 0 first, then each time the row farthest (L2)
+    from every row chosen so far. Exact squared distances in float32 via
+    |a|^2 + |b|^2 - 2 a.b, clipped at 0 (PatchCore also projects to fewer dimensions first
+    for speed; not done here)."""
+    x = jnp.asarray(x, jnp.float32)
+    sq = jnp.sum(x * x, axis=1)
+
+    def dist_to(i):
+        return jnp.maximum(sq + sq[i] - 2.0 * (x @ x[i]), 0.0)
+
+    def pick(j, carry):
+        chosen, nearest = carry
+        i = jnp.argmax(nearest).astype(jnp.int32)
+        return chosen.at[j].set(i), jnp.minimum(nearest, dist_to(i))
+    chosen = jnp.zeros((m,), jnp.int32)
+    chosen, _ = jax.lax.fori_loop(1, m, pick, (chosen, dist_to(0)))
+    return chosen
