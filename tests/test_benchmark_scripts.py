@@ -150,3 +150,14 @@ def test_step_ab_refuses_an_unknown_setting():
                           capture_output=True, text=True, cwd=_ROOT, env=_ENV, timeout=300)
     assert proc.returncode != 0
     assert "unknown config field 'model.bn_runing_var'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_feature_knn_throughput_reports_features_and_bank_scoring():
+    lines = _run(['benchmarks/feature_knn_throughput.py', '--arch=vit_small', '--patch=8',
+                  '--image_size=16', '--batch=2', '--batches=1', '--bank_sizes=10,40',
+                  '--test_images=2'])
+    features, *banks = lines
+    assert features['kind'] == 'features' and features['patch_grid'] == [2, 2]
+    assert features['width'] == 384 and features['images_per_s'] > 0
+    assert [b['bank_patches'] for b in banks] == [10, 40]
+    assert all(b['kind'] == 'patch_bank_scoring' and b['ms_per_test_image'] > 0 for b in banks)
