@@ -119,6 +119,26 @@ def test_step_with_training_images_on_the_device_lowers():
         assert re.search(r'stablehlo\.(dynamic_)?gather', text), platform
 
 
+def test_vit_feature_knn_with_patch_maps_lowers():
+    """feature_knn's ViT encoder (DINOv2's ViT-S/14 shapes, random weights, 224 px: class
+    token and 16 x 16 patch tokens) and its patch-bank scorer with a coreset, for cuda and
+    tpu: the feature pass, fit_scoring (the greedy coreset's loop) and the scorer."""
+    from configs import knn_features
+    config = knn_features.get_config('encoder=dinov2_vits14,weights=random,patch_maps=True,'
+                                     'coreset=0.5')
+    config.eval.batch_size = 2
+    method = get_method(config, programs.DEFAULT_BUDGET)
+    image_shape = (32, 32, 3)  # CIFAR images, resized to 224 inside the feature pass
+    for program in (programs.feature_program(method, image_shape, 2),
+                    programs.fit_scoring_program(method, image_shape, num_bank=4),
+                    programs.score_program(method, image_shape, num_bank=4, num_test=2)):
+        for platform in ACCELERATORS:
+            text = program.lower((platform,)).as_text()
+            assert_runs_on(text, platform, f'feature_knn vit {program.name}')
+    features = programs.feature_program(method, image_shape, 2).lower(('tpu',)).as_text()
+    assert 'tensor<2x16x16x384xf32>' in features  # the patch tokens
+
+
 def test_paper_csi_step_lowers():
     """configs/csi_cifar.py at 32 images per step, alone and as a K = 10 vmapped stack."""
     c = csi_cifar.get_config()
