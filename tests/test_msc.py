@@ -17,7 +17,8 @@ from jaxad import checkpoint as ckpt_lib
 from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods import get_method, msc
-from tests.helpers import Preempted, import_torch, make_npz, preempt_after_step, tiny_config
+from tests.helpers import (Preempted, import_torch, make_npz, preempt_after_step, set_fields,
+                           tiny_config)
 
 
 def unit(x):
@@ -329,3 +330,46 @@ def test_table_members_get_their_own_centres(npz, tmp_path):
                                        jax.random.key(0))['phi']
         np.testing.assert_allclose(state['consts']['centre'][k], np.asarray(phi).mean(0),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_msc_on_a_vit_shifts_the_class_token(npz, tmp_path):
+    """msc.encoder=vit: phi is the unit class token of a ViT read from a timm-layout .pth
+    (tests/test_vit.py's PyTorch reference, random weights; 16 px views: 2 x 2 patches of 8).
+    The centre fixed before step 1 is the mean of the initial phi over the normal training
+    images, equal to the PyTorch model's on the same (resized, ImageNet-normalised) images;
+    four steps then move the weights, and the run scores."""
+    from tests.test_vit import ATOL, torch_vit
+    torch = import_torch()
+    ref = torch_vit(128, 2, 8, 4, 0, False, False)
+    weights = tmp_path / 'vit.pth'
+    torch.save(ref.state_dict(), weights)
+    config = set_fields(msc_config(npz), **{
+        'msc.encoder': 'vit', 'msc.vit_weights': str(weights), 'msc.image_size': 16,
+        'msc.eval_center_crop': 1.0, 'optim.freeze': ()})
+    workdir = tmp_path / 'run'
+    results = train.train_and_evaluate(config, str(workdir))
+    assert results['step'] == 4 and np.isfinite(results['image_AUROC'])
+    state = latest_state(str(workdir))
+    data = np.load(npz)
+    normal = data['train_images'][data['train_labels'] == 0]
+    x = jax.image.resize(normal.astype(np.float32) / 255.0, (len(normal), 16, 16, 3),
+                         'bilinear', antialias=False)
+    x = (np.asarray(x) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    with torch.no_grad():
+        cls, _ = ref(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2))
+    phi = cls.numpy() / np.linalg.norm(cls.numpy(), axis=1, keepdims=True)
+    np.testing.assert_allclose(state['consts']['centre'], phi.mean(axis=0), atol=ATOL, rtol=0)
+    before = ref.state_dict()['blocks.1.mlp.fc2.weight'].numpy().T
+    after = np.asarray(state['params']['blocks_1']['mlp_fc2']['kernel'])
+    assert np.linalg.norm(after - before) > 1e-3 * np.linalg.norm(before)
+
+
+def test_the_msc_vit_config_names_the_weights_to_fetch():
+    from configs import msc_vit_cifar
+    from jaxad.errors import ConfigError
+    with pytest.raises(ConfigError, match=r'needs ViT weights: fetch e\.g\. '
+                                          r'https://dl\.fbaipublicfiles\.com/dinov2/'):
+        msc_vit_cifar.get_config('normal_class=3')
+    c = msc_vit_cifar.get_config('normal_class=3,weights=/w/dinov2_vits14_pretrain.pth,path=/c')
+    assert (c.method, c.msc.encoder, c.msc.vit_weights, c.msc.vit_pos_offset) == (
+        'msc', 'vit', '/w/dinov2_vits14_pretrain.pth', 0.1)

@@ -19,9 +19,7 @@ carries (`jaxad.baseline`), computed here in float32 on the device.
 The run takes no step (`trains = False`): the trainer builds the initial state, fits the
 bank and evaluates. The shared density evaluators (`eval.density`) read the same features.
 """
-import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,27 +29,11 @@ from jaxad import density
 from jaxad.data import augment
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods.base import Method
-from jaxad.models.vit import VIT_ARCHS, ViTSpec, load_vit_weights
+from jaxad.models.vit import (IMAGENET_MEAN, IMAGENET_STD, VIT_ARCHS, ViTSpec, vit_variables,
+                              vit_weights)
 
 ENCODERS = ('pixels', 'resnet', 'vit')
-# ImageNet normalisation of timm's and DINO's ViTs (on [0, 1] pixels)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 METRICS = ('l2', 'cosine')
-
-
-@functools.lru_cache(maxsize=4)
-def _vit_weights_cached(path, mtime):
-    del mtime  # part of the key: a rewritten file is read again
-    spec, variables = load_vit_weights(path)
-    return spec, variables['params']
-
-
-def _vit_weights(path):
-    """(ViTSpec, params) of a ViT weight file, read once per process."""
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.isfile(path):
-        raise ConfigError(f'feature_knn.weights={path}: no such file')
-    return _vit_weights_cached(path, os.path.getmtime(path))
 
 
 class FeatureKNN(Method):
@@ -119,7 +101,7 @@ class FeatureKNN(Method):
         self.weights = None
         if self.cfg.encoder == 'vit':
             if self.cfg.weights:
-                spec, self.weights = _vit_weights(self.cfg.weights)
+                spec, self.weights = vit_weights(self.cfg.weights, 'feature_knn.weights')
             else:
                 dim, depth, _ = VIT_ARCHS[self.cfg.vit]
                 spec = ViTSpec(dim, depth, self.cfg.patch, self.size // self.cfg.patch, 0, False)
@@ -138,17 +120,8 @@ class FeatureKNN(Method):
             # a model axis (jaxad.stacking reads the number of models from the variables).
             return {'params': {}, 'batch_stats': {'model_axis': jnp.zeros((), jnp.float32)}}
         if self.cfg.encoder == 'vit':
-            shape = (1, self.size, self.size, image_shape[-1])
-            if self.weights is None:
-                return {'params': self.model.init(key, jnp.zeros(shape))['params'],
-                        'batch_stats': {}}
-            # Through a host callback, not as constants in the compiled init (a ViT-S is
-            # 88 MB of float32).
-            leaves, tree = jax.tree_util.tree_flatten(self.weights)
-            values = jax.pure_callback(
-                lambda: leaves, [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
-                vmap_method='broadcast_all')
-            return {'params': jax.tree_util.tree_unflatten(tree, values), 'batch_stats': {}}
+            return vit_variables(self.model, self.weights, key,
+                                 (1, self.size, self.size, image_shape[-1]))
         from jaxad.models.convert import init_variables
         return init_variables(self.model, key, (self.size, self.size, image_shape[-1]),
                               self.init_from)

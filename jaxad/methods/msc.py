@@ -22,6 +22,9 @@ BatchNorm stays in eval mode for the whole run (model.bn_mode='frozen': running
 statistics, affine parameters trained); the optimiser is SGD without momentum and
 `optim.freeze` fixes the stem, layer1 and layer2 of ResNet-152.
 
+On a ViT (msc.encoder='vit', jaxad.models.vit): phi is the unit class token of the
+ImageNet-normalised view; there is no BatchNorm, everything else is as above.
+
 Score: kNN on phi (not theta) against the normal training images, k = 2, summed
 squared L2 distances of unit vectors (= 2 x summed cosine distances), blockwise so the
 test x bank matrix is never held whole (`density.knn_scores`).
@@ -36,6 +39,7 @@ from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
 from jaxad.methods.common import CIFAR10_CLASSES
+from jaxad.models.vit import IMAGENET_MEAN, IMAGENET_STD, vit_variables, vit_weights
 
 CIFAR10_PAPER = dict(
     mean=97.5, source='MSC v1 abstract (arXiv 2106.03844v1, ResNet-152 ImageNet weights, '
@@ -117,6 +121,12 @@ class MSC(Method):
         c.crop_scale = (0.2, 1.0)  # MoCo-v2 views
         c.blur_p = 0.5  # Gaussian blur, sigma ~ U(0.1, 2) pixels at msc.image_size
         c.eval_center_crop = 0.875  # Resize(S/0.875) -> CenterCrop(S) (R152); 1.0: Resize(S)
+        # 'resnet' (config.model, weights: model.init_from) or 'vit': phi is the class token
+        # of a ViT read from msc.vit_weights (timm / DINO / DINOv2; jaxad.models.vit), the
+        # views ImageNet-normalised; msc.vit_pos_offset as feature_knn.pos_offset (0.1: DINO)
+        c.encoder = 'resnet'
+        c.vit_weights = ''
+        c.vit_pos_offset = 0.0
         return c
 
     @classmethod
@@ -126,6 +136,11 @@ class MSC(Method):
             raise ConfigError(f'msc.temperature must be > 0, got {cfg.temperature}')
         if cfg.knn_k < 1:
             raise ConfigError(f'msc.knn_k must be >= 1, got {cfg.knn_k}')
+        if cfg.get('encoder', 'resnet') not in ('resnet', 'vit'):
+            raise ConfigError(f"msc.encoder must be 'resnet' or 'vit', got {cfg.encoder!r}")
+        if cfg.get('encoder', 'resnet') == 'vit' and not cfg.vit_weights:
+            raise ConfigError('msc.encoder=vit needs msc.vit_weights (a timm, DINO or DINOv2 '
+                              'state dict): MSC shifts a pretrained feature space')
 
     def __init__(self, config, budget=None):
         from jaxad.models.resnet import build_model
@@ -136,9 +151,14 @@ class MSC(Method):
             logging.warning('MSC with model.bn_mode=%r: the paper keeps BN in eval mode for '
                             'the whole run (frozen); issue #1 of the official code failed to '
                             'reproduce without it', config.model.bn_mode)
-        self.model = build_model(config.model, num_shifts=0, proj_dim=0)
-        self.init_from = config.model.get('init_from', '')
         self.size = self.cfg.image_size or config.data.image_size
+        self.vit_params = None
+        if self.cfg.get('encoder', 'resnet') == 'vit':
+            spec, self.vit_params = vit_weights(self.cfg.vit_weights, 'msc.vit_weights')
+            self.model = spec.module(pos_offset=self.cfg.vit_pos_offset)
+        else:
+            self.model = build_model(config.model, num_shifts=0, proj_dim=0)
+        self.init_from = config.model.get('init_from', '')
         self.crop_scale = tuple(self.cfg.crop_scale)
         aug = config.augment
         self.aug_kwargs = dict(crop_ratio=tuple(aug.crop_ratio), brightness=aug.brightness,
@@ -157,11 +177,20 @@ class MSC(Method):
         return features['phi']
 
     def init_variables(self, key, image_shape):
+        if self.vit_params is not None:
+            return vit_variables(self.model, self.vit_params, key,
+                                 (1, self.size, self.size, image_shape[-1]))
         from jaxad.models.convert import init_variables
         return init_variables(self.model, key, (self.size, self.size, image_shape[-1]),
                               self.init_from)
 
     def _phi(self, variables, x, train):
+        if self.vit_params is not None:  # no BatchNorm: the class token, batch_stats as they are
+            if x.shape[-1] == 1:  # grey images: the three channels the weights expect
+                x = jnp.repeat(x, 3, axis=-1)
+            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+            phi = losses.l2_normalize(self.model.apply({'params': variables['params']}, x)['cls'])
+            return (phi, variables['batch_stats']) if train else phi
         if train:
             out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'])
             return losses.l2_normalize(out['features']), mutated['batch_stats']

@@ -19,7 +19,9 @@ torch names; `jaxad.models.convert.load_state_dict`) into this module's variable
 that does not fit is refused naming the first missing or unexpected key and its shape.
 """
 import dataclasses
+import functools
 import math
+import os
 import re
 
 import flax.linen as nn
@@ -33,6 +35,8 @@ from jaxad.models.convert import ConversionError, load_state_dict
 # name -> (width, depth, heads); patch size and registers come with the weights
 VIT_ARCHS = {'vit_small': (384, 12, 6), 'vit_base': (768, 12, 12), 'vit_large': (1024, 24, 16)}
 HEAD_DIM = 64  # every ViT above: heads = width / 64
+# ImageNet normalisation of timm's and DINO's ViTs (on [0, 1] pixels)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LN_EPS = 1e-6
 
 
@@ -261,3 +265,32 @@ def load_vit_weights(path):
     sd = _strip(load_state_dict(path))
     spec = vit_spec(sd, path)
     return spec, state_dict_to_params(sd, spec, path)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached(path, mtime):
+    del mtime  # part of the key: a rewritten file is read again
+    spec, variables = load_vit_weights(path)
+    return spec, variables['params']
+
+
+def vit_weights(path, what='weights'):
+    """(ViTSpec, params as NumPy) of a ViT weight file, read once per process; `what` names
+    the setting in the error for a missing file."""
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isfile(path):
+        raise ConfigError(f'{what}={path}: no such file')
+    return _cached(path, os.path.getmtime(path))
+
+
+def vit_variables(model, params, key, input_shape):
+    """{'params', 'batch_stats': {}} of `model`: `params` (from `vit_weights`) through one
+    host callback rather than as constants in the compiled init (a ViT-S is 88 MB of
+    float32), or a random init when `params` is None. Pure: a table vmaps it."""
+    if params is None:
+        return {'params': model.init(key, jnp.zeros(input_shape))['params'], 'batch_stats': {}}
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    values = jax.pure_callback(lambda: leaves,
+                               [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+                               vmap_method='broadcast_all')
+    return {'params': jax.tree_util.tree_unflatten(tree, values), 'batch_stats': {}}
