@@ -165,3 +165,97 @@ def test_a_file_that_does_not_fit_is_refused_naming_the_key(tmp_path):
             r"\(512, 128\)")
     refused({'conv1.weight': torch.ones(8, 3, 3, 3)}, r"not a ViT state dict: no "
                                                       r"'patch_embed\.proj\.weight'")
+
+
+def _bigvision_forward(params, image, heads):
+    """big_vision's ViT (big_vision/models/vit.py, pool_type 'tok') in NumPy from its source:
+    patch conv, posemb added to the patches, then the class token concatenated; blocks of
+    LayerNorm (eps 1e-6) -> MultiHeadDotProductAttention (q / sqrt(d_head)) -> residual,
+    LayerNorm -> Dense -> tanh-GELU -> Dense -> residual; encoder_norm."""
+    def ln(x, p):
+        mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + 1e-6) * params[p + '/scale'] + params[p + '/bias']
+
+    def gelu_tanh(x):
+        return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+
+    kernel = params['embedding/kernel']
+    p, dim = kernel.shape[0], kernel.shape[-1]
+    n, size = image.shape[0], image.shape[1]
+    g = size // p
+    patches = image.reshape(n, g, p, g, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, -1)
+    x = patches @ kernel.reshape(-1, dim) + params['embedding/bias'] + params['pos_embedding']
+    x = np.concatenate([np.tile(params['cls'], (n, 1, 1)), x], axis=1)
+    for i in range(2):
+        b = f'Transformer/encoderblock_{i}/'
+        a = b + 'MultiHeadDotProductAttention_0/'
+        y = ln(x, b + 'LayerNorm_0')
+        q, k, v = (np.einsum('nld,dhk->nlhk', y, params[f'{a}{m}/kernel']) + params[f'{a}{m}/bias']
+                   for m in ('query', 'key', 'value'))
+        logits = np.einsum('nqhk,nlhk->nhql', q / np.sqrt(q.shape[-1]), k)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        y = np.einsum('nhql,nlhk->nqhk', w, v)
+        x = x + np.einsum('nqhk,hkd->nqd', y, params[a + 'out/kernel']) + params[a + 'out/bias']
+        y = ln(x, b + 'LayerNorm_1')
+        y = gelu_tanh(y @ params[b + 'MlpBlock_0/Dense_0/kernel'] + params[b + 'MlpBlock_0/Dense_0/bias'])
+        x = x + y @ params[b + 'MlpBlock_0/Dense_1/kernel'] + params[b + 'MlpBlock_0/Dense_1/bias']
+    x = ln(x, 'Transformer/encoder_norm')
+    return x[:, 0], x[:, 1:].reshape(n, g, g, dim)
+
+
+def _bigvision_params(rng, dim=64, heads=2, patch=4, grid=3, depth=2):
+    hd = dim // heads
+    r = lambda *s: rng.normal(size=s).astype(np.float32) * 0.3  # noqa: E731
+    params = {'embedding/kernel': r(patch, patch, 3, dim), 'embedding/bias': r(dim),
+              'cls': r(1, 1, dim), 'pos_embedding': r(1, grid * grid, dim),
+              'Transformer/encoder_norm/scale': 1 + r(dim),
+              'Transformer/encoder_norm/bias': r(dim), 'head/kernel': r(dim, 10),
+              'head/bias': r(10)}
+    for i in range(depth):
+        b = f'Transformer/encoderblock_{i}/'
+        a = b + 'MultiHeadDotProductAttention_0/'
+        for m in ('query', 'key', 'value'):
+            params[f'{a}{m}/kernel'], params[f'{a}{m}/bias'] = r(dim, heads, hd), r(heads, hd)
+        params[a + 'out/kernel'], params[a + 'out/bias'] = r(heads, hd, dim), r(dim)
+        for ln in ('LayerNorm_0', 'LayerNorm_1'):
+            params[f'{b}{ln}/scale'], params[f'{b}{ln}/bias'] = 1 + r(dim), r(dim)
+        params[b + 'MlpBlock_0/Dense_0/kernel'] = r(dim, 4 * dim)
+        params[b + 'MlpBlock_0/Dense_0/bias'] = r(4 * dim)
+        params[b + 'MlpBlock_0/Dense_1/kernel'] = r(4 * dim, dim)
+        params[b + 'MlpBlock_0/Dense_1/bias'] = r(dim)
+    return params
+
+
+def test_a_big_vision_checkpoint_gives_big_visions_features(tmp_path):
+    """A big_vision ViT .npz (its flax names; heads read from the query kernel, not width /
+    64) against a NumPy forward written from big_vision/models/vit.py; and the older layout
+    (the class token's position entry first, under Transformer/posembed_input) gives the
+    same features as big_vision's fix_old_checkpoints makes of it."""
+    rng = np.random.default_rng(0)
+    params = _bigvision_params(rng)
+    np.savez(tmp_path / 'bv.npz', **params)
+    spec, variables = vit.load_vit_weights(tmp_path / 'bv.npz')
+    assert (spec.dim, spec.heads, spec.patch, spec.pos_grid, spec.gelu_tanh) == (64, 2, 4, 3,
+                                                                                True)
+    image = rng.normal(size=(2, 12, 12, 3)).astype(np.float32)
+    want_cls, want_patches = _bigvision_forward(params, image.astype(np.float64), 2)
+    got = jax.jit(spec.module().apply)(variables, image)
+    np.testing.assert_allclose(got['cls'], want_cls, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(got['patches'], want_patches, atol=ATOL, rtol=0)
+
+    old = dict(params)
+    pe_cls = rng.normal(size=(1, 1, 64)).astype(np.float32)
+    old['Transformer/posembed_input/pos_embedding'] = np.concatenate(
+        [pe_cls, old.pop('pos_embedding')], axis=1)
+    old['cls'] = params['cls'] - pe_cls  # fix_old_checkpoints adds pe_cls back
+    np.savez(tmp_path / 'bv_old.npz', **old)
+    spec_old, variables_old = vit.load_vit_weights(tmp_path / 'bv_old.npz')
+    got_old = jax.jit(spec_old.module().apply)(variables_old, image)
+    np.testing.assert_allclose(got_old['cls'], want_cls, atol=ATOL, rtol=0)
+
+    del params['Transformer/encoderblock_1/LayerNorm_1/bias']
+    np.savez(tmp_path / 'bv_bad.npz', **params)
+    with pytest.raises(convert.ConversionError,
+                       match=r"missing key 'Transformer/encoderblock_1/LayerNorm_1/bias'"):
+        vit.load_vit_weights(tmp_path / 'bv_bad.npz')

@@ -77,6 +77,7 @@ class Block(nn.Module):
     heads: int
     layerscale: bool
     dtype: jnp.dtype = jnp.float32
+    gelu_tanh: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -94,7 +95,8 @@ class Block(nn.Module):
         x = x + y
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm2')(x)
         y = nn.Dense(4 * self.dim, dtype=self.dtype, name='mlp_fc1')(y)
-        y = nn.Dense(self.dim, dtype=self.dtype, name='mlp_fc2')(nn.gelu(y, approximate=False))
+        y = nn.Dense(self.dim, dtype=self.dtype, name='mlp_fc2')(
+            nn.gelu(y, approximate=self.gelu_tanh))
         if self.layerscale:
             y = y * self.param('ls2', nn.initializers.constant(1e-5), (self.dim,))
         return x + y
@@ -111,6 +113,7 @@ class ViT(nn.Module):
     layerscale: bool = False
     pos_offset: float = 0.0  # DINOv2: 0.1 (its interpolate_offset)
     dtype: jnp.dtype = jnp.float32
+    gelu_tanh: bool = False  # big_vision's ViTs use flax's tanh-approximate GELU
 
     @nn.compact
     def __call__(self, x, train=False):
@@ -139,7 +142,8 @@ class ViT(nn.Module):
         tokens.append((t + grid[None]).reshape(b, h * w, self.dim))
         x = jnp.concatenate(tokens, axis=1).astype(self.dtype)
         for i in range(self.depth):
-            x = Block(self.dim, self.heads, self.layerscale, self.dtype, name=f'blocks_{i}')(x)
+            x = Block(self.dim, self.heads, self.layerscale, self.dtype, self.gelu_tanh,
+                      name=f'blocks_{i}')(x)
         x = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm')(x)
         start = 1 + self.num_registers
         return {'cls': x[:, 0].astype(jnp.float32),
@@ -157,14 +161,16 @@ class ViTSpec:
     pos_grid: int
     num_registers: int
     layerscale: bool
+    num_heads: int = 0  # 0: width / 64 (timm, DINO, DINOv2)
+    gelu_tanh: bool = False  # big_vision
 
     @property
     def heads(self):
-        return self.dim // HEAD_DIM
+        return self.num_heads or self.dim // HEAD_DIM
 
     def module(self, pos_offset=0.0, dtype=jnp.float32):
         return ViT(self.dim, self.depth, self.heads, self.patch, self.pos_grid,
-                   self.num_registers, self.layerscale, pos_offset, dtype)
+                   self.num_registers, self.layerscale, pos_offset, dtype, self.gelu_tanh)
 
 
 # Keys of a timm / DINOv2 checkpoint that no feature uses.
@@ -261,10 +267,83 @@ def _unflatten(flat):
 
 
 def load_vit_weights(path):
-    """(ViTSpec, {'params'}) of a timm / DINOv2 weight file (.pth, .safetensors, .npz)."""
+    """(ViTSpec, {'params'}) of a timm / DINO / DINOv2 state dict (.pth, .safetensors, .npz
+    of torch names) or a big_vision ViT checkpoint (.npz of flax names, `bigvision_params`)."""
     sd = _strip(load_state_dict(path))
+    if any(k.startswith(('Transformer/', 'params/Transformer/')) for k in sd):
+        return bigvision_params(sd, path)
     spec = vit_spec(sd, path)
     return spec, state_dict_to_params(sd, spec, path)
+
+
+def bigvision_params(npz, path='weights'):
+    """(ViTSpec, {'params'}) of a big_vision ViT (`big_vision/models/vit.py`, pool_type 'tok':
+    a class token) saved as .npz of '/'-joined flax names, as its `utils.load_params` reads.
+
+    Its layout: `embedding` (the patch conv, HWIO), `cls`, `pos_embedding` (1, h*w, D) added
+    to the patches only (older checkpoints: under `Transformer/`, or `posembed_input/`, with
+    the class token's entry first, 1 + h*w rows), `Transformer/encoderblock_N/` with
+    `LayerNorm_0`, `MultiHeadDotProductAttention_0/{query,key,value}` (kernels D x heads x
+    d_head), `out` (heads x d_head x D), `LayerNorm_1`, `MlpBlock_0/Dense_{0,1}`, then
+    `Transformer/encoder_norm`; GELU is flax's tanh approximation."""
+    sd = {k[len('params/'):] if k.startswith('params/') else k: np.asarray(v, np.float32)
+          for k, v in npz.items()}
+
+    def take(key):
+        if key not in sd:
+            raise ConversionError(f'{path}: missing key {key!r} in a big_vision ViT checkpoint')
+        return sd.pop(key)
+    if 'cls' not in sd:
+        raise ConversionError(f'{path}: a big_vision ViT without a class token (pool_type '
+                              "'gap' or 'map'): only pool_type 'tok' is read")
+    pe_key = next((k for k in ('pos_embedding', 'Transformer/pos_embedding',
+                               'Transformer/posembed_input/pos_embedding') if k in sd), None)
+    if pe_key is None:
+        raise ConversionError(f'{path}: missing key \'pos_embedding\' (a learned position '
+                              'embedding) in a big_vision ViT checkpoint')
+    pe = take(pe_key)
+    grid = int(round(math.sqrt(pe.shape[1])))
+    if grid * grid != pe.shape[1]:  # old layout: the class token's entry first
+        grid = int(round(math.sqrt(pe.shape[1] - 1)))
+    else:  # the class token has no position: a zero entry for it
+        pe = np.concatenate([np.zeros_like(pe[:, :1]), pe], axis=1)
+    kernel = take('embedding/kernel')
+    depth = len({m.group(1) for k in sd if (m := re.match(r'Transformer/encoderblock_(\d+)/', k))})
+    _, heads, _ = sd['Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel'].shape
+    dim = kernel.shape[-1]
+    spec = ViTSpec(int(dim), depth, int(kernel.shape[0]), grid, 0, False, int(heads), True)
+    params = {'patch_embed': {'kernel': kernel, 'bias': take('embedding/bias')},
+              'cls_token': take('cls'), 'pos_embed': pe,
+              'norm': {'scale': take('Transformer/encoder_norm/scale'),
+                       'bias': take('Transformer/encoder_norm/bias')}}
+    for i in range(depth):
+        b = f'Transformer/encoderblock_{i}/'
+        att = b + 'MultiHeadDotProductAttention_0/'
+        qkv = [take(f'{att}{n}/kernel').reshape(dim, dim) for n in ('query', 'key', 'value')]
+        qkv_b = [take(f'{att}{n}/bias').reshape(dim) for n in ('query', 'key', 'value')]
+        params[f'blocks_{i}'] = {
+            'norm1': {'scale': take(b + 'LayerNorm_0/scale'), 'bias': take(b + 'LayerNorm_0/bias')},
+            'attn_qkv': {'kernel': np.concatenate(qkv, axis=1), 'bias': np.concatenate(qkv_b)},
+            'attn_proj': {'kernel': take(att + 'out/kernel').reshape(dim, dim),
+                          'bias': take(att + 'out/bias')},
+            'norm2': {'scale': take(b + 'LayerNorm_1/scale'), 'bias': take(b + 'LayerNorm_1/bias')},
+            'mlp_fc1': {'kernel': take(b + 'MlpBlock_0/Dense_0/kernel'),
+                        'bias': take(b + 'MlpBlock_0/Dense_0/bias')},
+            'mlp_fc2': {'kernel': take(b + 'MlpBlock_0/Dense_1/kernel'),
+                        'bias': take(b + 'MlpBlock_0/Dense_1/bias')}}
+    extra = sorted(k for k in sd if not k.startswith(('head/', 'pre_logits/')))
+    if extra:
+        raise ConversionError(f'{path}: unexpected key {extra[0]!r} (shape '
+                              f'{tuple(sd[extra[0]].shape)}) in a big_vision ViT checkpoint')
+    # every shape as the module builds it (a wrong one fails here, not inside a run)
+    shapes = jax.eval_shape(lambda: spec.module().init(
+        jax.random.key(0), jnp.zeros((1, spec.patch * grid, spec.patch * grid, 3))))['params']
+    for (p, s_), (_, a) in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
+                                jax.tree_util.tree_flatten_with_path(params)[0]):
+        if tuple(s_.shape) != tuple(a.shape):
+            raise ConversionError(f'{path}: {jax.tree_util.keystr(p)} has shape {a.shape}, the '
+                                  f'ViT expects {tuple(s_.shape)}')
+    return spec, {'params': params}
 
 
 @functools.lru_cache(maxsize=4)
