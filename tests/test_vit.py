@@ -10,6 +10,7 @@ by DINOv2's scale factor (grid + 0.1) / pretrained grid. Weights go through a re
 file and `jaxad.models.vit.load_vit_weights`.
 """
 import math
+import re
 
 import jax
 import numpy as np
@@ -163,6 +164,15 @@ def test_a_file_that_does_not_fit_is_refused_naming_the_key(tmp_path):
     refused(dict(sd, **{'blocks.0.mlp.fc1.weight': torch.ones(256, 128)}),
             r"'blocks\.0\.mlp\.fc1\.weight' has shape \(256, 128\), the ViT expects "
             r"\(512, 128\)")
+    # DINOv2's chunked blocks ('blocks.C.N.': block N in chunk C) read as plain ones
+    chunked = {re.sub(r'^blocks\.(\d)\.', lambda m: f'blocks.{int(m.group(1)) // 2}.{m.group(1)}.', k): v
+               for k, v in sd.items()}
+    assert 'blocks.0.1.norm1.weight' in chunked
+    torch.save(chunked, tmp_path / 'chunked.pth')
+    spec, variables = vit.load_vit_weights(tmp_path / 'chunked.pth')
+    assert spec.depth == 2
+    np.testing.assert_array_equal(variables['params']['blocks_1']['norm1']['scale'],
+                                  sd['blocks.1.norm1.weight'].numpy())
     refused({'conv1.weight': torch.ones(8, 3, 3, 3)}, r"not a ViT state dict: no "
                                                       r"'patch_embed\.proj\.weight'")
 

@@ -179,7 +179,13 @@ REGISTER_KEYS = ('register_tokens', 'reg_token')  # DINOv2, timm
 
 
 def _strip(sd):
-    return {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
+    """Without DataParallel's 'module.' prefix, and DINOv2's chunked blocks (block_chunks > 0:
+    'blocks.C.N.' holds block N) as plain 'blocks.N.'."""
+    out = {}
+    for k, v in sd.items():
+        k = k[len('module.'):] if k.startswith('module.') else k
+        out[re.sub(r'^blocks\.\d+\.(\d+)\.', r'blocks.\1.', k)] = v
+    return out
 
 
 def vit_spec(sd, path='weights'):
