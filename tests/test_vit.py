@@ -136,6 +136,21 @@ def test_features_equal_the_pytorch_vit_on_the_same_weights(layout, registers, l
     np.testing.assert_allclose(got['patches'], want_patches, atol=ATOL, rtol=0)
 
 
+def test_a_safetensors_file_gives_the_same_weights_as_the_pth(tmp_path):
+    """timm and Hugging Face ship .safetensors: the same state dict read from one (written
+    with safetensors' NumPy API) is the .pth's, leaf for leaf."""
+    torch = import_torch()
+    from safetensors.numpy import save_file
+    sd = torch_vit(128, 2, 8, 4, 4, True, True).state_dict()
+    torch.save(sd, tmp_path / 'vit.pth')
+    save_file({k: v.numpy() for k, v in sd.items()}, str(tmp_path / 'vit.safetensors'))
+    spec_pth, from_pth = vit.load_vit_weights(tmp_path / 'vit.pth')
+    spec_st, from_st = vit.load_vit_weights(tmp_path / 'vit.safetensors')
+    assert spec_st == spec_pth and spec_st.num_registers == 4 and spec_st.layerscale
+    for a, b in zip(jax.tree_util.tree_leaves(from_pth), jax.tree_util.tree_leaves(from_st)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('size,scale', [((7, 9), None), ((3, 2), None), ((6, 6), (6.1 / 4, 6.1 / 4))])
 def test_bicubic_resize_is_torchs(size, scale):
     torch = import_torch()
