@@ -471,10 +471,11 @@ class Run(abc.ABC):
         data, out = self.data, []
         for d in self.detectors:
             sources = {'image': (data.train_set, d.indices)}
-            outliers = outlier_source(self.config, data.train_set, d.indices, d.normal_classes,
-                                      data.outlier_set)
-            if 'outlier' in self.method.inputs and outliers is not None:
-                sources['outlier'] = outliers
+            if self.method.needs_outliers:  # others never read the oe.source stream
+                outliers = outlier_source(self.config, data.train_set, d.indices,
+                                          d.normal_classes, data.outlier_set)
+                if outliers is not None:
+                    sources['outlier'] = outliers
             out.append(sources)
         return out
 

@@ -3,7 +3,9 @@
 The conformance test runs it through train, checkpoint, predict and export
 (tests/test_conformance.py); here: its scores against scipy's distances, the pixel encoder
 against the raw-pixel baseline every result carries, the ResNet encoder's features against
-the model applied directly, and the config's refusals.
+the model applied directly, the reported AUROCs (and AUPRO) of whole runs against sklearn's
+(and a literal AUPRO) on scores computed outside jaxad's scoring code, and the config's
+refusals.
 """
 import json
 
@@ -11,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
+from sklearn.metrics import roc_auc_score
 
 from configs import knn_features
 from jaxad import config as jc
@@ -27,6 +30,32 @@ def knn_config(npz, **overrides):
         'data.normal_classes': (0,), 'model.name': 'resnet10', 'model.width': 4,
         'batch_size': 8, 'num_devices': 1, 'eval.batch_size': 16, 'eval.plots': False,
         **overrides})
+
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def auroc_tolerance(scores, anomaly, err):
+    """How far the AUROC of scores each within `err` (scalar or per row) of `scores` can be
+    from theirs: only an (anomalous, normal) pair whose intervals overlap can change order,
+    each by at most 1 / (pairs); the others count the same. Plus 1e-12 for the float64 sums
+    (jaxad's rank sum against sklearn's trapezoid)."""
+    anomaly = np.asarray(anomaly, bool)
+    err = np.broadcast_to(np.asarray(err, np.float64), scores.shape)
+    gap = np.abs(scores[anomaly][:, None] - scores[~anomaly][None, :])
+    close = gap <= err[anomaly][:, None] + err[~anomaly][None, :]
+    return close.sum() / close.size + 1e-12
+
+
+def l2_rounding(test, bank, dist):
+    """Bound on the float32 rounding of the distances `dist` (N,) from `test` rows to `bank`
+    rows as jaxad computes them, sqrt(|x|^2 + |b|^2 - 2 x.b) (jaxad/density.py): each
+    D-term dot product is off by at most about D u times the sum of its |terms|, so the
+    squared distance by about 2 (D + 2) u (|x|^2 + |b|^2) (3x that here, a margin), which
+    moves the square root by at most the value returned (largest where dist is small)."""
+    sq = 3 * 2 * (test.shape[1] + 2) * U32 * (np.sum(test ** 2, axis=1)
+                                              + np.max(np.sum(bank ** 2, axis=1)))
+    return np.sqrt(dist ** 2 + sq) - dist
 
 
 @pytest.mark.parametrize('metric,k', [('l2', 1), ('l2', 3), ('cosine', 2)])
@@ -121,17 +150,38 @@ def test_the_vit_encoder_reads_timm_weights_and_scores_their_class_token(tmp_pat
                                'feature_knn.image_size': 16, 'eval.num_samples': 1,
                                'eval.batch_size': 128})
     results = train.train_and_evaluate(config, str(tmp_path / 'run'))
-    assert results['step'] == 0 and 0.0 <= results['image_AUROC'] <= 1.0
+    assert results['step'] == 0
     method = get_method(config)
     variables = jax.jit(lambda: method.init_variables(jax.random.key(0), (8, 8, 3)))()
     images = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
     got = method.features(variables, images, None, None)['feat']
-    x = jax.image.resize(images.astype(np.float32) / 255.0, (3, 16, 16, 3), 'bilinear',
-                         antialias=False)
-    x = (np.asarray(x) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
-    with torch.no_grad():
-        want, _ = ref(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+
+    def torch_cls(images):
+        x = jax.image.resize(images.astype(np.float32) / 255.0, (len(images), 16, 16, 3),
+                             'bilinear', antialias=False)
+        x = (np.asarray(x) - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+        with torch.no_grad():
+            cls, _ = ref(torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2))
+        return cls.numpy().astype(np.float64)
+    np.testing.assert_allclose(got, torch_cls(images), atol=ATOL, rtol=0)
+
+    # The run's AUROC from PyTorch's class tokens of its bank (the training 3s) and test
+    # images, scipy's 1-NN distances and sklearn's AUROC.
+    from jaxad.data.sources import load_digits
+    train_set, test_set = (load_digits(split, 8, config.data.test_fraction,
+                                       config.data.split_seed) for split in ('train', 'test'))
+    bank = torch_cls(train_set.images[train_set.labels == 3])
+    test = torch_cls(test_set.images)
+    dist = cdist(test, bank).min(axis=1)
+    anomaly = test_set.labels != 3
+    want = roc_auc_score(anomaly, dist)
+    # Every class-token component is within ATOL of PyTorch's (checked above), so each of the
+    # run's distances is within ||d test|| + ||d bank|| <= 2 sqrt(D) ATOL of scipy's
+    # (triangle inequality), plus its own float32 rounding; pairs closer than that may swap.
+    err = 2 * np.sqrt(bank.shape[1]) * ATOL + l2_rounding(test, bank, dist)
+    tol = auroc_tolerance(dist, anomaly, err)
+    assert tol < 0.02  # about 5e-3 here; in practice the two agree to 1e-16
+    assert abs(results['image_AUROC'] - want) <= tol, (results['image_AUROC'], want, tol)
 
 
 def test_greedy_coreset_is_farthest_point_selection():
@@ -179,8 +229,10 @@ def test_patch_maps_are_each_patchs_distance_to_the_nearest_normal_patch(tmp_pat
 
 def test_patch_maps_give_pixel_metrics_and_overlays_on_a_defect_set(tmp_path):
     """On the synthetic MVTec-style set (pixel masks): pixel AUROC and AUPRO in the results,
-    overlay PNGs written, as for ReContrast; no step. Random weights: the values are not
-    judged, only that the evaluator gets maps."""
+    overlay PNGs written, as for ReContrast; no step. Random weights; the saved maps are
+    each test patch's scipy distance to the nearest training patch, and the reported
+    metrics are sklearn's pixel and image AUROC and the slow literal AUPRO of
+    tests/test_pixel_metrics.py on them."""
     from jaxad.data import synthetic
     synthetic.write_mvtec(tmp_path / 'synth', 'weave', size=16, num_train=8, num_good_test=2,
                           num_per_defect=1)
@@ -190,21 +242,97 @@ def test_patch_maps_give_pixel_metrics_and_overlays_on_a_defect_set(tmp_path):
         'eval.plots': True, 'eval.num_samples': 1, 'eval.batch_size': 8})
     results = train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert results['step'] == 0 and results['headline_score'] == 'patch_max'
-    assert 0.0 <= results['pixel_AUROC'] <= 1.0 and 0.0 <= results['AUPRO'] <= 1.0
     assert list((tmp_path / 'run' / 'plots' / 'overlays').glob('*.png'))
+
+    setup = train.Setup(config, str(tmp_path / 'run'))
+    try:
+        state, _ = setup.restore_latest()
+        train_set, test_set, bank_idx = setup.train_set, setup.test_set, setup.normal_indices
+        normal_classes = setup.normal_classes
+    finally:
+        setup.close()
+    # The maps as scored: the run's encoder's stage-2 patch features (its own feature code),
+    # each test patch's L2 distance to the nearest training patch by scipy.
+    method = get_method(config)
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+    bank, test = (np.asarray(method.features(variables, images, None, None)['patches'],
+                             np.float64) for images in (train_set.images[bank_idx],
+                                                        test_set.images))
+    bank_rows, test_rows = bank.reshape(-1, bank.shape[-1]), test.reshape(-1, test.shape[-1])
+    want = cdist(test_rows, bank_rows).min(axis=1).reshape(test.shape[:3])
+    saved = np.load(tmp_path / 'run' / 'anomaly_maps.npz')
+    maps = saved['map_map']
+    # The run's distances: float32 rounding (`l2_rounding`) of features that the run computed
+    # with the same float32 network in another batch layout (only the order of its sums
+    # differs, a relative change far below 1e-5).
+    feat_err = 1e-5 * np.linalg.norm(np.concatenate([bank_rows, test_rows]), axis=1).max()
+    err = (2 * feat_err + l2_rounding(test_rows, bank_rows, want.ravel())).reshape(want.shape)
+    assert np.all(np.abs(maps - want) <= err), np.abs(maps - want).max()
+    assert np.all(np.abs(saved['score_patch_max'] - want.max(axis=(1, 2)))
+                  <= err.max(axis=(1, 2)))
+    # The metrics of those same float32 maps and scores: equal up to the float64 sums.
+    anomaly = ~np.isin(test_set.labels, normal_classes)
+    assert results['image_AUROC'] == pytest.approx(
+        roc_auc_score(anomaly, saved['score_patch_max']), abs=1e-12)
+    from tests.test_pixel_metrics import slow_aupro
+    masks = np.asarray(test_set.masks).astype(bool)
+    up = np.asarray(jax.image.resize(maps, (len(maps),) + masks.shape[1:], 'bilinear'))
+    assert results['pixel_AUROC'] == pytest.approx(roc_auc_score(masks.ravel(), up.ravel()),
+                                                   abs=1e-12)
+    assert results['AUPRO'] == pytest.approx(slow_aupro(up, masks), abs=1e-9)
 
 
 def test_the_shared_density_evaluators_score_the_same_features(tmp_path):
     """eval.density=gde,mahalanobis beside the kNN score: fitted on the same features of the
     bank (the ResNet's 32-wide pooled feature, random weights: fewer dimensions than the
     class's ~90 bank images, so the covariances are full rank) and scored with the others;
-    their AUROCs are in the results."""
+    their AUROCs in the results are sklearn's on the scores computed by NumPy / scipy."""
     config = knn_config('', **{'data.source': 'digits', 'data.normal_classes': (8,),
                                'feature_knn.encoder': 'resnet', 'eval.num_samples': 1,
                                'eval.batch_size': 128, 'eval.density': ('gde', 'mahalanobis')})
     results = train.train_and_evaluate(config, str(tmp_path / 'run'))
     assert set(results['scores']) == {'knn', 'gde', 'mahalanobis'}
-    assert all(0.0 <= s['image_AUROC'] <= 1.0 for s in results['scores'].values())
+    # Their AUROCs from the run's encoder (restored from its checkpoint) applied to its bank
+    # (the training 8s) and test images, the scores in float64 NumPy / scipy and the AUROC
+    # from sklearn.
+    setup = train.Setup(config, str(tmp_path / 'run'))
+    try:
+        state, _ = setup.restore_latest()
+        train_set, test_set, bank_idx = setup.train_set, setup.test_set, setup.normal_indices
+    finally:
+        setup.close()
+    model = get_method(config).model
+    encode = jax.jit(lambda x: model.apply({'params': state.params,
+                                            'batch_stats': state.batch_stats}, x,
+                                           train=False)['features'])
+    bank, test = (np.asarray(encode(images.astype(np.float32) / 255.0), np.float64)
+                  for images in (train_set.images[bank_idx], test_set.images))
+    anomaly = test_set.labels != 8
+    # The run computed these features with the same float32 network in another batch
+    # layout: only the order of its sums differs, a relative change far below 1e-5.
+    feat_err = 1e-5 * np.linalg.norm(np.concatenate([bank, test]), axis=1).max()
+    # feature_knn's own score: the L2 distance to the nearest bank feature (k = 1).
+    dist = cdist(test, bank).min(axis=1)
+    knn_err = 2 * feat_err + l2_rounding(test, bank, dist)
+    # gde and mahalanobis (one class, tied covariance): both (x - mu)^T C^-1 (x - mu), C the
+    # maximum-likelihood covariance (ddof 0) + 1e-6 I. Solving with a float32 Cholesky factor
+    # is off by at most about cond(C) D u relative (Higham, Accuracy and Stability, ch. 10),
+    # 10x that allowed for the float32 mean and covariance sums; a feature error e moves
+    # x - mu by up to 2 e, so the score by at most 2 sqrt(score) 2 e / sqrt(lambda_min(C)).
+    cov = np.cov(bank, rowvar=False, bias=True) + 1e-6 * np.eye(bank.shape[1])
+    centred = test - bank.mean(axis=0)
+    maha = np.einsum('nd,nd->n', centred, np.linalg.solve(cov, centred.T).T)
+    eig = np.linalg.eigvalsh(cov)
+    maha_err = (10 * eig[-1] / eig[0] * bank.shape[1] * U32 * maha
+                + 4 * np.sqrt(maha) * feat_err / np.sqrt(eig[0]))
+    for name, scores, err in (('knn', dist, knn_err), ('gde', maha, maha_err),
+                              ('mahalanobis', maha, maha_err)):
+        want = roc_auc_score(anomaly, scores)
+        tol = auroc_tolerance(scores, anomaly, err)
+        assert tol < 0.02, (name, tol)  # in practice the two agree to 1e-16
+        got = results['scores'][name]['image_AUROC']
+        assert abs(got - want) <= tol, (name, got, want, tol)
+    assert results['image_AUROC'] == results['scores']['knn']['image_AUROC']
 
 
 def test_the_config_names_the_weights_to_fetch():

@@ -29,8 +29,7 @@ from jaxad import density
 from jaxad.data import augment
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.methods.base import Method
-from jaxad.models.vit import (IMAGENET_MEAN, IMAGENET_STD, VIT_ARCHS, ViTSpec, vit_variables,
-                              vit_weights)
+from jaxad.models.vit import VIT_ARCHS, ViTSpec, vit_input, vit_variables, vit_weights
 
 ENCODERS = ('pixels', 'resnet', 'vit')
 METRICS = ('l2', 'cosine')
@@ -137,10 +136,7 @@ class FeatureKNN(Method):
         if self.size != images.shape[1]:
             x = jax.vmap(lambda im: augment.resize(im, self.size))(x)
         if self.cfg.encoder == 'vit':  # the class token of the ImageNet-normalised image
-            if x.shape[-1] == 1:
-                x = jnp.repeat(x, 3, axis=-1)
-            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-            out = self.model.apply({'params': variables['params']}, x)
+            out = self.model.apply({'params': variables['params']}, vit_input(x))
             feats = {'feat': out['cls']}
             if self.cfg.patch_maps:
                 feats['patches'] = out['patches']

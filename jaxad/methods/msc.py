@@ -39,7 +39,7 @@ from jaxad.data import augment
 from jaxad.errors import ConfigError
 from jaxad.methods.base import Method
 from jaxad.methods.common import CIFAR10_CLASSES
-from jaxad.models.vit import IMAGENET_MEAN, IMAGENET_STD, vit_variables, vit_weights
+from jaxad.models.vit import vit_input, vit_variables, vit_weights
 
 CIFAR10_PAPER = dict(
     mean=97.5, source='MSC v1 abstract (arXiv 2106.03844v1, ResNet-152 ImageNet weights, '
@@ -186,10 +186,8 @@ class MSC(Method):
 
     def _phi(self, variables, x, train):
         if self.vit_params is not None:  # no BatchNorm: the class token, batch_stats as they are
-            if x.shape[-1] == 1:  # grey images: the three channels the weights expect
-                x = jnp.repeat(x, 3, axis=-1)
-            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-            phi = losses.l2_normalize(self.model.apply({'params': variables['params']}, x)['cls'])
+            out = self.model.apply({'params': variables['params']}, vit_input(x))
+            phi = losses.l2_normalize(out['cls'])
             return (phi, variables['batch_stats']) if train else phi
         if train:
             out, mutated = self.model.apply(variables, x, train=True, mutable=['batch_stats'])

@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from jaxad.errors import ConfigError
 from jaxad.models.convert import ConversionError, load_state_dict
@@ -38,6 +39,15 @@ HEAD_DIM = 64  # every ViT above: heads = width / 64
 # ImageNet normalisation of timm's and DINO's ViTs (on [0, 1] pixels)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LN_EPS = 1e-6
+
+
+def vit_input(x):
+    """Float images (N, H, W, C) in [0, 1], already at the ViT's input size, as the ViT
+    weights expect them: grey images (C = 1) repeated to three channels, then
+    ImageNet-normalised. The resize or crop is the caller's (it differs between methods)."""
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
 
 def _cubic_weights(t, a=-0.75):
@@ -341,14 +351,23 @@ def bigvision_params(npz, path='weights'):
     if extra:
         raise ConversionError(f'{path}: unexpected key {extra[0]!r} (shape '
                               f'{tuple(sd[extra[0]].shape)}) in a big_vision ViT checkpoint')
-    # every shape as the module builds it (a wrong one fails here, not inside a run)
+    # every shape as the module builds it (a wrong one fails here, not inside a run),
+    # matched by parameter path
     shapes = jax.eval_shape(lambda: spec.module().init(
         jax.random.key(0), jnp.zeros((1, spec.patch * grid, spec.patch * grid, 3))))['params']
-    for (p, s_), (_, a) in zip(jax.tree_util.tree_flatten_with_path(shapes)[0],
-                                jax.tree_util.tree_flatten_with_path(params)[0]):
-        if tuple(s_.shape) != tuple(a.shape):
-            raise ConversionError(f'{path}: {jax.tree_util.keystr(p)} has shape {a.shape}, the '
+    want = traverse_util.flatten_dict(shapes, sep='/')
+    have = traverse_util.flatten_dict(params, sep='/')
+    for name, s_ in want.items():
+        if name not in have:
+            raise ConversionError(f'{path}: the ViT parameter {name} (shape {tuple(s_.shape)}) '
+                                  'has no value in the big_vision checkpoint')
+        if tuple(s_.shape) != tuple(have[name].shape):
+            raise ConversionError(f'{path}: {name} has shape {tuple(have[name].shape)}, the '
                                   f'ViT expects {tuple(s_.shape)}')
+    extra = sorted(set(have) - set(want))
+    if extra:
+        raise ConversionError(f'{path}: {extra[0]} (shape {tuple(have[extra[0]].shape)}) is '
+                              'not a parameter of the ViT')
     return spec, {'params': params}
 
 
