@@ -10,11 +10,11 @@ import dataclasses
 
 import numpy as np
 
-from jaxad import loop, thresholds
+from jaxad import loop, reuse, thresholds
 from jaxad.config import normal_classes as parse_normal_classes
 from jaxad.data import sources
 from jaxad.errors import ConfigError
-from jaxad.methods import StepBudget, get_method, method_class
+from jaxad.methods import StepBudget, method_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,5 +94,5 @@ def load(config):
     image_shape = loop.check_image_shape(train_set, data)
     loop.check_image_shape(test_set, data)
     # Whether the method needs an outlier set does not depend on the step budget.
-    outlier_set = loop.load_auxiliary_outliers(get_method(config), config, image_shape)
+    outlier_set = loop.load_auxiliary_outliers(reuse.method(config), config, image_shape)
     return RunData(train_set, test_set, image_shape, outlier_set, detectors)

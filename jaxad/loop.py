@@ -26,12 +26,12 @@ import optax
 from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
-from jaxad import distributed, fingerprint, optim, preemption, sharding, stacking, storage
+from jaxad import distributed, fingerprint, optim, preemption, reuse, sharding, stacking
+from jaxad import storage
 from jaxad import evaluate as eval_lib
 from jaxad.config import ON_DEVICE_SETTINGS
 from jaxad.data import pipeline, sources
 from jaxad.errors import ConfigError, DataError, TrainingError
-from jaxad.methods import get_method
 from jaxad.writers import MetricWriter
 
 
@@ -47,6 +47,9 @@ class TrainState:
     consts: dict
 
 
+# Cached: runs with equal settings share the method and optimizer (`jaxad.reuse`), so they
+# get the same step function and the same jitted step below, traced once per process.
+@functools.lru_cache(maxsize=reuse.MAX_KEPT)
 def make_train_step(method, tx, schedule):
     """A pure `(state, batch, rng) -> (state, metrics)` step.
 
@@ -103,6 +106,7 @@ def gather_on_device(step):
     return step_with_gather
 
 
+@functools.lru_cache(maxsize=reuse.MAX_KEPT)
 def jit_train_step(train_step, mesh, on_device=False):
     """The step of one detector jitted on `mesh` (batch on 'data', state and key replicated,
     state donated), traced with the mesh as ambient context so that explicit collectives
@@ -121,6 +125,7 @@ def jit_train_step(train_step, mesh, on_device=False):
                    in_shardings=(repl, data, repl), out_shardings=(repl, repl))
 
 
+@functools.lru_cache(maxsize=reuse.MAX_KEPT)
 def jit_stacked_step(train_step, mesh, mode, on_device=False):
     """The step of a stack of detectors (`stacking.stacked(train_step, mode)`) jitted: state
     and keys on 'model', batches on ('model', 'data'), state donated. `on_device`: as for
@@ -449,8 +454,8 @@ class Run(abc.ABC):
         self.mesh, self.image_shape, self.name = mesh, data.image_shape, name
         budget = self.budget
         sharding.check_batch_divides(config.batch_size, mesh)
-        self.method = method if method is not None else get_method(config, budget)
-        self.tx, self.schedule = optim.make_optimizer(
+        self.method = method if method is not None else reuse.method(config, budget)
+        self.tx, self.schedule = reuse.optimizer(
             config.optim, budget.steps_per_epoch, budget.total_steps, config.batch_size,
             freeze=self.method.frozen_params)
         if not self.method.trains:  # no step: no optimiser state in the state or checkpoints

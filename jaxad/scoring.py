@@ -20,7 +20,6 @@ The method object is read through `jaxad.methods.base.Method`'s members only
 """
 import dataclasses
 import functools
-import json
 
 import jax
 import jax.numpy as jnp
@@ -29,12 +28,11 @@ from absl import logging
 
 from jaxad import checkpoint as ckpt_lib
 from jaxad import evaluate as eval_lib
-from jaxad import fingerprint, storage
+from jaxad import fingerprint, reuse, storage
 from jaxad import inputs as inputs_lib
 from jaxad.config import load_run_config
 from jaxad.errors import ConfigError, TrainingError
 from jaxad.inputs import pad_batch
-from jaxad.methods import get_method
 from jaxad.writers import Progress
 
 
@@ -190,13 +188,7 @@ def load_model(workdir, config=None):
     return Model(config, method, variables, scoring, int(step), predict_key(config), workdir)
 
 
-_METHODS = {}
-
-
 def _method_for(config):
-    """One method object per distinct config, so repeated loads share compiled scorers."""
-    described = {k: v for k, v in config.to_dict().items() if k != 'threshold'}
-    key = json.dumps(described, sort_keys=True, default=repr)
-    if key not in _METHODS:
-        _METHODS[key] = get_method(config)
-    return _METHODS[key]
+    """One method object per distinct config (`jaxad.reuse`; the threshold settings do not
+    change the method), so repeated loads share compiled scorers."""
+    return reuse.method(config, ignore=('threshold',))

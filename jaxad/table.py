@@ -32,11 +32,11 @@ import jax
 import numpy as np
 from absl import logging
 
-from jaxad import baseline, detectors, fingerprint, loop, sharding, stacking, storage, thresholds
+from jaxad import baseline, detectors, fingerprint, loop, reuse, sharding, stacking, storage
+from jaxad import thresholds
 from jaxad import evaluate as eval_lib
 from jaxad.config import validate_config
 from jaxad.errors import ConfigError
-from jaxad.methods import get_method
 
 METRICS = ('image_AUROC', 'image_AUPR', 'FPR@95TPR')
 
@@ -187,11 +187,11 @@ class TableSetup:
         self.config, self.workdir = config, workdir
         # The table's own questions (headline score, published numbers); each group trains
         # with a method built for its step budget.
-        self.method = get_method(config)
+        self.method = reuse.method(config)
         self.data = detectors.load(config)
         self.members = self.data.detectors
         self.test_set, self.image_shape = self.data.test_set, self.data.image_shape
-        self._methods, self.groups = {}, []
+        self.groups = []
         try:
             stacks = make_groups(self.members, config.table.stack_size)
             for i, ms in enumerate(stacks):
@@ -206,10 +206,8 @@ class TableSetup:
 
     def method_for(self, budget):
         """The method of groups with step budget `budget` (one object per budget, so groups
-        of equal budgets share its compiled programs)."""
-        if budget not in self._methods:
-            self._methods[budget] = get_method(self.config, budget)
-        return self._methods[budget]
+        of equal budgets share its compiled programs; `jaxad.reuse`)."""
+        return reuse.method(self.config, budget)
 
     def close(self):
         for g in self.groups:

@@ -3,10 +3,11 @@ points the host never copies from the device.
 
 * Compile once: jax's compile log (`tests.helpers.compile_log`) over a run that is preempted
   after its step-2 checkpoint, resumed to the end with its evaluation, and evaluated again with
-  --mode=eval. The train step compiles exactly once per invocation, the evaluator's programs
-  at most once per argument shape, and no program twice for the same arguments (a new jit
-  wrapper per call, or a weak-type flip of the step counter, would). The table's stacked
-  programs are checked the same way in tests/test_table.py.
+  --mode=eval, all in one process. The train step compiles exactly once: the resumed run has
+  the same settings, so it runs the first invocation's jitted step (`jaxad.reuse`), and a
+  weak-type flip of the restored step counter would compile it again. The evaluator's
+  programs compile once, and no program twice for the same arguments (a new jit wrapper per
+  call would). The table's stacked programs are checked the same way in tests/test_table.py.
 * No host round trip: `loop.Run.train` dispatches every step under
   `jax.transfer_guard_device_to_host('disallow_explicit')`, which raises on a GPU or TPU. On
   this CPU the guard never fires (arrays live in host memory), so the test counts reads of
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxad import train
+from jaxad import reuse, train
 from tests.helpers import Preempted, compile_log, make_npz, preempt_after_step, tiny_config
 
 # The programs a run compiles on purpose (jit names as jax logs them).
@@ -38,6 +39,7 @@ def test_each_program_compiles_once_across_preemption_resume_and_eval(npz, tmp_p
                                                                       monkeypatch):
     config = lambda: tiny_config(npz, log_every=1, num_devices=1)  # noqa: E731
     workdir = str(tmp_path / 'run')
+    reuse.clear()  # nothing shared from the tests before: counts independent of their order
 
     undo = preempt_after_step(monkeypatch, 2)
     with compile_log() as first, pytest.raises(Preempted):
@@ -48,7 +50,7 @@ def test_each_program_compiles_once_across_preemption_resume_and_eval(npz, tmp_p
 
     with compile_log() as resumed:
         train.train_and_evaluate(config(), workdir)
-    assert resumed.count('step_on_mesh') == 1
+    assert resumed.count('step_on_mesh') == 0  # the first invocation's (jaxad.reuse)
     # the bank and the test pass share one feature program (same padded batch shape)
     for name in ('features', 'fit_scoring', 'score'):
         assert resumed.count(name) == 1, (name, resumed.programs)
