@@ -161,3 +161,16 @@ def test_feature_knn_throughput_reports_features_and_bank_scoring():
     assert features['width'] == 384 and features['images_per_s'] > 0
     assert [b['bank_patches'] for b in banks] == [10, 40]
     assert all(b['kind'] == 'patch_bank_scoring' and b['ms_per_test_image'] > 0 for b in banks)
+
+
+def test_suite_time_reports_wall_cpu_and_modules():
+    """benchmarks/suite_time.py on one small test file: its pass line, per-module and
+    per-test times (from --durations) and the CPU seconds of pytest's processes."""
+    report, = _run(['benchmarks/suite_time.py', '--workers=1', '--top=3',
+                    '--pytest_args=tests/test_metrics.py'])
+    assert report['returncode'] == 0 and '7 passed' in report['summary'], report
+    assert list(report['modules']) == ['tests/test_metrics.py']
+    assert 0 < report['summed_test_s'] <= report['wall_s']
+    assert len(report['slowest']) == 3
+    assert all(t.startswith('tests/test_metrics.py::') for t in report['slowest'])
+    assert report['cpu_s'] >= report['cpu_user_s'] > 0

@@ -1,0 +1,109 @@
+"""How long the README's test command takes, and where the time goes.
+
+    python benchmarks/suite_time.py [--venv=/tmp/fresh_venv [--extras='torch==2.13.0 -e .[tfds]']]
+        [--workers=2] [--top=25] [--pytest_args='tests']
+
+Runs `python -m pytest -q -n WORKERS --durations=0 tests` from the repository root (with
+CI=true, as CI runs it) and prints one JSON object: the wall time, the CPU seconds of
+pytest and every process it started (user and system, from the children's rusage), the
+pass/fail line, each test module's summed test time (setup + call + teardown, as
+`--durations` reports it: time on the test's worker, so a module's figure includes its
+subprocesses' wall time) and the slowest tests.
+
+With --venv=DIR the README's whole command is timed as a newcomer runs it: a fresh virtual
+environment at DIR (removed first), `pip install -q -e '.[test]'` into it (its own wall
+time: `install_s`, from pip's cache when one is warm), then the tests with that
+environment's Python. The total is `install_s + wall_s`. --extras are then installed into
+it as CI installs them before the tests (torch for the reference tests, the tfds extra;
+`extras_s`, not part of the README's command): the tests run with CI=true, where a missing
+reference package fails instead of skipping.
+
+On a 2-core machine the suite is CPU-bound (pytest's two workers and their subprocesses keep
+both cores busy), so `cpu_s` is the figure to compare between commits; the wall time also
+moves with the machine's load.
+"""
+import argparse
+import collections
+import json
+import os
+import re
+import resource
+import shutil
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DURATION = re.compile(r'^([0-9.]+)s (setup|call|teardown)\s+(\S+)')
+
+
+def fresh_venv(path):
+    """A new virtual environment at `path` with the test extras; (its python, seconds)."""
+    shutil.rmtree(path, ignore_errors=True)
+    t0 = time.time()
+    subprocess.run([sys.executable, '-m', 'venv', path], check=True)
+    python = os.path.join(path, 'bin', 'python')
+    pip_install(python, ['-e', '.[test]'])
+    return python, time.time() - t0
+
+
+def pip_install(python, specs):
+    subprocess.run([python, '-m', 'pip', 'install', '-q', *specs], cwd=REPO, check=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--venv', default='', help='time a fresh venv install here first')
+    parser.add_argument('--extras', default='',
+                        help="with --venv: pip arguments for what CI installs too, e.g. 'torch==2.13.0 -e .[tfds]'")
+    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--pytest_args', default='tests')
+    args = parser.parse_args()
+
+    out = {'commit': subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                                    capture_output=True, text=True).stdout.strip(),
+           'cores': os.cpu_count(), 'workers': args.workers}
+    python = sys.executable
+    if args.venv:
+        python, out['install_s'] = fresh_venv(args.venv)
+        if args.extras:
+            t0 = time.time()
+            pip_install(python, args.extras.split())
+            out['extras_s'] = round(time.time() - t0, 1)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.time()
+    proc = subprocess.run(
+        [python, '-m', 'pytest', '-q', '-n', str(args.workers), '--durations=0',
+         *args.pytest_args.split()], cwd=REPO, env=dict(os.environ, CI='true'),
+        capture_output=True, text=True)
+    out['wall_s'] = round(time.time() - t0, 1)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    out['cpu_user_s'] = round(after.ru_utime - before.ru_utime, 1)
+    out['cpu_sys_s'] = round(after.ru_stime - before.ru_stime, 1)
+    out['cpu_s'] = round(out['cpu_user_s'] + out['cpu_sys_s'], 1)
+    if 'install_s' in out:
+        out['install_s'] = round(out['install_s'], 1)
+        out['total_s'] = round(out['install_s'] + out['wall_s'], 1)
+    out['returncode'] = proc.returncode
+    lines = proc.stdout.splitlines()
+    out['summary'] = next((line.strip('= ') for line in reversed(lines)
+                           if ' passed' in line or ' failed' in line), lines[-1:] or '')
+    per_test, per_module = collections.Counter(), collections.Counter()
+    for line in lines:
+        m = DURATION.match(line)
+        if m:
+            seconds, test = float(m.group(1)), m.group(3).split('@')[0]
+            per_test[test] += seconds
+            per_module[test.split('::')[0]] += seconds
+    out['summed_test_s'] = round(sum(per_module.values()), 1)
+    out['modules'] = {k: round(v, 1) for k, v in per_module.most_common()}
+    out['slowest'] = {k: round(v, 1) for k, v in per_test.most_common(args.top)}
+    print(json.dumps(out))
+    if proc.returncode:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-2000:])
+    return proc.returncode
+
+
+if __name__ == '__main__':
+    sys.exit(main())
