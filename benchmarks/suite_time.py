@@ -55,7 +55,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--venv', default='', help='time a fresh venv install here first')
     parser.add_argument('--extras', default='',
-                        help="with --venv: pip arguments for what CI installs too, e.g. 'torch==2.13.0 -e .[tfds]'")
+                        help='with --venv: pip arguments for what CI installs too, '
+                        "e.g. 'torch==2.13.0 -e .[tfds]'")
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--pytest_args', default='tests')
