@@ -1,25 +1,37 @@
-"""Runs in one process share their programs when their settings are equal.
+"""Runs in one process share their programs when their methods are equal.
 
 A notebook, a sweep or a test session trains several runs in one Python process. `jax.jit`
 keeps its traced and compiled programs per *function object*, and every run used to build
 its method, optimizer and train step afresh: each run traced and lowered all its programs
 again, seconds per run even when XLA's compilation itself came from the persistent cache.
 
-Here the method object and the optimizer are kept per distinct settings, so a later run
-with equal settings gets the same objects; `jaxad.loop` jits the train step once per
-(method, optimizer, mesh), and the evaluator keys its programs on the method object
-(`jaxad.evaluate`), so jax's own caches serve the later run. The settings are the whole
-config (as JSON) and the step budget; a file the config names enters by its size and
-modification time, so a weights file rewritten at the same path builds a new method.
+Here a run's method object is the earlier run's when the two are equal in state (same class,
+every attribute equal, arrays by content: `state_key`), and its optimizer the earlier one's
+for equal optimizer settings and step budget. `jaxad.loop` jits the train step once per
+(method, optimizer, mesh) and the evaluator keys its programs on the method object
+(`jaxad.evaluate`), so jax's own caches serve the later run: runs that differ only in what a
+method does not hold (the seed, the normal class, the data path, checkpoint and logging
+cadence) trace nothing again. A method whose state cannot be described that way (a lambda
+among its attributes) is shared only with runs of an equal config, whose named files have
+the same size and modification time.
 
 Sharing is safe because what is shared is immutable: a `Method` is fixed once built (its
-attributes are set in `__init__` only), optax transformations and schedules are pure
-functions, and a train step is a pure function of (state, batch, rng). The initial-state
-program is not shared: it reads `model.init_from` weights when it is traced.
+attributes are set in `__init__` only), so its behaviour is its class's code applied to that
+state; optax transformations and schedules are pure functions, and a train step is a pure
+function of (state, batch, rng). The initial-state program is not shared: it reads
+`model.init_from` weights when it is traced.
 """
 import collections
+import dataclasses
+import enum
+import functools
+import hashlib
 import json
 import os
+import types
+
+import ml_collections
+import numpy as np
 
 from jaxad import optim
 from jaxad.methods import get_method
@@ -72,10 +84,75 @@ def settings_key(config, ignore=()):
     return json.dumps([described, _file_signatures(described)], sort_keys=True, default=repr)
 
 
+class _Opaque(Exception):
+    """A value `state_key` cannot describe exactly."""
+
+
+def state_key(obj):
+    """A hashable description of `obj`'s state, equal for two objects exactly when they are
+    equal in class and state: scalars and strings by value, containers and config dicts by
+    their items, arrays by dtype, shape and a digest of their bytes, module-level functions
+    and classes by name, dataclasses (flax modules: their fields but the parent) and jaxad
+    objects by their attributes. Raises `_Opaque` for anything else (closures, lambdas,
+    PRNG keys, foreign objects)."""
+    return _describe(obj, set())
+
+
+def _describe(x, active):
+    if x is None or isinstance(x, (bool, int, str, bytes)):
+        return (type(x).__name__, x)
+    if isinstance(x, float):
+        return ('float', repr(x))  # nan equals nan, -0.0 is not 0.0
+    if id(x) in active:
+        raise _Opaque('a cycle')
+    active = active | {id(x)}
+    if isinstance(x, (list, tuple)):
+        return (type(x).__name__, tuple(_describe(v, active) for v in x))
+    if isinstance(x, dict):
+        items = sorted(((_describe(k, active), _describe(v, active)) for k, v in x.items()),
+                       key=repr)
+        return ('dict', tuple(items))
+    if isinstance(x, (ml_collections.ConfigDict, ml_collections.FrozenConfigDict)):
+        return ('config', _describe(x.to_dict(), active))
+    if isinstance(x, enum.Enum):
+        return ('enum', type(x).__module__, type(x).__qualname__, x.name)
+    if isinstance(x, type):
+        return ('type', x.__module__, x.__qualname__)
+    if isinstance(x, np.generic) or hasattr(x, '__array__') and hasattr(x, 'dtype'):
+        if 'key' in str(x.dtype):  # typed PRNG keys have no plain bytes
+            raise _Opaque('a PRNG key')
+        a = np.ascontiguousarray(np.asarray(x))
+        return ('array', str(a.dtype), a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+    if isinstance(x, types.FunctionType):
+        if x.__closure__ or '<' in x.__qualname__:  # a closure, a lambda, a local function
+            raise _Opaque(f'function {x.__qualname__}')
+        return ('function', x.__module__, x.__qualname__)
+    if isinstance(x, types.BuiltinFunctionType):
+        return ('builtin', getattr(x, '__module__', None), x.__qualname__)
+    if isinstance(x, types.MethodType):
+        return ('bound', _describe(x.__func__, active), _describe(x.__self__, active))
+    if isinstance(x, functools.partial):
+        return ('partial', _describe(x.func, active), _describe(x.args, active),
+                _describe(x.keywords, active))
+    if dataclasses.is_dataclass(x):
+        return ('dataclass', _describe(type(x), active),
+                tuple((f.name, _describe(getattr(x, f.name), active))
+                      for f in dataclasses.fields(x) if f.name != 'parent'))
+    if type(x).__module__.startswith('jaxad.') and hasattr(x, '__dict__'):
+        return ('object', _describe(type(x), active), _describe(vars(x), active))
+    raise _Opaque(f'a {type(x).__module__}.{type(x).__qualname__}')
+
+
 def method(config, budget=None, ignore=()):
-    """`get_method(config, budget)`, the same object for equal settings and budget."""
-    return _METHODS.get((settings_key(config, ignore), budget),
-                        lambda: get_method(config, budget))
+    """`get_method(config, budget)`, or the earlier run's method when it is equal in state
+    (`state_key`); without a state key, the earlier method of equal settings (the config but
+    its sections in `ignore`, the budget, the named files)."""
+    built = get_method(config, budget)
+    try:
+        key = ('state', state_key(built))
+    except _Opaque:
+        key = ('settings', settings_key(config, ignore), budget)
+    return _METHODS.get(key, lambda: built)
 
 
 def optimizer(optim_cfg, steps_per_epoch, total_steps, global_batch=None, freeze=()):
