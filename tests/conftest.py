@@ -121,3 +121,22 @@ def pytest_collection_modifyitems(items):
         return next((i for i, prefix in enumerate(SLOWEST_FIRST) if nodeid.startswith(prefix)),
                     len(SLOWEST_FIRST))
     items.sort(key=rank)  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """Under `-n N --dist loadgroup` (pytest.ini), pytest-xdist names each grouped test's group
+    by appending '@group' to the test's node id (`Item._nodeid`), and schedules each group on
+    one worker. pytest 9.2 keeps node ids elsewhere (`Item._id`), so with pytest-xdist 3.8 no
+    test is grouped and every group's expensive fixture (SHARED_FIXTURES) is built once per
+    worker: minutes slower, silently. setup.py's test extras keep pytest below 9.2; a pytest
+    outside them stops here, saying what to install."""
+    if getattr(config.option, 'dist', 'no') != 'loadgroup' or not getattr(
+            config.option, 'numprocesses', None):
+        return
+    from _pytest import nodes
+    if '_nodeid' not in getattr(nodes.Node, '__slots__', ()):
+        from importlib import metadata
+        raise pytest.UsageError(
+            f'pytest {pytest.__version__} with pytest-xdist {metadata.version("pytest-xdist")} '
+            'does not group tests under --dist loadgroup (each shared fixture would be built '
+            "on every worker); install the test extras' range: pip install -e '.[test]'")
