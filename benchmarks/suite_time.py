@@ -89,7 +89,8 @@ def main():
     out['returncode'] = proc.returncode
     lines = proc.stdout.splitlines()
     out['summary'] = next((line.strip('= ') for line in reversed(lines)
-                           if ' passed' in line or ' failed' in line), lines[-1:] or '')
+                           if ' passed' in line or ' failed' in line),
+                          lines[-1] if lines else '')
     per_test, per_module = collections.Counter(), collections.Counter()
     for line in lines:
         m = DURATION.match(line)
