@@ -74,6 +74,13 @@ class FakeGcs:
         out = self._request('GET', f'/storage/v1/b/{bucket}/o?prefix={quote(prefix)}')
         return sorted(o['name'] for o in out.get('items', []))
 
+    def read(self, bucket, name):
+        """The bytes of object `name`, through the server's own API (not jaxad's code)."""
+        from urllib.parse import quote
+        with urllib.request.urlopen(f'{self.url}/storage/v1/b/{bucket}/o/'
+                                    f'{quote(name, safe="")}?alt=media', timeout=10) as r:
+            return r.read()
+
     def stop(self):
         if self._proc.poll() is None:
             self._proc.terminate()

@@ -1,5 +1,6 @@
 """The notebooks in colabs/ run top to bottom (CPU, tiny settings), in a fresh kernel."""
 import csv
+import io
 import json
 import os
 import subprocess
@@ -134,46 +135,13 @@ def test_notebooks_are_stored_clean():
                 assert cell.outputs == [] and cell.execution_count is None, (name, cell.source)
 
 
-def test_quickstart_runs_on_cpu(tmp_path, monkeypatch):
-    _kernel_env(monkeypatch, XLA_CACHE_DIR)
-    work = tmp_path / 'work'
-    work.mkdir()
-    path = _with_parameters(os.path.join(REPO, 'colabs', 'quickstart.ipynb'), QUICKSTART_TINY,
-                            tmp_path / 'quickstart_tiny.ipynb')
-    nb = execute_notebook(path, work, tmp_path)
-    errors = [out for c in nb.cells for out in c.get('outputs', []) if out.output_type == 'error']
-    assert not errors, errors
-
-    run = work / 'quickstart_tiny'
-    results = json.loads((run / 'results.json').read_text())
-    assert 0 <= results['image_AUROC'] <= 1 and results['threshold']['rule'] == 'normal_quantile'
-    for plot in ('roc.png', 'score_hist.png'):
-        assert (run / 'plots' / plot).stat().st_size > 1000
-    plot_cell = next(c for c in nb.cells if 'score_hist.png' in c.source)
-    assert sum('image/png' in out.get('data', {}) for out in plot_cell.outputs) == 2
-    assert 'image_AUROC' in _outputs_text(next(c for c in nb.cells if 'format_table' in c.source))
-
-    # Predict: 3 normal + 3 anomalous digits scored with the calibrated threshold, the
-    # broken file skipped and reported.
-    with open(run / 'predictions' / 'predictions.csv', newline='') as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and {r['threshold_rule'] for r in rows} == {'normal_quantile'}
-    assert {r['is_anomaly'] for r in rows} <= {'True', 'False'}
-    prediction = json.loads((run / 'predictions' / 'predictions.json').read_text())
-    assert [os.path.basename(s['path']) for s in prediction['skipped']] == ['broken.png']
-    predict_cell = next(c for c in nb.cells if 'predict.predict(' in c.source)
-    assert 'broken.png' in _outputs_text(predict_cell)
-
-    # Export: the artifact scored the same files as predict (the cell asserts it).
-    assert (run / 'export' / 'score_fn.jax_export').is_file()
-    assert 'largest |exported - predict|' in _outputs_text(
-        next(c for c in nb.cells if 'export.load(' in c.source))
-
-
-def test_quickstart_with_a_gcs_workdir(tmp_path, monkeypatch):
-    """The quickstart with `WORKDIR_ROOT = 'gs://...'` (what a Colab user sets so that a
-    disconnect loses at most the last checkpoint), against a real GCS server on loopback:
-    the run, its plots, predictions and export all live in the bucket."""
+def test_quickstart_runs_on_cpu_with_a_gcs_workdir(tmp_path, monkeypatch):
+    """The quickstart at its tiny CPU settings, with `WORKDIR_ROOT = 'gs://...'` (what a Colab
+    user sets so that a disconnect loses at most the last checkpoint) against a real GCS
+    server on loopback: every cell runs; the run, its plots, predictions and export all live
+    in the bucket, nothing on the local disk. A local WORKDIR_ROOT changes only the
+    notebook's one line that builds the path; every file goes through `jaxad.storage` either
+    way (tests/test_gcs.py checks that gs:// runs equal local ones)."""
     from tests.gcs import FakeGcs
     _kernel_env(monkeypatch, XLA_CACHE_DIR)
     server = FakeGcs()
@@ -189,12 +157,38 @@ def test_quickstart_with_a_gcs_workdir(tmp_path, monkeypatch):
         nb = execute_notebook(path, work, tmp_path)
         errors = [o for c in nb.cells for o in c.get('outputs', []) if o.output_type == 'error']
         assert not errors, errors
-        objects = server.objects('colab-runs', 'runs/quickstart_tiny/')
+        run = 'runs/quickstart_tiny'
+        objects = server.objects('colab-runs', f'{run}/')
         for name in ('results.json', 'plots/roc.png', 'predictions/predictions.csv',
-                     'export/export_meta.json'):
-            assert f'runs/quickstart_tiny/{name}' in objects, name
+                     'export/export_meta.json', 'export/score_fn.jax_export'):
+            assert f'{run}/{name}' in objects, name
         assert not (work / 'quickstart_tiny').exists()
+
+        def read(name):
+            return server.read('colab-runs', f'{run}/{name}')
+
+        results = json.loads(read('results.json'))
+        assert 0 <= results['image_AUROC'] <= 1
+        assert results['threshold']['rule'] == 'normal_quantile'
+        for plot in ('roc.png', 'score_hist.png'):
+            assert len(read(f'plots/{plot}')) > 1000
         plot_cell = next(c for c in nb.cells if 'score_hist.png' in c.source)
         assert sum('image/png' in out.get('data', {}) for out in plot_cell.outputs) == 2
+        assert 'image_AUROC' in _outputs_text(
+            next(c for c in nb.cells if 'format_table' in c.source))
+
+        # Predict: 3 normal + 3 anomalous digits scored with the calibrated threshold, the
+        # broken file skipped and reported.
+        rows = list(csv.DictReader(io.StringIO(read('predictions/predictions.csv').decode())))
+        assert len(rows) == 6 and {r['threshold_rule'] for r in rows} == {'normal_quantile'}
+        assert {r['is_anomaly'] for r in rows} <= {'True', 'False'}
+        prediction = json.loads(read('predictions/predictions.json'))
+        assert [os.path.basename(s['path']) for s in prediction['skipped']] == ['broken.png']
+        predict_cell = next(c for c in nb.cells if 'predict.predict(' in c.source)
+        assert 'broken.png' in _outputs_text(predict_cell)
+
+        # Export: the artifact scored the same files as predict (the cell asserts it).
+        assert 'largest |exported - predict|' in _outputs_text(
+            next(c for c in nb.cells if 'export.load(' in c.source))
     finally:
         server.stop()
