@@ -156,22 +156,10 @@ def test_run_on_gcs_equals_local_then_eval_predict_calibrate_export(cli, local_r
     cli.run('--mode=eval', f'--workdir={url}', log=log, npz=f'gs://{BUCKET}/data/tiny.npz')
     assert_same_results(json.loads(cli.read(f'{url}/results.json')), reference)
 
+    # gs:// through the command line; the local reference through the same functions in one
+    # process set up as the command line's (the CLI modes call exactly these).
     cli.run('--mode=predict', f'--workdir={url}', f'--input=gs://{BUCKET}/inputs', log=log)
-    cli.run('--mode=predict', f'--workdir={local_run}', f'--input={cli.base / "inputs"}',
-            log=log)
-    remote = json.loads(cli.read(f'{url}/predictions/predictions.json'))
-    local = json.loads((local_run / 'predictions' / 'predictions.json').read_text())
-    assert [r['pred_score'] for r in remote['images']] == \
-        [r['pred_score'] for r in local['images']]
-    assert len(remote['images']) == 4
-    assert cli.read(f'{url}/predictions/predictions.csv').decode().count('\n') == 5
-
     cli.run('--mode=calibrate', f'--workdir={url}', f'--input=gs://{BUCKET}/inputs', log=log)
-    cli.run('--mode=calibrate', f'--workdir={local_run}', f'--input={cli.base / "inputs"}',
-            log=log)
-    assert json.loads(cli.read(f'{url}/threshold.json'))['value'] == \
-        json.loads((local_run / 'threshold.json').read_text())['value']
-
     cli.run('--mode=export', f'--workdir={url}', log=log)
     assert f'run/export/export_meta.json' in gcs.objects(BUCKET, 'run/export/')
     score = ('import json, sys, numpy as np; from jaxad import export; '
@@ -180,11 +168,37 @@ def test_run_on_gcs_equals_local_then_eval_predict_calibrate_export(cli, local_r
     remote = subprocess.run([sys.executable, '-c', score, f'{url}/export', str(cli.npz)],
                             env=cli.env, capture_output=True, text=True, timeout=300)
     assert remote.returncode == 0, remote.stderr[-3000:]
-    cli.run('--mode=export', f'--workdir={local_run}', log=log)
-    local = subprocess.run([sys.executable, '-c', score, str(local_run / 'export'),
-                            str(cli.npz)], env=cli.env, capture_output=True, text=True,
-                           timeout=300)
-    assert json.loads(remote.stdout.splitlines()[-1]) == json.loads(local.stdout.splitlines()[-1])
+    local = subprocess.run([sys.executable, '-c', LOCAL_REFERENCE, str(local_run),
+                            str(cli.base / 'inputs'), str(cli.npz)],
+                           env=cli.env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr[-3000:]
+    local = json.loads(local.stdout.splitlines()[-1])
+
+    predictions = json.loads(cli.read(f'{url}/predictions/predictions.json'))
+    assert [r['pred_score'] for r in predictions['images']] == local['pred_score']
+    assert len(predictions['images']) == 4
+    assert cli.read(f'{url}/predictions/predictions.csv').decode().count('\n') == 5
+    assert json.loads(cli.read(f'{url}/threshold.json'))['value'] == local['threshold']
+    assert json.loads(remote.stdout.splitlines()[-1]) == local['exported']
+
+
+# The local side of the test above in one process: predict, calibrate, export and the
+# exported scorer, as `--mode=predict|calibrate|export` and the scoring command run them.
+LOCAL_REFERENCE = """
+import json, sys
+import numpy as np
+from jaxad import export, predict
+workdir, inputs, npz = sys.argv[1:]
+prediction = predict.predict(workdir, inputs)
+predict.calibrate(workdir, inputs)
+export.export_run(workdir)
+artifact = export.load(workdir + '/export')
+exported = artifact.score(np.load(npz)['test_images'])[artifact.headline_score]
+with open(workdir + '/threshold.json') as f:
+    threshold = json.load(f)['value']
+print(json.dumps({'pred_score': [r['pred_score'] for r in prediction['images']],
+                  'threshold': threshold, 'exported': np.asarray(exported).tolist()}))
+"""
 
 
 def _wait_for_object(gcs, name, proc, log, timeout=240):
