@@ -18,12 +18,18 @@ it as CI installs them before the tests (torch for the reference tests, the tfds
 `extras_s`, not part of the README's command): the tests run with CI=true, where a missing
 reference package fails instead of skipping.
 
+With --cost, benchmarks/suite_cost_plugin.py records each test's CPU seconds (its worker's
+and its subprocesses') and its worker's jax tracing, lowering and XLA compile seconds, with
+how many programs were compiled and how many of them were small (an eagerly run op compiles
+as a program of its own); the output gains `cost`: those totals and the costliest modules.
+
 On a 2-core machine the suite is CPU-bound (pytest's two workers and their subprocesses keep
 both cores busy), so `cpu_s` is the figure to compare between commits; the wall time also
 moves with the machine's load.
 """
 import argparse
 import collections
+import glob
 import json
 import os
 import re
@@ -31,6 +37,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,6 +58,22 @@ def pip_install(python, specs):
     subprocess.run([python, '-m', 'pip', 'install', '-q', *specs], cwd=REPO, check=True)
 
 
+def summarize_cost(directory, top):
+    """Totals of suite_cost_plugin.py's per-test lines, and the `top` costliest modules."""
+    rows = [json.loads(line) for path in glob.glob(os.path.join(directory, '*.jsonl'))
+            for line in open(path)]
+    keys = ('cpu_s', 'children_cpu_s', 'trace_s', 'lower_s', 'compile_s', 'compiles',
+            'small_compiles', 'small_compile_s')
+    totals = {k: round(sum(r[k] for r in rows), 3) for k in keys}
+    modules = collections.defaultdict(collections.Counter)
+    for r in rows:
+        modules[r['test'].split('::')[0]].update({k: r[k] for k in keys})
+    costliest = sorted(modules, key=lambda m: -(modules[m]['cpu_s']
+                                                + modules[m]['children_cpu_s']))[:top]
+    return {'tests': len(rows), 'totals': totals,
+            'modules': {m: {k: round(modules[m][k], 3) for k in keys} for m in costliest}}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--venv', default='', help='time a fresh venv install here first')
@@ -60,6 +83,8 @@ def main():
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--top', type=int, default=25)
     parser.add_argument('--pytest_args', default='tests')
+    parser.add_argument('--cost', action='store_true',
+                        help='record per-test CPU and jax compile work (suite_cost_plugin.py)')
     args = parser.parse_args()
 
     out = {'commit': subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
@@ -72,12 +97,18 @@ def main():
             t0 = time.time()
             pip_install(python, args.extras.split())
             out['extras_s'] = round(time.time() - t0, 1)
+    env, plugin, cost_dir = dict(os.environ, CI='true'), [], None
+    if args.cost:
+        cost_dir = tempfile.mkdtemp(prefix='jaxad-suite-cost-')
+        env['JAXAD_SUITE_COST_DIR'] = cost_dir
+        env['PYTHONPATH'] = os.pathsep.join(
+            p for p in (os.path.join(REPO, 'benchmarks'), env.get('PYTHONPATH')) if p)
+        plugin = ['-p', 'suite_cost_plugin']
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.run(
-        [python, '-m', 'pytest', '-q', '-n', str(args.workers), '--durations=0',
-         *args.pytest_args.split()], cwd=REPO, env=dict(os.environ, CI='true'),
-        capture_output=True, text=True)
+        [python, '-m', 'pytest', '-q', '-n', str(args.workers), '--durations=0', *plugin,
+         *args.pytest_args.split()], cwd=REPO, env=env, capture_output=True, text=True)
     out['wall_s'] = round(time.time() - t0, 1)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     out['cpu_user_s'] = round(after.ru_utime - before.ru_utime, 1)
@@ -101,6 +132,9 @@ def main():
     out['summed_test_s'] = round(sum(per_module.values()), 1)
     out['modules'] = {k: round(v, 1) for k, v in per_module.most_common()}
     out['slowest'] = {k: round(v, 1) for k, v in per_test.most_common(args.top)}
+    if cost_dir:
+        out['cost'] = summarize_cost(cost_dir, args.top)
+        shutil.rmtree(cost_dir, ignore_errors=True)
     print(json.dumps(out))
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-2000:])
