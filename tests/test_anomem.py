@@ -268,6 +268,7 @@ def test_one_class_table_with_anomaly_maps(npz, tmp_path):
     image metrics, which every member gets for its image scores."""
     config = anomem_config(npz)
     jc.set_normal_classes(config, '0,1')
+    config.table.stack_mode = 'vmap'  # one model's compile for both (unroll: 2x)
     results = train.train_and_evaluate(config, str(tmp_path))
     assert [r['name'] for r in results['classes']] == ['0', '1']
     for r in results['classes']:

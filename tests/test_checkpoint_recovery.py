@@ -297,6 +297,7 @@ def test_table_group_survives_damaged_state_and_scoring(npz, tmp_path):
     def table_config():
         c = tiny_config(npz, total_steps=4)
         c.table.classes, c.data.normal_classes = '0,1', ()
+        c.table.stack_mode = 'vmap'  # recovery is under test: one model's compile (unroll: 2x)
         return c
     reference = tmp_path / 'reference'
     expected = train.train_and_evaluate(table_config(), str(reference))

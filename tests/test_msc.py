@@ -316,6 +316,7 @@ def test_table_members_get_their_own_centres(npz, tmp_path):
     """normal_class=0,1: each stacked member's centre is its own class's initial mean."""
     config = msc_config(npz, total_steps=2)
     config.table.classes, config.data.normal_classes = '0,1', ()
+    config.table.stack_mode = 'vmap'  # one model's compile for both (unroll: 2x)
     results = train.train_and_evaluate(config, str(tmp_path))
     assert len(results['classes']) == 2
     state = latest_state(str(tmp_path / 'groups' / 'classes_0_1'))
