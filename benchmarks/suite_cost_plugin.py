@@ -29,8 +29,8 @@ SMALL_S = 0.08
 _EVENTS = {'/jax/core/compile/jaxpr_trace_duration': 'trace_s',
            '/jax/core/compile/jaxpr_to_mlir_module_duration': 'lower_s',
            '/jax/core/compile/backend_compile_duration': 'compile_s'}
-_totals = dict.fromkeys(('trace_s', 'lower_s', 'compile_s', 'compiles', 'small_compiles',
-                         'small_compile_s'), 0.0)
+_totals = {'trace_s': 0.0, 'lower_s': 0.0, 'compile_s': 0.0, 'compiles': 0,
+           'small_compiles': 0, 'small_compile_s': 0.0}
 
 
 def _listener(event, duration, **_):

@@ -101,8 +101,12 @@ def main():
     if args.cost:
         cost_dir = tempfile.mkdtemp(prefix='jaxad-suite-cost-')
         env['JAXAD_SUITE_COST_DIR'] = cost_dir
-        env['PYTHONPATH'] = os.pathsep.join(
-            p for p in (os.path.join(REPO, 'benchmarks'), env.get('PYTHONPATH')) if p)
+        # the plugin alone on the path (every test subprocess inherits it), not benchmarks/
+        plugin_dir = os.path.join(cost_dir, 'plugin')
+        os.mkdir(plugin_dir)
+        os.symlink(os.path.join(REPO, 'benchmarks', 'suite_cost_plugin.py'),
+                   os.path.join(plugin_dir, 'suite_cost_plugin.py'))
+        env['PYTHONPATH'] = os.pathsep.join(p for p in (plugin_dir, env.get('PYTHONPATH')) if p)
         plugin = ['-p', 'suite_cost_plugin']
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()

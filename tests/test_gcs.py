@@ -80,12 +80,7 @@ class Cli:
 
     def read(self, url):
         """Bytes of object `url` through the server's own API (not jaxad's code)."""
-        bucket, name = url[len('gs://'):].split('/', 1)
-        from urllib.parse import quote
-        with __import__('urllib.request').request.urlopen(
-                f'{self.server.url}/storage/v1/b/{bucket}/o/{quote(name, safe="")}?alt=media',
-                timeout=10) as r:
-            return r.read()
+        return self.server.read(*url[len('gs://'):].split('/', 1))
 
     def write(self, url, data):
         bucket, name = url[len('gs://'):].split('/', 1)

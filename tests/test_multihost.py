@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from tests.helpers import XLA_CACHE_DIR
 from tests.test_kill import committed_steps, wait_for
-from tests.test_preemption import LINE, WRAPPER, logged_steps
+from tests.test_preemption import WRAPPER, logged_steps, the_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Room for the first run to stop mid-way (signal to exit takes up to ~5 of its 1.5 s steps),
@@ -81,9 +81,6 @@ class Run:
         with open(self.err_path) as f:
             return f.read()
 
-    def output(self):
-        return self.stdout() + self.stderr()
-
     def report(self):
         return (f'--- {self.name}: exit {self.proc.returncode}\n--- stdout:\n{self.stdout()[-3000:]}'
                 f'\n--- stderr:\n{self.stderr()[-6000:]}')
@@ -111,13 +108,6 @@ def start_two_processes(name, workdir, env, log_dir, extra=(), program=('-m', 'j
                                    f'--coordinator_address={address}', '--num_processes=2',
                                    f'--process_id={pid}'], env, log_dir, program)
             for pid in (0, 1)]
-
-
-def the_line(run):
-    """The one 'jaxad: preempted ...' line of a run's output."""
-    lines = LINE.findall(run.output())
-    assert len(lines) == 1, run.report()
-    return lines[0]
 
 
 def read_metrics(workdir):
@@ -202,7 +192,7 @@ def test_two_processes_match_one_process_two_devices_through_a_preemption(tmp_pa
         match = re.fullmatch(
             rf'jaxad: preempted \(SIGTERM to a process of this 2-process run\) at step (\d+) '
             rf'of {STEPS}; saved checkpoint step \1 in {re.escape(str(directory))}\. Rerun '
-            r'the same command to resume\.', the_line(r))
+            r'the same command to resume\.', the_line(Path(r.err_path)))
         assert match, reports
         stopped.append(int(match.group(1)))
     step = stopped[0]
@@ -221,8 +211,8 @@ def test_two_processes_match_one_process_two_devices_through_a_preemption(tmp_pa
                                   extra=['--config.data.on_device=true'], program=[str(wrapper)])
     wait_all(resumed)
     for r in resumed:
-        assert f'resuming from {directory} step {step}' in r.output(), r.report()
-        assert 'training images on the devices' in r.output(), r.report()
+        assert f'resuming from {directory} step {step}' in r.stderr(), r.report()
+        assert 'training images on the devices' in r.stderr(), r.report()
     assert_same_metrics(read_metrics(multi_dir), want)
     assert_same_results(read_results(multi_dir), read_results(single_dir))
     assert sorted(os.listdir(multi_dir)) == ['checkpoints', 'config.json', 'fingerprint.json',

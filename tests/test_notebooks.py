@@ -183,6 +183,9 @@ def test_quickstart_runs_on_cpu_with_a_gcs_workdir(tmp_path, monkeypatch):
         assert len(rows) == 6 and {r['threshold_rule'] for r in rows} == {'normal_quantile'}
         assert {r['is_anomaly'] for r in rows} <= {'True', 'False'}
         prediction = json.loads(read('predictions/predictions.json'))
+        threshold = prediction['threshold']  # is_anomaly: the threshold's score >= its value
+        assert [r['is_anomaly'] for r in prediction['images']] == \
+            [r[threshold['score']] >= threshold['value'] for r in prediction['images']]
         assert [os.path.basename(s['path']) for s in prediction['skipped']] == ['broken.png']
         predict_cell = next(c for c in nb.cells if 'predict.predict(' in c.source)
         assert 'broken.png' in _outputs_text(predict_cell)
