@@ -23,7 +23,6 @@ Two AUPRO definitions are in use and give different numbers:
     Use it only to compare with numbers printed by the ReContrast/RD4AD scripts.
 """
 import numpy as np
-from scipy import ndimage
 
 from jaxad import metrics
 
@@ -104,6 +103,9 @@ def _regions(masks):
     Yields (image index, label image, number of components, component sizes indexed by label)
     for the images that contain anomalous pixels.
     """
+    # Imported here: scipy.ndimage takes 0.2 s to import, and only pixel-level runs need it
+    # (every command line imports this module through jaxad.evaluate).
+    from scipy import ndimage
     for i in range(masks.shape[0]):
         if masks[i].any():
             lab, n = ndimage.label(masks[i], structure=_STRUCTURE)
