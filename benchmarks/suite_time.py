@@ -1,7 +1,7 @@
 """How long the README's test command takes, and where the time goes.
 
     python benchmarks/suite_time.py [--venv=/tmp/fresh_venv [--extras='torch==2.13.0 -e .[tfds]']]
-        [--workers=2] [--top=25] [--pytest_args='tests']
+        [--workers=2] [--top=25] [--pytest_args='tests'] [--cost] [--calibrate]
 
 Runs `python -m pytest -q -n WORKERS --durations=0 tests` from the repository root (with
 CI=true, as CI runs it) and prints one JSON object: the wall time, the CPU seconds of
@@ -26,6 +26,14 @@ as a program of its own); the output gains `cost`: those totals and the costlies
 On a 2-core machine the suite is CPU-bound (pytest's two workers and their subprocesses keep
 both cores busy), so `cpu_s` is the figure to compare between commits; the wall time also
 moves with the machine's load.
+
+The machine's own speed moves too: on the 2-core VM the same tests took 1575 CPU-s in one run
+and 1970 in another 80 minutes later (9bf0cd3 and 31225fe, which differ by one lazy import),
+XLA's compile time 325 s against 424 s. With --calibrate a fixed jax workload (CALIBRATION:
+trace, lower, compile and run five small conv nets, no compilation cache, the tests' cheap
+compile flags) runs in the tests' Python before and after the tests, and `calibration_cpu_s`
+gives its CPU seconds: compare runs by `cpu_s / calibration_cpu_s`, or rerun when the two
+calibrations disagree.
 """
 import argparse
 import collections
@@ -58,6 +66,41 @@ def pip_install(python, specs):
     subprocess.run([python, '-m', 'pip', 'install', '-q', *specs], cwd=REPO, check=True)
 
 
+# Independent of jaxad's code, so it measures the machine, not the commit.
+CALIBRATION = r'''
+import resource
+import jax
+import jax.numpy as jnp
+
+
+def net(params, x, scale):
+    for w in params:
+        x = jax.nn.relu(jax.lax.conv_general_dilated(
+            x, w, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+    return jnp.mean(x ** 2) * scale
+
+
+params = [jax.random.normal(k, (3, 3, 8, 8)) * 0.3
+          for k in jax.random.split(jax.random.key(0), 12)]
+x = jnp.ones((8, 16, 16, 8))
+start = resource.getrusage(resource.RUSAGE_SELF)
+for scale in (1.0, 2.0, 3.0, 4.0, 5.0):  # a distinct program each time: traced and compiled afresh
+    step = jax.jit(jax.value_and_grad(lambda p, x, s=scale: net(p, x, s)))
+    jax.block_until_ready(step(params, x))
+end = resource.getrusage(resource.RUSAGE_SELF)
+print(end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime)
+'''
+
+
+def calibrate(python):
+    """CPU seconds of CALIBRATION in `python` (a fresh process, no compilation cache)."""
+    env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_ENABLE_COMPILATION_CACHE='false',
+               XLA_FLAGS='--xla_backend_optimization_level=0')
+    proc = subprocess.run([python, '-c', CALIBRATION], capture_output=True, text=True,
+                          env=env, cwd=tempfile.gettempdir(), check=True)
+    return round(float(proc.stdout.split()[-1]), 2)
+
+
 def summarize_cost(directory, top):
     """Totals of suite_cost_plugin.py's per-test lines, and the `top` costliest modules."""
     rows = [json.loads(line) for path in glob.glob(os.path.join(directory, '*.jsonl'))
@@ -85,6 +128,8 @@ def main():
     parser.add_argument('--pytest_args', default='tests')
     parser.add_argument('--cost', action='store_true',
                         help='record per-test CPU and jax compile work (suite_cost_plugin.py)')
+    parser.add_argument('--calibrate', action='store_true',
+                        help='time a fixed jax workload before and after the tests')
     args = parser.parse_args()
 
     out = {'commit': subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
@@ -108,6 +153,7 @@ def main():
                    os.path.join(plugin_dir, 'suite_cost_plugin.py'))
         env['PYTHONPATH'] = os.pathsep.join(p for p in (plugin_dir, env.get('PYTHONPATH')) if p)
         plugin = ['-p', 'suite_cost_plugin']
+    calibration = [calibrate(python)] if args.calibrate else []
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.run(
@@ -118,6 +164,8 @@ def main():
     out['cpu_user_s'] = round(after.ru_utime - before.ru_utime, 1)
     out['cpu_sys_s'] = round(after.ru_stime - before.ru_stime, 1)
     out['cpu_s'] = round(out['cpu_user_s'] + out['cpu_sys_s'], 1)
+    if calibration:
+        out['calibration_cpu_s'] = {'before': calibration[0], 'after': calibrate(python)}
     if 'install_s' in out:
         out['install_s'] = round(out['install_s'], 1)
         out['total_s'] = round(out['install_s'] + out['wall_s'], 1)

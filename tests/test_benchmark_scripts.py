@@ -166,16 +166,20 @@ def test_feature_knn_throughput_reports_features_and_bank_scoring():
 def test_suite_time_reports_wall_cpu_and_modules():
     """benchmarks/suite_time.py on a small test file (27 tests) and one jax test: its pass line,
     per-module and per-test times (from --durations), the CPU seconds of pytest's processes,
-    and with --cost each test's CPU and jax work (suite_cost_plugin.py): the jax test's
-    eagerly run ops are small XLA compiles, the NumPy-only file compiles nothing."""
+    with --calibrate the fixed workload's CPU seconds before and after, and with --cost each
+    test's CPU and jax work (suite_cost_plugin.py): the jax test's eagerly run ops are small
+    XLA compiles, the NumPy-only file compiles nothing."""
     jax_test = 'tests/test_losses.py::test_ntxent_without_eps_is_simclr'
     report, = _run(['benchmarks/suite_time.py', '--workers=1', '--top=3', '--cost',
-                    f'--pytest_args=tests/test_metrics.py {jax_test}'])
+                    '--calibrate', f'--pytest_args=tests/test_metrics.py {jax_test}'])
     assert report['returncode'] == 0 and report['summary'].startswith('28 passed'), report
     assert sorted(report['modules']) == ['tests/test_losses.py', 'tests/test_metrics.py']
     assert 0 < report['summed_test_s'] <= report['wall_s']
     assert len(report['slowest']) == 3
     assert report['cpu_s'] >= report['cpu_user_s'] > 0
+    # the fixed workload ran before and after the tests: a CPU time each
+    assert sorted(report['calibration_cpu_s']) == ['after', 'before']
+    assert all(t > 0 for t in report['calibration_cpu_s'].values())
     cost = report['cost']
     assert cost['tests'] == 28 and 0 < cost['totals']['cpu_s'] <= report['cpu_s']
     losses = cost['modules']['tests/test_losses.py']
