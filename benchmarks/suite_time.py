@@ -30,10 +30,10 @@ moves with the machine's load.
 The machine's own speed moves too: on the 2-core VM the same tests took 1575 CPU-s in one run
 and 1970 in another 80 minutes later (9bf0cd3 and 31225fe, which differ by one lazy import),
 XLA's compile time 325 s against 424 s. With --calibrate a fixed jax workload (CALIBRATION:
-trace, lower, compile and run five small conv nets, no compilation cache, the tests' cheap
-compile flags) runs in the tests' Python before and after the tests, and `calibration_cpu_s`
-gives its CPU seconds: compare runs by `cpu_s / calibration_cpu_s`, or rerun when the two
-calibrations disagree.
+trace, lower, compile and run five small conv nets, no compilation cache, XLA:CPU's unoptimised
+backend as in the tests) runs in the tests' Python before and after the tests, and
+`calibration_cpu_s` gives its CPU seconds: compare runs by `cpu_s / calibration_cpu_s`, or
+rerun when the two calibrations disagree.
 """
 import argparse
 import collections
@@ -84,7 +84,7 @@ params = [jax.random.normal(k, (3, 3, 8, 8)) * 0.3
           for k in jax.random.split(jax.random.key(0), 12)]
 x = jnp.ones((8, 16, 16, 8))
 start = resource.getrusage(resource.RUSAGE_SELF)
-for scale in (1.0, 2.0, 3.0, 4.0, 5.0):  # a distinct program each time: traced and compiled afresh
+for scale in (1.0, 2.0, 3.0, 4.0, 5.0):  # a distinct program each: traced, compiled afresh
     step = jax.jit(jax.value_and_grad(lambda p, x, s=scale: net(p, x, s)))
     jax.block_until_ready(step(params, x))
 end = resource.getrusage(resource.RUSAGE_SELF)
