@@ -99,6 +99,21 @@ def _msc(tmp, seed):
     return c
 
 
+def _quickstart_notebook(tmp, seed):
+    """The config colabs/quickstart.ipynb builds with the test's injected tiny settings
+    (tests/test_notebooks.py: QUICKSTART_TINY), on one device as the notebook's kernel has."""
+    from launch import sweep
+    from tests import test_notebooks
+    tiny = {}
+    exec(test_notebooks.QUICKSTART_TINY, tiny)
+    c = sweep.apply_overrides(
+        sweep.get_config(f"{sweep.repo_file(tiny['CONFIG_FILE'])}:{tiny['CONFIG_ARG']}"),
+        tiny['OVERRIDES'])
+    c.num_devices = 1
+    c.seed = seed
+    return c
+
+
 # --------------------------------------------------------------------------------- extras
 # (config, workdir, results) -> {metric: value}, beyond the results' own metrics.
 
@@ -179,9 +194,16 @@ REGISTRY = {
         build=_recontrast, seeds=(0, 1, 2, 111),
         metrics=[_auroc('image_AUROC', 0.85), _auroc('pixel_AUROC', 0.85),
                  _auroc('AUPRO', 0.5)]),
+    # No floor: 4 steps of a width-4 network do not beat the untrained state (the test
+    # checks that the notebook runs; the AUROC must only be a number in [0, 1]).
+    'quickstart_notebook': dict(
+        test='tests/test_notebooks.py::test_quickstart_runs_on_cpu_with_a_gcs_workdir',
+        build=_quickstart_notebook, seeds=(0, 1, 2, 3), separates=False,
+        metrics=[_auroc('image_AUROC', 0.0)]),
 }
 # Cheapest first (the order --tests defaults to).
-ORDER = ('mcl', 'msc', 'oecl', 'self_oecl', 'csi', 'anomem_few', 'recontrast')
+ORDER = ('mcl', 'msc', 'oecl', 'self_oecl', 'csi', 'anomem_few', 'quickstart_notebook',
+         'recontrast')
 for _name, _spec in REGISTRY.items():
     _spec.setdefault('modes', ('trained', 'untrained'))
     _spec.setdefault('test_seed', 0)

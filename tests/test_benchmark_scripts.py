@@ -104,6 +104,7 @@ def test_e2e_floors_lists_every_floor_test_it_measures():
     assert floors['csi'] == [0.85] and floors['recontrast'] == [0.85, 0.85, 0.5]
     assert floors['anomem_few'] == [0.75] and floors['mcl'] == [0.9, 0.8]
     assert (floors['oecl'], floors['self_oecl'], floors['msc']) == ([0.85], [0.9], [0.9, 1e-3])
+    assert floors['quickstart_notebook'] == [0.0]  # no floor (tests/test_notebooks.py)
 
 
 def test_compare_commits_window_rate(tmp_path):

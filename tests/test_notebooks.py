@@ -168,7 +168,13 @@ def test_quickstart_runs_on_cpu_with_a_gcs_workdir(tmp_path, monkeypatch):
             return server.read('colab-runs', f'{run}/{name}')
 
         results = json.loads(read('results.json'))
-        assert 0 <= results['image_AUROC'] <= 1
+        # A number, and no floor: these 4 steps of a width-4 ResNet-10 do not beat the
+        # untrained state. `python benchmarks/e2e_floors.py --tests=quickstart_notebook`
+        # (2026-12-07, the suite's flags, one device as in the kernel), image_AUROC for
+        # seeds 0 (the notebook's) / 1 / 2 / 3: trained 0.379 / 0.381 / 0.449 / 0.335,
+        # untrained 0.647 / 0.508 / 0.277 / 0.317. Learning is checked by each method's
+        # end-to-end test; the notebook's real run is the paper config on an accelerator.
+        assert 0 <= results['image_AUROC'] <= 1  # NaN fails too
         assert results['threshold']['rule'] == 'normal_quantile'
         for plot in ('roc.png', 'score_hist.png'):
             assert len(read(f'plots/{plot}')) > 1000
