@@ -29,13 +29,17 @@ from tests.test_preemption import WRAPPER, logged_steps, the_line
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Room for the first run to stop mid-way (signal to exit takes up to ~5 of its 1.5 s steps),
 # and few enough steps that the two runs' float32 sums (Gloo's against XLA's all-reduce)
-# stay within 1e-5: at 12 steps the gradient norm had drifted 1e-4 apart by step 9.
+# stay within 1e-5: at 12 steps (quickstart's width 16, batch 32) the gradient norm had
+# drifted 1e-4 apart by step 9.
 STEPS = 8
 CONFIG = ['--config=configs/quickstart.py:epochs=2', f'--config.total_steps={STEPS}',
           '--config.log_every=1', '--config.checkpoint.every_steps=4',
           '--config.eval.num_samples=1', '--config.eval.batch_size=64',
           '--config.model.name=resnet10',  # one block per stage: compiles fastest
-          '--config.data.image_size=8']  # digits' own size: a quarter of the work of 16x16
+          '--config.data.image_size=8',  # digits' own size: a quarter of the work of 16x16
+          # the tests' tiny network and batch (tests/helpers.py: tiny_config): a process
+          # took 20 CPU-s at quickstart's width 16 and batch 32, 7 CPU-s at these
+          '--config.model.width=4', '--config.model.proj_dim=8', '--config.batch_size=8']
 TIMEOUT_S = 420  # generous: a loaded 2-core CI machine compiles ResNet-18 three times
 COMPARED = ('loss', 'loss_cls', 'loss_con', 'grad_norm', 'lr')
 
