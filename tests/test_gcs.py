@@ -30,9 +30,13 @@ from tests.helpers import tiny_config
 
 
 def get_config(arg):
-    npz, _, mode = arg.partition('|')
-    c = tiny_config(npz, total_steps={steps}, log_every=1, tensorboard=True)
-    if mode == 'table':  # classes 0 and 1: one stack of two detectors
+    npz, _, modes = arg.partition('|')
+    modes = set(modes.split('+'))
+    # plots only where a test looks for them: they cost a matplotlib import and two figures,
+    # about 0.8 CPU-s per run
+    c = tiny_config(npz, total_steps={steps}, log_every=1, tensorboard=True,
+                    **{{'eval.plots': 'plots' in modes}})
+    if 'table' in modes:  # classes 0 and 1: one stack of two detectors
         c.table.classes, c.table.stack_size, c.data.normal_classes = '0,1', 2, ()
     return c
 '''
@@ -132,7 +136,8 @@ def test_run_on_gcs_equals_local_then_eval_predict_calibrate_export(cli, local_r
     work from the gs:// workdir alone and score as the local run does."""
     url = f'gs://{BUCKET}/run'
     log = cli.base / 'gcs.log'
-    cli.run(f'--workdir={url}', log=log, npz=f'gs://{BUCKET}/data/tiny.npz')
+    data = f'gs://{BUCKET}/data/tiny.npz|plots'  # the one run whose plots are checked
+    cli.run(f'--workdir={url}', log=log, npz=data)
     reference = json.loads((local_run / 'results.json').read_text())
     assert_same_results(json.loads(cli.read(f'{url}/results.json')), reference)
     assert not (cli.base / 'gs:').exists()  # nothing taken for a relative local path
@@ -148,7 +153,7 @@ def test_run_on_gcs_equals_local_then_eval_predict_calibrate_export(cli, local_r
     assert [json.loads(x)['loss'] for x in gcs_metrics] == \
         [json.loads(x)['loss'] for x in local_metrics]
 
-    cli.run('--mode=eval', f'--workdir={url}', log=log, npz=f'gs://{BUCKET}/data/tiny.npz')
+    cli.run('--mode=eval', f'--workdir={url}', log=log, npz=data)
     assert_same_results(json.loads(cli.read(f'{url}/results.json')), reference)
 
     # gs:// through the command line; the local reference through the same functions in one

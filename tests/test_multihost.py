@@ -40,7 +40,7 @@ CONFIG = ['--config=configs/quickstart.py:epochs=2', f'--config.total_steps={STE
           # the tests' tiny network and batch (tests/helpers.py: tiny_config): a process
           # took 20 CPU-s at quickstart's width 16 and batch 32, 7 CPU-s at these
           '--config.model.width=4', '--config.model.proj_dim=8', '--config.batch_size=8']
-TIMEOUT_S = 420  # generous: a loaded 2-core CI machine compiles ResNet-18 three times
+TIMEOUT_S = 420  # generous: a loaded 2-core CI machine compiles every program of three runs
 COMPARED = ('loss', 'loss_cls', 'loss_con', 'grad_norm', 'lr')
 
 
