@@ -8,6 +8,7 @@ them gets SIGTERM (tests/test_preemption.py for one process), and save a checkpo
 second two-process run resumes from.
 """
 import json
+import operator
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import orbax.checkpoint as ocp
 
-from tests.helpers import XLA_CACHE_DIR
+from tests.helpers import XLA_CACHE_DIR, tiny_config
 from tests.test_kill import committed_steps, wait_for
 from tests.test_preemption import WRAPPER, logged_steps, the_line
 
@@ -32,14 +33,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # stay within 1e-5: at 12 steps (quickstart's width 16, batch 32) the gradient norm had
 # drifted 1e-4 apart by step 9.
 STEPS = 8
+# Quickstart's digits with the tests' tiny network and batch (tests/helpers.py: tiny_config:
+# ResNet-10, width 4, 8x8 images, digits' own size): a process took 20 CPU-s at quickstart's
+# width 16 and batch 32, 7 CPU-s at these.
+_TINY = tiny_config('unused.npz')
 CONFIG = ['--config=configs/quickstart.py:epochs=2', f'--config.total_steps={STEPS}',
           '--config.log_every=1', '--config.checkpoint.every_steps=4',
           '--config.eval.num_samples=1', '--config.eval.batch_size=64',
-          '--config.model.name=resnet10',  # one block per stage: compiles fastest
-          '--config.data.image_size=8',  # digits' own size: a quarter of the work of 16x16
-          # the tests' tiny network and batch (tests/helpers.py: tiny_config): a process
-          # took 20 CPU-s at quickstart's width 16 and batch 32, 7 CPU-s at these
-          '--config.model.width=4', '--config.model.proj_dim=8', '--config.batch_size=8']
+          *(f'--config.{field}={operator.attrgetter(field)(_TINY)}' for field in (
+              'model.name', 'model.width', 'model.proj_dim', 'data.image_size', 'batch_size'))]
 TIMEOUT_S = 420  # generous: a loaded 2-core CI machine compiles every program of three runs
 COMPARED = ('loss', 'loss_cls', 'loss_con', 'grad_norm', 'lr')
 
