@@ -1,7 +1,7 @@
 """How long the README's test command takes, and where the time goes.
 
     python benchmarks/suite_time.py [--venv=/tmp/fresh_venv [--extras='torch==2.13.0 -e .[tfds]']]
-        [--workers=2] [--top=25] [--pytest_args='tests'] [--cost] [--calibrate]
+        [--workers=2] [--top=25] [--pytest_args='tests'] [--cost [--programs]] [--calibrate]
 
 Runs `python -m pytest -q -n WORKERS --durations=0 tests` from the repository root (with
 CI=true, as CI runs it) and prints one JSON object: the wall time, the CPU seconds of
@@ -21,7 +21,11 @@ reference package fails instead of skipping.
 With --cost, benchmarks/suite_cost_plugin.py records each test's CPU seconds (its worker's
 and its subprocesses') and its worker's jax tracing, lowering and XLA compile seconds, with
 how many programs were compiled and how many of them were small (an eagerly run op compiles
-as a program of its own); the output gains `cost`: those totals and the costliest modules.
+as a program of its own), how many came from the persistent compilation cache, and how many
+were compiled from scratch (`programs`); the output gains `cost`: those totals and the
+costliest modules. --programs adds `programs`: the workers' distinct programs and their
+compile seconds, and how many would remain if programs that differ only in scalar constants
+(a learning rate, a step count) were one.
 
 On a 2-core machine the suite is CPU-bound (pytest's two workers and their subprocesses keep
 both cores busy), so `cpu_s` is the figure to compare between commits; the wall time also
@@ -103,10 +107,11 @@ def calibrate(python):
 
 def summarize_cost(directory, top):
     """Totals of suite_cost_plugin.py's per-test lines, and the `top` costliest modules."""
-    rows = [json.loads(line) for path in glob.glob(os.path.join(directory, '*.jsonl'))
+    rows = [json.loads(line) for path in glob.glob(os.path.join(directory, '[0-9]*.jsonl'))
             for line in open(path)]
     keys = ('cpu_s', 'children_cpu_s', 'trace_s', 'lower_s', 'compile_s', 'compiles',
-            'small_compiles', 'small_compile_s')
+            'small_compiles', 'small_compile_s', 'cache_hits', 'cache_hit_s', 'programs',
+            'program_s')
     totals = {k: round(sum(r[k] for r in rows), 3) for k in keys}
     modules = collections.defaultdict(collections.Counter)
     for r in rows:
@@ -115,6 +120,27 @@ def summarize_cost(directory, top):
                                                 + modules[m]['children_cpu_s']))[:top]
     return {'tests': len(rows), 'totals': totals,
             'modules': {m: {k: round(modules[m][k], 3) for k in keys} for m in costliest}}
+
+
+def summarize_programs(directory):
+    """The workers' programs of SMALL_S or more (suite_cost_plugin.py, JAXAD_SUITE_PROGRAMS):
+    how many distinct ones were compiled from scratch and in how many seconds (a program's
+    first compile, hit or not, counts once), and the same when programs that differ only in
+    scalar constants count as one (what passing those numbers in at run time would save)."""
+    rows = [json.loads(line) for path in glob.glob(os.path.join(directory, 'programs-*.jsonl'))
+            for line in open(path)]
+
+    def distinct(key):
+        first = {}
+        for r in rows:
+            if not r['hit']:  # a miss compiled it; keep the costliest compile of each
+                first[r[key]] = max(first.get(r[key], 0.0), r['s'])
+        return {'count': len(first), 'compile_s': round(sum(first.values()), 1)}
+
+    hits = [r for r in rows if r['hit']]
+    return {'compiles': len(rows), 'compile_s': round(sum(r['s'] for r in rows), 1),
+            'cache_hits': len(hits), 'cache_hit_s': round(sum(r['s'] for r in hits), 1),
+            'distinct': distinct('exact'), 'distinct_ignoring_scalars': distinct('scalars')}
 
 
 def main():
@@ -128,6 +154,9 @@ def main():
     parser.add_argument('--pytest_args', default='tests')
     parser.add_argument('--cost', action='store_true',
                         help='record per-test CPU and jax compile work (suite_cost_plugin.py)')
+    parser.add_argument('--programs', action='store_true',
+                        help='with --cost: fingerprint the programs the workers compile '
+                        '(distinct, and distinct up to scalar constants)')
     parser.add_argument('--calibrate', action='store_true',
                         help='time a fixed jax workload before and after the tests')
     args = parser.parse_args()
@@ -146,6 +175,8 @@ def main():
     if args.cost:
         cost_dir = tempfile.mkdtemp(prefix='jaxad-suite-cost-')
         env['JAXAD_SUITE_COST_DIR'] = cost_dir
+        if args.programs:
+            env['JAXAD_SUITE_PROGRAMS'] = '1'
         # the plugin alone on the path (every test subprocess inherits it), not benchmarks/
         plugin_dir = os.path.join(cost_dir, 'plugin')
         os.mkdir(plugin_dir)
@@ -186,6 +217,8 @@ def main():
     out['slowest'] = {k: round(v, 1) for k, v in per_test.most_common(args.top)}
     if cost_dir:
         out['cost'] = summarize_cost(cost_dir, args.top)
+        if args.programs:
+            out['programs'] = summarize_programs(cost_dir)
         shutil.rmtree(cost_dir, ignore_errors=True)
     print(json.dumps(out))
     if proc.returncode:

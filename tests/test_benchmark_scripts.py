@@ -172,7 +172,8 @@ def test_suite_time_reports_wall_cpu_and_modules():
     XLA compiles, the NumPy-only file compiles nothing."""
     jax_test = 'tests/test_losses.py::test_ntxent_without_eps_is_simclr'
     report, = _run(['benchmarks/suite_time.py', '--workers=1', '--top=3', '--cost',
-                    '--calibrate', f'--pytest_args=tests/test_metrics.py {jax_test}'])
+                    '--programs', '--calibrate',
+                    f'--pytest_args=tests/test_metrics.py {jax_test}'])
     assert report['returncode'] == 0 and report['summary'].startswith('28 passed'), report
     assert sorted(report['modules']) == ['tests/test_losses.py', 'tests/test_metrics.py']
     assert 0 < report['summed_test_s'] <= report['wall_s']
@@ -189,3 +190,39 @@ def test_suite_time_reports_wall_cpu_and_modules():
     assert losses['trace_s'] > 0 and losses['lower_s'] > 0
     assert metrics['compiles'] == 0 and metrics['compile_s'] == 0
     assert cost['totals']['compiles'] == losses['compiles']
+    # eager ops only: nothing of SMALL_S or more was compiled, so no program was fingerprinted
+    assert losses['programs'] == 0 and losses['cache_hits'] <= losses['compiles']
+    assert report['programs']['compiles'] == 0
+    assert report['programs']['distinct'] == {'count': 0, 'compile_s': 0}
+
+
+def test_suite_cost_counts_programs_up_to_scalar_constants(tmp_path):
+    """suite_cost_plugin's fingerprints and suite_time's summary of them, on module texts
+    and records written by hand: two programs that differ in one scalar constant (a learning
+    rate) are two programs, and one when scalars are blanked; source locations are ignored;
+    a cache hit is not a compile from scratch."""
+    sys.path.insert(0, os.path.join(_ROOT, 'benchmarks'))
+    try:
+        import suite_cost_plugin
+        import suite_time
+    finally:
+        sys.path.pop(0)
+    body = ('func.func public @main(%arg0: tensor<4xf32> loc("a.py":1:0)) -> tensor<4xf32> {{\n'
+            '  %cst = stablehlo.constant dense<{lr}> : tensor<f32> loc("{where}":2:0)\n'
+            '  %0 = stablehlo.constant dense<[1.0, 2.0, 3.0, 4.0]> : tensor<4xf32>\n')
+    lr1, lr1_elsewhere, lr2 = (suite_cost_plugin._fingerprints(body.format(lr=lr, where=w))
+                               for lr, w in [('1.0e-01', 'x.py'), ('1.0e-01', 'y.py'),
+                                             ('5.0e-01', 'x.py')])
+    assert lr1 == lr1_elsewhere  # locations
+    assert lr1[0] != lr2[0] and lr1[1] == lr2[1]  # exact / scalars blanked
+    vector = suite_cost_plugin._fingerprints(body.format(lr='1.0e-01', where='x.py')
+                                             .replace('3.0', '9.0'))
+    assert vector[1] != lr1[1]  # a constant array is not a scalar
+    rows = [dict(name='step', hit=False, s=2.0, exact=lr1[0], scalars=lr1[1]),
+            dict(name='step', hit=False, s=3.0, exact=lr2[0], scalars=lr2[1]),
+            dict(name='step', hit=True, s=0.5, exact=lr2[0], scalars=lr2[1])]
+    (tmp_path / 'programs-1.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+    assert suite_time.summarize_programs(str(tmp_path)) == {
+        'compiles': 3, 'compile_s': 5.5, 'cache_hits': 1, 'cache_hit_s': 0.5,
+        'distinct': {'count': 2, 'compile_s': 5.0},
+        'distinct_ignoring_scalars': {'count': 1, 'compile_s': 3.0}}
