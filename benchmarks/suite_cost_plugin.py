@@ -29,7 +29,8 @@ function) and adds DIR/programs-<pid>.jsonl: for every compile of SMALL_S or mor
 the program's name, hit or miss, seconds, and two fingerprints of its StableHLO text without
 source locations: `exact`, and `scalars` with every scalar constant blanked (programs that
 differ only in a learning rate, a step count or another baked-in number share it).
-`suite_time.py --cost --programs` sums them up.
+`suite_time.py --cost --programs` sums them up. Each fingerprint costs about 30 ms of CPU (the
+tiny CSI step's module as text), about 9 s over the suite's ~270 such compiles.
 """
 import hashlib
 import json
