@@ -33,6 +33,7 @@ import logging as py_logging
 import os
 import socket
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -106,7 +107,12 @@ def quiet_abandoned_reads(collect=True):
     if not any(isinstance(f, _AbandonedReadsFilter) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_AbandonedReadsFilter())
     if collect:
-        gc.collect()  # the abandoned coroutines go now, quietly
+        # The abandoned coroutines go now, quietly: one that never started warns 'coroutine
+        # ... was never awaited' when collected (a warning, not an unraisable exception).
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', r"coroutine '.*' was never awaited",
+                                    RuntimeWarning)
+            gc.collect()
 
 
 def _key_name(k):
