@@ -127,7 +127,7 @@ def pytest_runtest_protocol(item, nextitem):
     _test[0] = item.nodeid.split('@')[0]
     t0, cpu0, children0 = time.time(), _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
     yield
-    row = {'test': item.nodeid.split('@')[0], 'wall_s': time.time() - t0,
+    row = {'test': _test[0], 'wall_s': time.time() - t0,
            'cpu_s': _cpu(resource.RUSAGE_SELF) - cpu0,
            'children_cpu_s': _cpu(resource.RUSAGE_CHILDREN) - children0}
     row.update({k: _totals[k] - before[k] for k in _totals})

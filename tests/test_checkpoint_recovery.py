@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 
 import pytest
 
@@ -366,8 +367,6 @@ def test_collecting_abandoned_reads_prints_no_never_awaited_warning():
     the damage); a full run's test_config_mismatch_of_the_tree_names_a_missing_array logged it
     once. A never-started coroutine held in a reference cycle, as the abandoned reads are,
     must be collected there without that warning, and other warnings still pass."""
-    import warnings
-
     async def _read_array_index_and_device_put():  # Orbax's read, by name
         pass
 
